@@ -1,0 +1,71 @@
+"""Register ``quant_method == "guidedquant"`` with transformers' quantizer registry.
+
+After importing this module, ``AutoModelForCausalLM.from_pretrained(ckpt)`` builds the model with
+``GQLinear`` layers (same rule as :mod:`gq_serve.checkpoint`: every ``nn.Linear`` not named in
+``modules_to_not_convert``) and lets transformers load the packed tensors. Registration is
+idempotent: importing twice (or in several processes) is harmless.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from gq_serve.checkpoint import QUANT_METHOD, quantize_linears, validate_quantization_config
+from gq_serve.quant_linear import GQLinear
+
+
+class GuidedQuantConfig(QuantizationConfigMixin):
+    """transformers-side view of config.json's ``quantization_config`` (validated on construction)."""
+
+    def __init__(self, **kwargs):
+        checked = validate_quantization_config({"quant_method": QUANT_METHOD, **kwargs})
+        for key, value in checked.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class GuidedQuantHfQuantizer(HfQuantizer):
+    """Swaps dense linears for ``GQLinear`` before transformers loads the checkpoint's tensors."""
+
+    requires_calibration = True  # only pre-quantized checkpoints: quantizing happens in `gq quantize`
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        quantize_linears(model, self.quantization_config.to_dict(), dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for m in model.modules():
+            if isinstance(m, GQLinear):
+                m.reset_cache()
+        return model
+
+    def is_serializable(self, **kwargs) -> bool:
+        return False  # re-export with quantize.export instead of save_pretrained
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Add the config and the quantizer to transformers' registries once."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(GuidedQuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(GuidedQuantHfQuantizer)
+
+
+register()

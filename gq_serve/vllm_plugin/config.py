@@ -1,0 +1,306 @@
+"""``GuidedQuantConfig``: vLLM's view of a checkpoint's ``quantization_config`` block.
+
+Importing this module registers the config under ``"guidedquant"`` (see ``__init__.register``), so
+it is only ever imported inside a process that has vLLM.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from gq_serve.vllm_plugin import QUANT_METHOD
+from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
+from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
+# kernels.packing defines the layout: codes of 32 consecutive input columns share one int32 word.
+from kernels.packing import WORD_BITS, packed_words, unpack_bitplanes
+
+FORMAT_VERSION = 1
+# Formats the vLLM plugin serves today. ``trellis`` (QTIP) and ``w4a4`` (SpinQuant) are part of the
+# checkpoint contract but have no linear method yet: refuse them by name instead of loading garbage.
+_FORMAT_BITS: dict[str, tuple[int, ...]] = {"lut": LUT_BITS, "bcq": BCQ_BITS}
+_KNOWN_UNSERVED = ("trellis", "w4a4")
+
+
+def _is_module_match(prefix: str, name: str) -> bool:
+    """True when ``name`` (an HF module name from the checkpoint) denotes the vLLM module ``prefix``.
+
+    vLLM prefixes can carry an extra leading scope (e.g. ``language_model.``) that the HF name does
+    not, so a match on a dotted-component suffix counts too; ``"lm_head"`` matches ``"lm_head"`` but
+    ``"proj"`` does not match ``"o_proj"``.
+    """
+    return prefix == name or prefix.endswith("." + name)
+
+
+@register_quantization_config(QUANT_METHOD)
+class GuidedQuantConfig(QuantizationConfig):
+    """Weight-only GuidedQuant formats: ``lut`` (per-row codebook) and ``bcq`` (scale*q + offset)."""
+
+    def __init__(self, fmt: str, bits: int, group_size: int, modules_to_not_convert: list[str]) -> None:
+        super().__init__()
+        self.format = fmt
+        self.bits = bits
+        self.group_size = group_size
+        self.modules_to_not_convert = list(modules_to_not_convert)
+
+    def __repr__(self) -> str:
+        return (
+            f"GuidedQuantConfig(format={self.format!r}, bits={self.bits}, group_size={self.group_size}, "
+            f"modules_to_not_convert={self.modules_to_not_convert})"
+        )
+
+    # ------------------------------------------------------------------ registry surface
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        # The reference path dequantizes to the activation dtype and calls F.linear, so any float works;
+        # fp32 matters on CPU, where it is the only dtype that reproduces transformers token for token.
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # The dequantize + dense GEMM path runs on anything vLLM runs on (Volta = 70). Raise this when
+        # the GPU kernels in kernels/ become the only GPU path and they need newer tensor cores.
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # Everything lives in config.json["quantization_config"], which vLLM reads on its own; there is
+        # no side file (like AutoGPTQ's quantize_config.json) to look for.
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GuidedQuantConfig":
+        """Validate the checkpoint's block; every error names the key and what would be accepted."""
+        if not isinstance(config, dict):
+            raise ValueError(f"guidedquant: quantization_config must be a JSON object, got {type(config).__name__}")
+        method = config.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ValueError(f"guidedquant: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"guidedquant: quantization_config.format_version is {version!r}; this plugin reads version "
+                f"{FORMAT_VERSION}. Re-export the checkpoint with this gq-serve, or upgrade gq-serve."
+            )
+        fmt = config.get("format")
+        if fmt in _KNOWN_UNSERVED:
+            raise ValueError(
+                f"guidedquant: format {fmt!r} is not served by the vLLM plugin yet; "
+                f"use `gq serve CKPT --engine hf`, or a checkpoint in one of {sorted(_FORMAT_BITS)}"
+            )
+        if fmt not in _FORMAT_BITS:
+            raise ValueError(f"guidedquant: quantization_config.format is {fmt!r}; expected one of {sorted(_FORMAT_BITS)}")
+        bits = config.get("bits")
+        # bool is an int subclass: refuse ``true`` explicitly.
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _FORMAT_BITS[fmt]:
+            raise ValueError(
+                f"guidedquant: quantization_config.bits is {bits!r}; format {fmt!r} supports {list(_FORMAT_BITS[fmt])}"
+            )
+        group_size = config.get("group_size", -1)
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
+            raise ValueError(
+                f"guidedquant: quantization_config.group_size is {group_size!r}; expected -1 (per channel) or >= 1"
+            )
+        if fmt == "lut" and group_size != -1:
+            raise ValueError(f"guidedquant: format 'lut' has per-row codebooks; group_size must be -1, got {group_size}")
+        skip = config.get("modules_to_not_convert", ["lm_head"])
+        if skip is None:
+            skip = []
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            raise ValueError(
+                f"guidedquant: quantization_config.modules_to_not_convert must be a list of module names, got {skip!r}"
+            )
+        return cls(fmt, bits, group_size, skip)
+
+    # ------------------------------------------------------------------ per-layer dispatch
+    def is_skipped(self, prefix: str) -> bool:
+        """Whether the vLLM module ``prefix`` stays dense.
+
+        A fused vLLM module (``qkv_proj``, ``gate_up_proj``) stands for several checkpoint modules;
+        ``packed_modules_mapping`` (filled in by the model) names them. The shards of one fused
+        parameter must share one format, so a partly-skipped fused module is an export error.
+        """
+        head, _, leaf = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(leaf)
+        if not parts:
+            return any(_is_module_match(prefix, m) for m in self.modules_to_not_convert)
+        names = [f"{head}.{p}" if head else p for p in parts]
+        skipped = [any(_is_module_match(n, m) for m in self.modules_to_not_convert) for n in names]
+        if all(skipped):
+            return True
+        if any(skipped):
+            raise ValueError(
+                f"guidedquant: vLLM fuses {names} into {prefix}, but modules_to_not_convert lists only some of "
+                "them; quantize all or none of a fused group"
+            )
+        return False
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            if self.is_skipped(prefix):
+                return UnquantizedLinearMethod()
+            # Imported here so this module stays importable (for registration) even while a method
+            # module fails to import; the error then points at the method, at load time.
+            if self.format == "lut":
+                from gq_serve.vllm_plugin.lut_method import LutLinearMethod
+
+                return LutLinearMethod(self)
+            from gq_serve.vllm_plugin.bcq_method import BcqLinearMethod
+
+            return BcqLinearMethod(self)
+        # Embeddings, the LM head (ParallelLMHead is an embedding class, not LinearBase) and attention
+        # stay unquantized: None makes vLLM use its own unquantized method for them.
+        return None
+
+
+# ====================================================================================== shared by
+# lut_method.py and bcq_method.py: both formats store the same bit-plane ``qweight`` and differ only in
+# the per-row tensors next to it, so loading, tensor-parallel partitioning and the dense fallback live
+# here once.
+
+
+class GuidedQuantLinearMethodBase(LinearMethodBase):
+    """Packed bit-plane weights, dequantized once after loading; subclasses add the format tensors.
+
+    Parameters are plain ``torch.nn.Parameter`` tagged with ``set_weight_attrs`` (``output_dim``,
+    ``input_dim``, ``weight_loader``). That is the v1 loader protocol: vLLM hands v1 loaders to every
+    linear method not on its internal ``WEIGHT_LOADER_V2_SUPPORTED`` list, and it is the same in vLLM
+    0.26 and 0.32, whereas the v2 parameter classes only load through layers that opted in.
+    With it:
+      * column-parallel / fused (qkv_proj, gate_up_proj) layers narrow ``output_dim`` to the shard's
+        slot and the rank's rows -- packing is along the input only, so that is a plain slice;
+      * row-parallel layers narrow ``input_dim`` by the rank. That is only right for packed words when
+        the rank's input slice starts and ends on a word boundary; otherwise the parameter gets no
+        ``input_dim`` (vLLM then loads it whole on every rank) and the rank's columns are cut out after
+        unpacking. The same rule applies to group-wise scales at group boundaries.
+    No ``packed_dim`` / ``packed_factor`` is set: v1 loaders only consult them when the packed dim is
+    the output dim (to rescale shard offsets), and here the output dim is never packed.
+    """
+
+    # Subclass hooks --------------------------------------------------------------------------
+    def create_format_weights(self, layer, out_pp: int, input_size: int, in_pp: int, in_start: int, loader) -> list[str]:
+        """Register the format's tensors on ``layer``; return their names."""
+        raise NotImplementedError
+
+    def dequantize_partition(self, layer, codes: torch.Tensor, in_start: int, in_pp: int) -> torch.Tensor:
+        """float32 [out_pp, in_pp]: W_hat columns [in_start, in_start + in_pp) of the full matrix.
+
+        ``codes`` holds exactly those columns (uint8 [out_pp, in_pp]).
+        """
+        raise NotImplementedError
+
+    def __init__(self, quant_config: GuidedQuantConfig) -> None:
+        self.quant_config = quant_config
+
+    # Helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def checked_loader(layer, name: str, dtype: torch.dtype, fixed_dims: dict[int, int], inner):
+        """Wrap vLLM's loader so a wrong tensor is refused with its name, not a bare shape assert.
+
+        ``fixed_dims`` maps a dim to the size every on-disk tensor must have there (dims vLLM never
+        slices, e.g. the bit planes or the codebook width).
+        """
+
+        def load(param, loaded_weight, *args, **kwargs):
+            full = f"{layer.prefix}.{name}" if getattr(layer, "prefix", "") else name
+            if loaded_weight.dtype != dtype:
+                raise ValueError(f"guidedquant: {full} must be {dtype}, the checkpoint has {loaded_weight.dtype}")
+            bad = {d: n for d, n in fixed_dims.items() if loaded_weight.dim() <= d or loaded_weight.shape[d] != n}
+            if loaded_weight.dim() != param.dim() or bad:
+                raise ValueError(
+                    f"guidedquant: {full} has shape {tuple(loaded_weight.shape)}; expected {param.dim()} dims with "
+                    + ", ".join(f"dim {d} == {n}" for d, n in fixed_dims.items())
+                )
+            return inner(param, loaded_weight, *args, **kwargs)
+
+        return load
+
+    @staticmethod
+    def add_param(layer, name: str, data: torch.Tensor, attrs: dict) -> None:
+        p = torch.nn.Parameter(data, requires_grad=False)
+        set_weight_attrs(p, attrs)
+        layer.register_parameter(name, p)
+
+    # vLLM API ---------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        loader = extra_weight_attrs.pop("weight_loader")
+        out_pp = sum(output_partition_sizes)
+        in_pp = input_size_per_partition
+        row_parallel = in_pp != input_size
+        # LinearBase sets tp_rank before create_weights runs (0 for replicated / disable_tp layers).
+        in_start = getattr(layer, "tp_rank", 0) * in_pp if row_parallel else 0
+        shard_words = row_parallel and in_pp % WORD_BITS == 0
+        stored_start, stored_len = (in_start, in_pp) if shard_words else (0, input_size)
+
+        bits = self.quant_config.bits
+        attrs = {"output_dim": 1, **extra_weight_attrs}
+        if shard_words:
+            attrs["input_dim"] = 2
+        attrs["weight_loader"] = self.checked_loader(
+            layer, "qweight", torch.int32, {0: bits, 2: packed_words(input_size)}, loader
+        )
+        self.add_param(layer, "qweight", torch.empty(bits, out_pp, packed_words(stored_len), dtype=torch.int32), attrs)
+        names = ["qweight", *self.create_format_weights(layer, out_pp, input_size, in_pp, in_start, loader)]
+
+        # What process_weights_after_loading needs; a plain attribute, not state vLLM would try to load.
+        layer.gq_partition = {
+            "in_start": in_start,  # first input column of this rank in the full matrix
+            "in_pp": in_pp,
+            "stored_start": stored_start,  # first column held by the loaded qweight
+            "stored_len": stored_len,
+            "out_pp": out_pp,
+            "packed_params": names,
+            "params_dtype": params_dtype,
+        }
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        part = layer.gq_partition
+        qweight = layer.qweight.data
+        codes = unpack_bitplanes(qweight, part["stored_len"])
+        lo = part["in_start"] - part["stored_start"]
+        codes = codes[:, lo : lo + part["in_pp"]]
+        w = self.dequantize_partition(layer, codes, part["in_start"], part["in_pp"])
+        # device= explicitly: the dense weight must sit where the packed one was loaded (a tensor made
+        # without it lands on the CPU and only fails on a GPU).
+        dense = w.to(device=qweight.device, dtype=part["params_dtype"]).contiguous()
+
+        kernel = self.gpu_kernel(layer, qweight.device)
+        if kernel is None:
+            # Reference path: keep only the dense weight, free the packed tensors.
+            for name in part["packed_params"]:
+                delattr(layer, name)
+        layer.gq_kernel = kernel
+        layer.weight = torch.nn.Parameter(dense, requires_grad=False)
+
+    def gpu_kernel(self, layer, device: torch.device):
+        """GPU KERNEL HOOK: return a callable ``(layer, x, bias) -> y`` using the packed tensors.
+
+        ``kernels/`` does not ship GPU ops for this plugin yet, so every device uses the dequantized
+        dense weight (correct, not fast). When a kernel lands, return it here for ``device.type ==
+        "cuda"``; the packed parameters are then kept on the layer and ``apply`` calls it.
+        """
+        return None
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        kernel = getattr(layer, "gq_kernel", None)
+        if kernel is not None and x.is_cuda:  # GPU kernel branch (see gpu_kernel)
+            return kernel(layer, x, bias)
+        # Reference / CPU path: W_hat was computed with kernels.*.reference.dequantize semantics.
+        return torch.nn.functional.linear(x, layer.weight, bias)

@@ -1,0 +1,217 @@
+"""Hessian pass: plain H = X^T X and GuidedQuant H_k = X^T Diag(s_k) X, layer by layer (GPTQ-style).
+
+Normalization (the one used everywhere): with N = n * seq_len calibration tokens,
+    H_plain    = (1/N) sum_t x_t x_t^T                      float32 [1, in, in]
+    H_guided_k = (1/N) sum_t s_k[t] x_t x_t^T               float32 [g, in, in]
+accumulated in fp32. With s == 1 (g = 1) the two coincide. H is linear in s and the groups are equal
+sized, so averaging consecutive blocks of guided H_k gives exactly the H of a coarser grouping
+(``coarsen_groups``): one g=4 cache serves g=1, 2 and 4.
+
+Memory: only one layer's inputs for all windows (n x seq_len x hidden) and its outputs are alive at a
+time; each layer's Hessians are handed to a callback (the cache saves them) before the next layer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 pre-hook once the decoder layer's call arguments are captured."""
+
+
+# ---------------------------------------------------------------- pure math
+def plain_update(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, in] (any float) -> float32 [in, in] = x^T x (unnormalized)."""
+    x = x.float()
+    return x.T @ x
+
+
+def guided_update(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x: [T, in], s: [T, g] -> float32 [g, in, in], entry k = x^T Diag(s[:, k]) x (unnormalized)."""
+    x = x.float()
+    s = s.to(device=x.device, dtype=torch.float32)
+    # [g, in, T] @ [T, in]: one batched matmul instead of g separate ones.
+    return (x.T.unsqueeze(0) * s.T.unsqueeze(1)) @ x
+
+
+def coarsen_groups(h: torch.Tensor, groups: int) -> torch.Tensor:
+    """Average consecutive blocks of guided Hessians: float [G, in, in] -> [groups, in, in].
+
+    Exact for equal-sized output groups because H_k is linear in s_k and the coarse s is the mean of
+    the fine ones. ``groups`` must divide G.
+    """
+    big = h.shape[0]
+    if groups < 1 or big % groups:
+        raise ValueError(f"cannot derive {groups} groups from {big}: it must divide {big}")
+    if groups == big:
+        return h
+    return h.reshape(groups, big // groups, *h.shape[1:]).mean(dim=1)
+
+
+# ---------------------------------------------------------------- layer inputs
+@dataclass
+class LayerCall:
+    """How the model called decoder layer 0 for one window: (hidden_states, other kwargs)."""
+
+    hidden: torch.Tensor  # [1, seq_len, hidden] on the compute device
+    kwargs: dict
+
+
+def capture_layer0_calls(model: nn.Module, windows: torch.Tensor, device) -> list[LayerCall]:
+    """Run the model up to decoder layer 0 for every window and record the layer's call arguments.
+
+    Robust to how a transformers version builds position embeddings / masks: whatever
+    ``LlamaModel.forward`` passes to the layer (in 5.17: attention_mask, position_embeddings,
+    position_ids, past_key_values, use_cache) is captured verbatim by a pre-hook that then raises to
+    skip the rest of the model.
+    """
+    layer0 = model.model.layers[0]
+    calls: list[LayerCall] = []
+
+    def pre_hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise RuntimeError("decoder layer called with extra positional arguments; not supported")
+        calls.append(LayerCall(hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in range(windows.shape[0]):
+                try:
+                    model(input_ids=windows[w : w + 1].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(calls) != windows.shape[0]:
+        raise RuntimeError("decoder layer 0 was not called once per window")
+    return calls
+
+
+def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
+    """Linears of one decoder layer, named ``{prefix}.{sub}`` (prefix like ``model.layers.3``)."""
+    return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+# ---------------------------------------------------------------- one layer
+@dataclass
+class LayerHessians:
+    """Normalized Hessians of one decoder layer.
+
+    plain: owner name -> float32 [in, in] (one per distinct input; q/k/v share, gate/up share)
+    plain_owner: linear name -> owner name whose plain Hessian it uses
+    guided: linear name -> float32 [g, in, in] (empty when no saliency was given)
+    """
+
+    plain: dict[str, torch.Tensor]
+    plain_owner: dict[str, str]
+    guided: dict[str, torch.Tensor]
+
+
+def run_layer(
+    layer: nn.Module,
+    prefix: str,
+    inputs: torch.Tensor,
+    calls: list[LayerCall],
+    saliency: dict[str, torch.Tensor] | None,
+    device,
+    progress_bar=None,
+) -> tuple[LayerHessians, torch.Tensor]:
+    """Feed every window through one decoder layer, accumulating its linears' Hessians.
+
+    inputs:   float [n, seq_len, hidden] (CPU or device): this layer's input hidden states.
+    calls:    per-window kwargs captured at layer 0 (masks / rotary embeddings are layer-independent).
+    saliency: linear name -> float32 [n * seq_len, g] (window-major), or None for plain only.
+    Returns (hessians normalized by N = n * seq_len, outputs float [n, seq_len, hidden] on CPU).
+    """
+    linears = layer_linears(layer, prefix)
+    n, seq_len = inputs.shape[0], inputs.shape[1]
+    plain: dict[str, torch.Tensor] = {}
+    guided: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    window = {"idx": 0, "seen": {}}  # seen: id(input tensor) -> owner name, reset per window
+
+    def make_hook(name: str):
+        def hook(_mod, inp, _out):
+            x = inp[0]
+            seen = window["seen"]
+            # Linears fed the very same tensor object share one plain Hessian (dedupe q/k/v, gate/up).
+            own = seen.setdefault(id(x), (name, x))[0]
+            if owner.setdefault(name, own) != own:
+                raise RuntimeError(f"input sharing of {name} changed between windows")
+            x2 = x.reshape(-1, x.shape[-1])
+            if own == name:
+                upd = plain_update(x2)
+                plain[name] = upd if name not in plain else plain[name].add_(upd)
+            if saliency is not None:
+                w = window["idx"]
+                s = saliency[name][w * seq_len : (w + 1) * seq_len].to(x2.device)
+                upd = guided_update(x2, s)
+                guided[name] = upd if name not in guided else guided[name].add_(upd)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    outputs = torch.empty(inputs.shape, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            for w in range(n):
+                window["idx"], window["seen"] = w, {}
+                hidden = inputs[w : w + 1].to(device=device, dtype=calls[w].hidden.dtype)
+                out = layer(hidden, **calls[w].kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                outputs[w] = out[0].float().cpu()
+                if progress_bar is not None:
+                    progress_bar.update(1)
+    finally:
+        window["seen"] = {}
+        for h in handles:
+            h.remove()
+    tokens = float(n * seq_len)
+    plain = {k: (v / tokens).cpu() for k, v in plain.items()}
+    guided = {k: (v / tokens).cpu() for k, v in guided.items()}
+    return LayerHessians(plain, owner, guided), outputs
+
+
+def hessian_pass(
+    model: nn.Module,
+    windows: torch.Tensor,
+    saliency_for_layer: Callable[[int, list[str]], dict[str, torch.Tensor]] | None,
+    device,
+    on_layer_done: Callable[[int, LayerHessians, torch.Tensor], None],
+    start_layer: int = 0,
+    start_inputs: torch.Tensor | None = None,
+    progress_bar=None,
+) -> None:
+    """Layer-by-layer Hessian pass over all windows.
+
+    saliency_for_layer(layer_idx, linear_names) -> name -> float32 [n*seq_len, g] (None: plain only).
+    on_layer_done(layer_idx, hessians, outputs) is called after each layer, with that layer's outputs
+    (= next layer's inputs, float32 [n, seq_len, hidden], CPU) so a caller can checkpoint them.
+    Resume with start_layer > 0 and start_inputs = the saved inputs of that layer.
+    Only the current layer's inputs/outputs are held: the loop rebinds ``inputs`` each layer.
+    """
+    layers = model.model.layers
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    calls = capture_layer0_calls(model, windows, device)
+    if start_layer == 0:
+        inputs = torch.cat([c.hidden.float().cpu() for c in calls], dim=0)
+    else:
+        if start_inputs is None:
+            raise ValueError("start_inputs are required to resume at a layer > 0")
+        inputs = start_inputs
+    for c in calls:
+        c.hidden = c.hidden[:, :0]  # keep dtype only; the activations live in ``inputs``
+    for idx in range(start_layer, len(layers)):
+        names = list(layer_linears(layers[idx], f"{prefix}.{idx}"))
+        sal = saliency_for_layer(idx, names) if saliency_for_layer is not None else None
+        hess, outputs = run_layer(layers[idx], f"{prefix}.{idx}", inputs, calls, sal, device, progress_bar)
+        del sal
+        on_layer_done(idx, hess, outputs)
+        inputs = outputs  # the previous layer's inputs are dropped here

@@ -1,0 +1,124 @@
+"""GPTQ (Frantar et al., 2023) onto the same uniform grid as :mod:`.rtn`, as a pure function.
+
+Columns are quantized left to right; the error of each column is spread over the not yet
+quantized columns through the upper Cholesky factor of H^-1, with GPTQ's lazy block updates
+(updates inside a block of columns immediately, one GEMM for everything to its right).
+"""
+from __future__ import annotations
+
+import torch
+
+from .objective import quadratic_objective
+from .rtn import n_groups, quantize_to_grid, uniform_grid
+from .types import UniformQuant
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, with dead inputs made inert.
+
+    Args:
+        H: float32 [in, in], symmetric PSD.
+        damp: relative damping; multiplied by 10 until the Cholesky succeeds (a Hessian from
+            few tokens is often singular in float32).
+    Returns:
+        (U float32 [in, in] upper triangular with H^-1 = U^T U, the damping actually used).
+    """
+    H = H.float().clone()
+    n = H.shape[0]
+    diag = torch.arange(n)
+    # An input that never fires has a zero row and column; a unit diagonal makes H invertible
+    # without coupling that input to any other, so its weight is simply rounded.
+    dead = H[diag, diag] <= 0
+    H[dead, dead] = 1.0
+    mean_diag = float(H[diag, diag].mean())
+    d = damp
+    for _ in range(8):
+        Hd = H.clone()
+        Hd[diag, diag] += d * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, d
+        d = max(d * 10.0, 1e-6)
+    raise RuntimeError(f"GPTQ: H is not positive definite even with damping {d:g} * mean(diag H)")
+
+
+def _block_bounds(in_f: int, block: int, group_size: int) -> list[tuple[int, int]]:
+    """Column blocks whose starts include every group start.
+
+    Then, when a group starts, all earlier columns' updates have been applied to every column of
+    the group, so the group's grid is fixed from the fully updated weights (GPTQ's reference
+    implementation reads partially stale columns when a group starts inside a block).
+    """
+    cuts = set(range(0, in_f, block))
+    if group_size != -1:
+        cuts |= set(range(0, in_f, group_size))
+    starts = sorted(cuts)
+    return list(zip(starts, starts[1:] + [in_f]))
+
+
+def gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+) -> UniformQuant:
+    """GPTQ with a min/max uniform grid per output channel or per group.
+
+    Args:
+        w: float32 [out, in].
+        H: float32 [in, in] layer Hessian (X^T X, or a saliency-weighted one for GuidedQuant).
+        bits: code width.
+        group_size: inputs per grid, -1 = per output channel. A group's grid is fixed when the
+            group starts, from the weights as updated by all earlier columns.
+        sym: symmetric grid (see :func:`.rtn.uniform_grid`).
+        damp: fraction of mean(diag H) added to the diagonal.
+        block: lazy-update block width (columns).
+    Returns:
+        UniformQuant (codes uint8 [out, in], scales / offsets float16 [out, G]);
+        ``stats["objective"]``: the objective of the stored W_hat under the *undamped* H (float64),
+        ``stats["damp"]``: damping used.
+    """
+    if H.dim() != 2:
+        raise ValueError(f"gptq takes one Hessian [in, in]; got {tuple(H.shape)} (use guided_quantize for groups)")
+    out_f, in_f = w.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"H {tuple(H.shape)} does not match w {tuple(w.shape)}")
+    U, used_damp = inverse_hessian_factor(H, damp)
+    G = n_groups(in_f, group_size)
+    gs = in_f if group_size == -1 else group_size
+
+    W = w.float().clone()
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    scales = torch.empty(out_f, G, dtype=torch.float16)
+    offsets = torch.empty(out_f, G, dtype=torch.float16)
+    s = o = None
+    for i1, i2 in _block_bounds(in_f, block, group_size):
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                # Block bounds start at every group start, so W[:, col:] is fully updated here.
+                s, o = uniform_grid(W[:, col : min(col + gs, in_f)], bits, sym)
+                scales[:, col // gs], offsets[:, col // gs] = s, o
+            x = W1[:, i]
+            q = quantize_to_grid(x.unsqueeze(1), s, o, bits).squeeze(1)
+            codes[:, col] = q.to(torch.uint8)
+            xq = q.float() * s.float() + o.float()
+            err = (x - xq) / U1[i, i]
+            W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    q = UniformQuant(codes=codes, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
+    q.stats["objective"] = quadratic_objective(w, q.dequantize(), H)
+    q.stats["damp"] = used_damp
+    return q

