@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--lnq-cd-sweeps", type=int, default=4, help="LNQ K")
     sq.add_argument("--lnq-lambda", type=float, default=1e-7)
     sq.add_argument("--calib", default="sotu", help="calibration corpus (sotu, brown:calib, a path, hf:NAME...)")
-    sq.add_argument("--n-samples", type=int, default=64)
+    sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)
     sq.add_argument("--seed", type=int, default=0)
     sq.add_argument("--out", required=True, help="output checkpoint directory")

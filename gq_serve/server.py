@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import os
+from pathlib import Path
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -387,14 +388,34 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; lower it on a shared machine)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="--engine vllm: one more argument for vLLM's server (repeatable), e.g. "
+                        "--vllm-arg=--enforce-eager")
     p.set_defaults(func=serve_main)
     return p
 
 
+def _serve_vllm(args: argparse.Namespace) -> None:
+    """`gq serve --engine vllm`: exec vLLM's OpenAI server with our plugin and the same options."""
+    from gq_serve.vllm_launch import VllmNotInstalledError, vllm_serve_main
+
+    # Same default model id as the hf engine: the checkpoint directory's name.
+    extra = ["--served-model-name", args.served_model_name or Path(args.ckpt).resolve().name]
+    if args.max_model_len:
+        extra += ["--max-model-len", str(args.max_model_len)]
+    if args.dtype != "auto":
+        extra += ["--dtype", args.dtype]
+    try:
+        vllm_serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key,
+                        extra_args=extra + list(args.vllm_arg))
+    except VllmNotInstalledError as e:
+        raise SystemExit(f"gq serve: error: {e}") from None
+
+
 def serve_main(args: argparse.Namespace) -> None:
-    if args.engine != "hf":
-        raise SystemExit("gq serve: serve_main handles --engine hf only; the vllm engine is started by "
-                         "the vLLM launcher (python -m vllm.entrypoints.openai.api_server --model CKPT)")
+    if args.engine == "vllm":
+        _serve_vllm(args)
+        return
     logging.basicConfig(level=args.log_level.upper())
     if args.threads:
         import torch

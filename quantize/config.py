@@ -23,7 +23,7 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str = "sotu"  # corpus spec, see quantize.data.resolve_corpus
-    n_samples: int = Field(64, ge=1)
+    n_samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
 

@@ -122,7 +122,8 @@ def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tens
                                damp=c.gptq_damp, block=c.gptq_block)
     if c.method == "lnq":
         return guided_quantize(lnq, w, hessian, bits=c.bits, T=c.lnq_iters, K=c.lnq_cd_sweeps,
-                               lam=c.lnq_lambda, fisher=fisher, kmeans_iters=c.kmeans_iters)
+                               lam=c.lnq_lambda, fisher=fisher, kmeans_iters=c.kmeans_iters,
+                               track_objective=False)
     raise QuantizeError(f"unknown method {c.method!r}")
 
 

