@@ -60,11 +60,14 @@ def validate_quantization_config(qc: dict) -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"quantization_config.format is {fmt!r}; expected one of {list(FORMATS)}")
     bits = qc.get("bits")
-    if not isinstance(bits, int) or bits not in _FORMAT_BITS[fmt]:
+    # bool is an int subclass: refuse ``true`` explicitly.
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _FORMAT_BITS[fmt]:
         raise ValueError(f"quantization_config.bits is {bits!r}; format {fmt!r} supports {list(_FORMAT_BITS[fmt])}")
     group_size = qc.get("group_size", -1)
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size >= 1):
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
         raise ValueError(f"quantization_config.group_size is {group_size!r}; expected -1 (per channel) or >= 1")
+    if fmt == "lut" and group_size != -1:
+        raise ValueError(f"format 'lut' has per-row codebooks; quantization_config.group_size must be -1, got {group_size}")
     skip = qc.get("modules_to_not_convert", [])
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise ValueError("quantization_config.modules_to_not_convert must be a list of module names")

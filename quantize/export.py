@@ -31,6 +31,7 @@ from kernels.bcq import reference as bcq_ref
 from kernels.packing import pack_bitplanes
 from quantize.config import QuantizeConfig
 from quantize.methods.types import LutQuant, UniformQuant
+from quantize.assets import sha256_file
 
 MANIFEST_NAME = "gq_manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -151,14 +152,6 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_shards(tmp: Path, stream, max_shard_bytes: int) -> tuple[dict[str, str], dict[str, str]]:
     """Write tensors into shards of at most ``max_shard_bytes`` (a bigger single tensor gets its own).
 
@@ -272,7 +265,7 @@ def _build(
         "layers": {name: _jsonable(q.stats) for name, q in sorted(quantized.items())},
         **_jsonable(manifest_extra),
         # sha256 of every file except this manifest, and of every tensor's raw bytes.
-        "files": {f.name: _file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()},
+        "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()},
         "tensors": tensor_sums,
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

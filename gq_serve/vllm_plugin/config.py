@@ -13,13 +13,13 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
+from gq_serve.checkpoint import validate_quantization_config
 from gq_serve.vllm_plugin import QUANT_METHOD
 from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
 from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
 # kernels.packing defines the layout: codes of 32 consecutive input columns share one int32 word.
 from kernels.packing import WORD_BITS, packed_words, unpack_bitplanes
 
-FORMAT_VERSION = 1
 # Formats the vLLM plugin serves today. ``trellis`` (QTIP) and ``w4a4`` (SpinQuant) are part of the
 # checkpoint contract but have no linear method yet: refuse them by name instead of loading garbage.
 _FORMAT_BITS: dict[str, tuple[int, ...]] = {"lut": LUT_BITS, "bcq": BCQ_BITS}
@@ -79,46 +79,18 @@ class GuidedQuantConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GuidedQuantConfig":
         """Validate the checkpoint's block; every error names the key and what would be accepted."""
-        if not isinstance(config, dict):
-            raise ValueError(f"guidedquant: quantization_config must be a JSON object, got {type(config).__name__}")
-        method = config.get("quant_method")
-        if method != QUANT_METHOD:
-            raise ValueError(f"guidedquant: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(config, dict) and config.get("format") in _KNOWN_UNSERVED:
             raise ValueError(
-                f"guidedquant: quantization_config.format_version is {version!r}; this plugin reads version "
-                f"{FORMAT_VERSION}. Re-export the checkpoint with this gq-serve, or upgrade gq-serve."
-            )
-        fmt = config.get("format")
-        if fmt in _KNOWN_UNSERVED:
-            raise ValueError(
-                f"guidedquant: format {fmt!r} is not served by the vLLM plugin yet; "
+                f"guidedquant: format {config['format']!r} is not served by the vLLM plugin yet; "
                 f"use `gq serve CKPT --engine hf`, or a checkpoint in one of {sorted(_FORMAT_BITS)}"
             )
-        if fmt not in _FORMAT_BITS:
-            raise ValueError(f"guidedquant: quantization_config.format is {fmt!r}; expected one of {sorted(_FORMAT_BITS)}")
-        bits = config.get("bits")
-        # bool is an int subclass: refuse ``true`` explicitly.
-        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _FORMAT_BITS[fmt]:
-            raise ValueError(
-                f"guidedquant: quantization_config.bits is {bits!r}; format {fmt!r} supports {list(_FORMAT_BITS[fmt])}"
-            )
-        group_size = config.get("group_size", -1)
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
-            raise ValueError(
-                f"guidedquant: quantization_config.group_size is {group_size!r}; expected -1 (per channel) or >= 1"
-            )
-        if fmt == "lut" and group_size != -1:
-            raise ValueError(f"guidedquant: format 'lut' has per-row codebooks; group_size must be -1, got {group_size}")
-        skip = config.get("modules_to_not_convert", ["lm_head"])
-        if skip is None:
-            skip = []
-        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-            raise ValueError(
-                f"guidedquant: quantization_config.modules_to_not_convert must be a list of module names, got {skip!r}"
-            )
-        return cls(fmt, bits, group_size, skip)
+        # One validator for every loader (transformers, embedded engine, vLLM).
+        try:
+            qc = validate_quantization_config(config)
+        except ValueError as e:
+            raise ValueError(f"guidedquant: {e}") from None
+        skip = qc["modules_to_not_convert"] if "modules_to_not_convert" in config else ["lm_head"]
+        return cls(qc["format"], qc["bits"], qc["group_size"], skip)
 
     # ------------------------------------------------------------------ per-layer dispatch
     def is_skipped(self, prefix: str) -> bool:

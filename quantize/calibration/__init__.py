@@ -9,7 +9,7 @@ Public API (used by quantize.pipeline)::
     cache.manifest                       # dict
     quantizable_linears(model)           # {"model.layers.0.self_attn.q_proj": nn.Linear, ...}
 """
-from .cache import CalibrationCache, CalibrationCacheError, data_hash, model_hash
+from .cache import CalibrationCache, CalibrationCacheError, model_hash
 from .hessians import coarsen_groups, guided_update, plain_update
 from .saliency import GRAD_SCALE, group_saliency, quantizable_linears
 
@@ -18,7 +18,6 @@ __all__ = [
     "CalibrationCacheError",
     "GRAD_SCALE",
     "coarsen_groups",
-    "data_hash",
     "group_saliency",
     "guided_update",
     "model_hash",

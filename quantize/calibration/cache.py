@@ -46,6 +46,8 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 from .hessians import LayerHessians, coarsen_groups, hessian_pass
 from .saliency import GRAD_SCALE, check_groups, quantizable_linears, saliency_for_windows
+from quantize.assets import sha256_file
+from quantize.data import data_hash
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_WINDOWS = 16  # saliency resume granularity; each chunk rewrites the Fisher sum
@@ -57,14 +59,6 @@ class CalibrationCacheError(RuntimeError):
 
 
 # ---------------------------------------------------------------- hashing
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(linears: dict[str, nn.Linear]) -> str:
     """sha256 over (name, shape, float64 sum, first row as float32) of each quantizable weight."""
     h = hashlib.sha256()
@@ -89,12 +83,6 @@ def model_hash(model_dir: Path | None, linears: dict[str, nn.Linear]) -> str:
             h.update(f"{p.name}:{p.stat().st_size}".encode())
     h.update(model_fingerprint(linears).encode())
     return h.hexdigest()
-
-
-def data_hash(windows: torch.Tensor) -> str:
-    """sha256 of the windows' shape and int64 token bytes."""
-    t = windows.detach().to(torch.int64).cpu().contiguous()
-    return hashlib.sha256(f"{tuple(t.shape)}".encode() + t.numpy().tobytes()).hexdigest()
 
 
 def _package_version() -> str:
@@ -169,7 +157,7 @@ class CalibrationCache:
         n, seq_len = map(int, windows.shape)
         ident = {
             "model_hash": model_hash(model_dir, linears),
-            "data_hash": data_hash(windows),
+            "data_hash": data_hash(windows, length=64),
             "n": n,
             "seq_len": seq_len,
         }
@@ -293,7 +281,7 @@ class CalibrationCache:
         path = self.path / rel
         tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in tensors.items()}
         self._atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        self._manifest["files"][rel] = {"sha256": _sha256_file(path), "bytes": path.stat().st_size}
+        self._manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         self._verified.add(rel)
 
     def _drop(self, rel: str | None) -> None:
@@ -318,7 +306,7 @@ class CalibrationCache:
         if info is None:
             raise CalibrationCacheError(f"{p} is not recorded in the manifest; {FIX_HINT.format(dir=self.path)}")
         if rel not in self._verified:
-            if not p.exists() or _sha256_file(p) != info["sha256"]:
+            if not p.exists() or sha256_file(p) != info["sha256"]:
                 raise CalibrationCacheError(
                     f"calibration file {p} is corrupt (checksum mismatch); {FIX_HINT.format(dir=self.path)}"
                 )
