@@ -33,6 +33,15 @@ def resolve_model_path(spec: str, cache: Path) -> Path:
     return Path(spec)
 
 
+def _device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _write_json(obj, path: str | None) -> None:
     text = json.dumps(obj, indent=2)
     if path:
@@ -81,7 +90,8 @@ def cmd_quantize(args) -> int:
     cache = _cache_root(args)
     model_dir = resolve_model_path(args.model, cache)
     summary = quantize_model(model_dir, qconfig, Path(args.out), cache, overwrite=args.overwrite,
-                             device=args.device, progress=not args.quiet, recalibrate=args.recalibrate)
+                             device=_device(args.device), progress=not args.quiet,
+                             recalibrate=args.recalibrate)
     _write_json(summary, None)
     return 0
 
@@ -100,7 +110,7 @@ def cmd_eval(args) -> int:
     if not (ckpt / "config.json").is_file():
         raise CliError(f"{ckpt} is not a model directory (no config.json)")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_quantized_model(ckpt, device=args.device, dtype=dtype)
+    model = load_quantized_model(ckpt, device=_device(args.device), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     rows = []
     for spec in args.data:
@@ -141,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sq.add_argument("--recalibrate", action="store_true",
                     help="delete and rebuild the calibration cache (gradients, Hessians) of this model and data")
-    sq.add_argument("--device", default="cpu")
+    sq.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     sq.add_argument("--quiet", action="store_true")
     sq.set_defaults(func=cmd_quantize)
 
@@ -151,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--ctx", type=int, default=512)
     se.add_argument("--max-tokens", type=int, default=8192, help="evaluate the last N tokens of each text")
     se.add_argument("--batch-size", type=int, default=4)
-    se.add_argument("--device", default="cpu")
+    se.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     se.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     se.add_argument("--json", help="also write the rows to this file")
     se.add_argument("--quiet", action="store_true")
