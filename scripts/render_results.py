@@ -62,6 +62,14 @@ def cd_cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_cost_table(rows: list[dict]) -> str:
+    lines = ["| stage | seconds | source |", "|---|---|---|"]
+    for r in rows:
+        stage = r["stage"] + (f" ({r['detail']})" if r.get("detail") else "")
+        lines.append(f"| {stage} | {r['seconds']:.1f} | {r['source']} |")
+    return "\n".join(lines)
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(doc):
@@ -77,6 +85,9 @@ def main() -> int:
     cd_cost = RESULTS / "cd_cost.json"
     if cd_cost.exists():
         doc = replace_block(doc, "cd_cost", cd_cost_table(json.loads(cd_cost.read_text())["rows"]))
+    pipeline_cost = RESULTS / "pipeline_cost.json"
+    if pipeline_cost.exists():
+        doc = replace_block(doc, "pipeline_cost", pipeline_cost_table(json.loads(pipeline_cost.read_text())))
     DOC.write_text(doc)
     return 0
 
