@@ -145,7 +145,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize.calibration import CalibrationCache, quantizable_linears
+    from quantize.calibration import CalibrationCache, model_hash, quantizable_linears
     from quantize.data import calibration_windows, data_hash
     from quantize.export import export_checkpoint
 
@@ -168,19 +168,19 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
 
     calib = qconfig.calibration
     t0 = time.perf_counter()
-    windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed, cache_root)
-    cache = None
+    cache, windows_hash = None, "none"  # RTN reads no calibration data
     if qconfig.needs_hessian() or qconfig.needs_weight_fisher():
+        windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed,
+                                      cache_root)
+        windows_hash = data_hash(windows)
         cache = CalibrationCache.open_or_build(
             cache_root, model, model_dir, windows, groups=qconfig.groups if qconfig.guided else 1,
             need_guided=qconfig.guided, need_fisher=qconfig.needs_weight_fisher(), device=device,
             progress=progress, need_hessians=qconfig.needs_hessian(), recalibrate=recalibrate)
     timings["calibration_s"] = time.perf_counter() - t0
-    manifest = cache.manifest if cache is not None else {}
-    model_hash = manifest.get("model_hash", "none")
-    windows_hash = data_hash(windows)
+    model_id = model_hash(model_dir, linears)
 
-    run_dir = _run_dir(out_dir, qconfig, model_hash, windows_hash)
+    run_dir = _run_dir(out_dir, qconfig, model_id, windows_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "quantize_config.json").write_text(qconfig.model_dump_json(indent=2))
 
@@ -214,7 +214,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     del model
     extra = {
         "calibration": {"data": calib.data, "n_samples": calib.n_samples, "seq_len": calib.seq_len,
-                        "seed": calib.seed, "data_hash": windows_hash, "model_hash": model_hash},
+                        "seed": calib.seed, "data_hash": windows_hash, "model_hash": model_id},
         "objectives": objectives,
         "timings": timings,
     }
