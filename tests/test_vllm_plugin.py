@@ -427,6 +427,26 @@ def test_completion_greedy_matches_transformers(client, vllm_server):
 
 @requires_vllm
 @pytest.mark.slow
+def test_three_engines_agree_on_greedy_tokens(client, vllm_server):
+    """vLLM with the plugin, our embedded engine (`--engine hf`) and plain transformers holding the
+    dequantized weights produce the same first N_TOKENS greedy tokens from one checkpoint."""
+    from gq_serve.engine import Engine, load_model, load_tokenizer
+
+    ckpt = vllm_server["ckpt"]
+    r = client.completions.create(
+        model=str(ckpt), prompt=PROMPT_IDS, max_tokens=N_TOKENS, temperature=0.0, logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    vllm_tokens = [int(t.split(":", 1)[1]) for t in r.choices[0].logprobs.tokens]
+    engine = Engine(load_model(str(ckpt), "cpu", torch.float32), load_tokenizer(str(ckpt)), "cpu")
+    try:
+        hf_tokens = [tok for tok, _, _ in engine.generate(PROMPT_IDS, max_tokens=N_TOKENS, ignore_eos=True)]
+    finally:
+        engine.shutdown()
+    assert vllm_tokens == hf_tokens == reference_greedy(ckpt, PROMPT_IDS)
+
+
+@requires_vllm
+@pytest.mark.slow
 def test_chat(client, vllm_server):
     r = client.chat.completions.create(
         model=str(vllm_server["ckpt"]),
