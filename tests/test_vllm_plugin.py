@@ -211,18 +211,16 @@ def vllm_server(tiny_ckpts, tmp_path_factory):
         pytest.skip("vLLM is not installed")
     import urllib.request
 
-    from gq_serve.vllm_launch import check_vllm_installed, vllm_env, vllm_serve_command
+    from gq_serve.vllm_launch import check_vllm_installed, vllm_env
 
     check_vllm_installed()
     run_dir = tmp_path_factory.mktemp("vllm-run")
     port = _free_port()
-    argv = vllm_serve_command(
-        tiny_ckpts["lut"],
-        host="127.0.0.1",
-        port=port,
-        api_key=API_KEY,
-        extra_args=["--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "8"],
-    )
+    # Started the way users start it: `gq serve CKPT --engine vllm` (which execs vLLM's server).
+    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(tiny_ckpts["lut"]), "--engine", "vllm",
+            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+            "--served-model-name", str(tiny_ckpts["lut"]), "--dtype", "float32", "--max-model-len", "256",
+            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8"]
     log = open(run_dir / "server.log", "w")
     t0 = time.time()
     # New session: the server spawns an engine-core process; killing the group reaps both.
