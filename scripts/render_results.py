@@ -70,6 +70,15 @@ def pipeline_cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def e2e_table(rows: list[dict]) -> str:
+    lines = ["| device | engine | format | bits | batch | new tokens | tok/s | fp16 tok/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['engine']} | {r['format']} | {r['bits']} | {r['batch']} | "
+                     f"{r['new_tokens']} | {r['tok_s']:.1f} | {r['fp16_tok_s']:.1f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(doc):
@@ -88,6 +97,9 @@ def main() -> int:
     pipeline_cost = RESULTS / "pipeline_cost.json"
     if pipeline_cost.exists():
         doc = replace_block(doc, "pipeline_cost", pipeline_cost_table(json.loads(pipeline_cost.read_text())))
+    e2e = RESULTS / "e2e.json"
+    if e2e.exists():
+        doc = replace_block(doc, "e2e", e2e_table(json.loads(e2e.read_text())))
     DOC.write_text(doc)
     return 0
 
