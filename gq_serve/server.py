@@ -8,8 +8,8 @@ import hmac
 import json
 import logging
 import os
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

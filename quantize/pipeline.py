@@ -178,7 +178,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             need_guided=qconfig.guided, need_fisher=qconfig.needs_weight_fisher(), device=device,
             progress=progress, need_hessians=qconfig.needs_hessian(), recalibrate=recalibrate)
     timings["calibration_s"] = time.perf_counter() - t0
-    model_id = model_hash(model_dir, linears)
+    # The cache already fingerprinted the model; hash it here only when no cache was needed.
+    model_id = cache.manifest["model_hash"] if cache is not None else model_hash(model_dir, linears)
 
     run_dir = _run_dir(out_dir, qconfig, model_id, windows_hash)
     run_dir.mkdir(parents=True, exist_ok=True)

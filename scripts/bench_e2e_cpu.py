@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from gq_serve.bench import bench_offline  # noqa: E402
 from gq_serve.engine import load_model, load_tokenizer  # noqa: E402
 from quantize.assets import cache_root  # noqa: E402
+from results_io import provenance, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -51,16 +51,12 @@ def main() -> int:
             "model": "SmolLM2-135M-Instruct", "format": "fp16" if r["label"] == "fp16" else "lut",
             "bits": 16 if r["label"] == "fp16" else int(r["label"][3:]), "batch": 1, "new_tokens": 100,
             "tok_s": round(r["tok_per_s"], 1), "fp16_tok_s": round(fp16, 1),
-            "ratio": round(r["tok_per_s"] / fp16, 3), "compute_dtype": "float32",
-            "date": date.today().isoformat(), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv),
+            "ratio": round(r["tok_per_s"] / fp16, 3), "compute_dtype": "float32", **provenance(),
         })
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
     keep = [r for r in old if not (r["engine"] == "hf" and r["device"].startswith("CPU"))]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(keep + out_rows, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(out, keep + out_rows)
     print(json.dumps(out_rows, indent=1))
     return 0
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from gq_serve.evaluate import perplexity  # noqa: E402
 from quantize.assets import prepare_assets  # noqa: E402
 from quantize.calibration import CalibrationCache  # noqa: E402
 from quantize.data import calibration_windows, eval_windows  # noqa: E402
+from results_io import provenance, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -39,9 +38,7 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "docs/results/pipeline_cost.json"))
     args = p.parse_args()
-    meta = {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
-            "torch": torch.__version__, "date": date.today().isoformat(),
-            "command": "python " + " ".join(sys.argv)}
+    meta = provenance()
     rows = []
     cache = Path(tempfile.mkdtemp(prefix="gq-cost-"))
     try:
@@ -93,10 +90,7 @@ def main() -> int:
         r["seconds"] = round(r["seconds"], 1)
         r.setdefault("source", "measured by this script")
         r.update(meta)
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(Path(args.out), rows)
     print(json.dumps(rows[:4], indent=1))
     return 0
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from quantize.assets import cache_root  # noqa: E402
 from quantize.config import CalibrationConfig, QuantizeConfig  # noqa: E402
 from quantize.data import eval_windows  # noqa: E402
 from quantize.pipeline import quantize_model  # noqa: E402
+from results_io import provenance, write_json  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 # (method, guided, groups) in table order.
@@ -64,14 +63,10 @@ def main() -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = {d: eval_windows(tokenizer, d, args.ctx, args.max_tokens, cache) for d in args.eval_data}
-    meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU",
-            "torch": torch.__version__, "date": date.today().isoformat(),
-            "command": "python " + " ".join(sys.argv)}
+    meta = provenance()
 
     def save() -> None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(out, rows)
 
     def evaluate(model, base: dict, timings: dict | None) -> None:
         for d, w in windows.items():
