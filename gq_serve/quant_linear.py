@@ -7,8 +7,10 @@ Buffers (names equal the checkpoint's tensor suffixes, so ``state_dict`` keys ma
 
 On the CPU (or any device without a registered kernel) ``forward`` dequantizes once, caches the
 dense weight in the activation's dtype and device, and calls ``F.linear``: that is the fast CPU path
-and numerically identical to the kernels' reference ``matmul``. GPU kernels plug in through
-:func:`register_kernel` without touching this module.
+and numerically identical to the kernels' reference ``matmul``. On CUDA ``forward`` calls the
+``torch.ops.gq.*_matmul`` operators of ``kernels.ops`` (Triton GEMV for decode, dequantize + dense
+matmul for prefill), which read the packed weights on every call and keep no dense copy; other
+devices can plug in through :func:`register_kernel`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
 from kernels.bcq import reference as bcq_ref
 from kernels.lut import reference as lut_ref
 from kernels.packing import packed_words
@@ -116,3 +119,17 @@ class GQLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._dense = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+
+def _lut_cuda(module: GQLinear, x: torch.Tensor) -> torch.Tensor:
+    y = ops.lut_matmul(x, module.qweight, module.codebook, module.in_features)
+    return y if module.bias is None else y + module.bias.to(y.dtype)
+
+
+def _bcq_cuda(module: GQLinear, x: torch.Tensor) -> torch.Tensor:
+    y = ops.bcq_matmul(x, module.qweight, module.scales, module.offsets, module.group_size, module.in_features)
+    return y if module.bias is None else y + module.bias.to(y.dtype)
+
+
+register_kernel("lut", "cuda", _lut_cuda)
+register_kernel("bcq", "cuda", _bcq_cuda)

@@ -1,6 +1,18 @@
 """Shared pytest fixtures. Each section belongs to one part of the project; append yours below."""
 
 # ============================================================================================
+# kernels (kernels/*/triton_kernels.py): without a GPU, run Triton kernels in Triton's interpreter.
+# Must happen before any test module imports a kernel: triton.jit reads TRITON_INTERPRET when it
+# decorates. On a CUDA machine the real compiled kernels run.
+# ============================================================================================
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# ============================================================================================
 # assets + data (quantize/assets.py, quantize/data.py): the real prepared cache
 # ============================================================================================
 from pathlib import Path

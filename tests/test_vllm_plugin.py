@@ -345,10 +345,11 @@ def test_launch_command_and_env(tmp_path):
 
 
 # ============================================================================================ offline LLM
-def _run_offline(ckpt: Path, tp: int, out_json: Path, run_dir: Path) -> dict:
+def _run_offline(ckpt: Path, tp: int, out_json: Path, run_dir: Path, extra_env: dict | None = None) -> dict:
     from gq_serve.vllm_launch import vllm_env
 
     env = vllm_env(run_dir=run_dir)
+    env.update(extra_env or {})
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships a function to the workers
     if tp > 1:
         env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
@@ -403,6 +404,25 @@ def test_offline_llm_bcq_tensor_parallel_2(tiny_ckpts, tmp_path):
     res = _run_offline(tiny_ckpts["bcq"], 2, tmp_path / "out.pt", tmp_path / "run")
     assert len(res["weights"]) == 2
     _check_offline(res, tiny_ckpts["bcq"], 2)
+
+
+@requires_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["lut", "bcq"])
+def test_offline_llm_packed_path_tensor_parallel_2(tiny_ckpts, tmp_path, fmt):
+    """The GPU path's tensor handling, on the CPU: with GQ_VLLM_FORCE_PACKED=1 layers keep packed
+    tensors and ``apply`` calls kernels.ops (the reference on the CPU). Covers the rank-local
+    repacking of a mid-word split (lut down_proj: 88 columns per rank), group slicing of a
+    row-parallel rank (bcq o_proj) and the dense fallback of a mid-group split (bcq down_proj)."""
+    from gq_serve.vllm_plugin.config import FORCE_PACKED_ENV
+
+    res = _run_offline(tiny_ckpts[fmt], 2, tmp_path / "out.pt", tmp_path / "run", {FORCE_PACKED_ENV: "1"})
+    for rank, layers in enumerate(res["packed"]):
+        for name, is_packed in layers.items():
+            # bcq rank 1's down_proj starts at column 88, inside a group of 16: the one dense fallback.
+            want = not (fmt == "bcq" and rank == 1 and name.endswith("down_proj"))
+            assert is_packed == want, (fmt, rank, name, is_packed)
+    _check_offline(res, tiny_ckpts[fmt], 2)
 
 
 # ============================================================================================ server
@@ -479,9 +499,26 @@ def test_auth_required(vllm_server):
 
 # ============================================================================================ script
 def _grab_weights(model) -> dict:
-    """Runs in each vLLM worker (module level so it pickles by name): its dense quantized weights."""
+    """Runs in each vLLM worker (module level so it pickles by name): its dense quantized weights.
+
+    A layer on the packed path has no dense weight; W = (I @ W.T).T through its own ``apply``
+    (exact: every product is by 1 or 0)."""
     names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    return {n: m.weight.detach().cpu().clone() for n, m in model.named_modules() if n.endswith(names)}
+    out = {}
+    for n, m in model.named_modules():
+        if n.endswith(names):
+            if m.gq_kernel:
+                eye = torch.eye(m.gq_partition["in_pp"], dtype=torch.float32)
+                out[n] = m.quant_method.apply(m, eye).T.contiguous()
+            else:
+                out[n] = m.weight.detach().cpu().clone()
+    return out
+
+
+def _grab_packed(model) -> dict:
+    """Runs in each vLLM worker: which quantized layers kept packed weights (the kernel path)."""
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return {n: bool(m.gq_kernel) for n, m in model.named_modules() if n.endswith(names)}
 
 
 def _offline_main(ckpt: str, tp: int, out: str) -> None:
@@ -501,7 +538,8 @@ def _offline_main(ckpt: str, tp: int, out: str) -> None:
     import test_vllm_plugin
 
     weights = llm.apply_model(test_vllm_plugin._grab_weights)
-    torch.save({"tokens": tokens, "weights": weights}, out)
+    packed = llm.apply_model(test_vllm_plugin._grab_packed)
+    torch.save({"tokens": tokens, "weights": weights, "packed": packed}, out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from gq_serve.vllm_plugin.config import GuidedQuantLinearMethodBase
+from kernels import ops
 from kernels.bcq import reference as bcq_ref
 
 
@@ -50,3 +51,21 @@ class BcqLinearMethod(GuidedQuantLinearMethodBase):
             codes = torch.nn.functional.pad(codes, (lead, 0))
         w = bcq_ref.dequantize(codes, scales[:, first:], offsets[:, first:], gs)
         return w[:, lead:]
+
+    def kernel_tensors(self, layer, codes: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        gs = self.quant_config.group_size
+        part = layer.gq_partition
+        scales, offsets = layer.scales.data, layer.offsets.data
+        if gs != -1:
+            if part["in_start"] % gs:
+                # The kernels expand groups from the rank's first column; a rank that starts inside a
+                # group would need a per-rank offset. Rare (TP split not on a group boundary): dense path.
+                return None
+            first = part["in_start"] // gs - layer.gq_groups_stored_start
+            n = bcq_ref.n_groups(part["in_pp"], gs)
+            scales, offsets = scales[:, first : first + n], offsets[:, first : first + n]
+        return {"qweight": self.local_qweight(layer, codes), "scales": scales, "offsets": offsets}
+
+    def kernel_matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return ops.bcq_matmul(x, layer.qweight, layer.scales, layer.offsets, self.quant_config.group_size,
+                              layer.gq_partition["in_pp"])

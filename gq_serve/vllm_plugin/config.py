@@ -5,6 +5,7 @@ it is only ever imported inside a process that has vLLM.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,12 +19,26 @@ from gq_serve.vllm_plugin import QUANT_METHOD
 from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
 from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
 # kernels.packing defines the layout: codes of 32 consecutive input columns share one int32 word.
-from kernels.packing import WORD_BITS, packed_words, unpack_bitplanes
+from kernels import ops
+from kernels.packing import WORD_BITS, pack_bitplanes, packed_words, unpack_bitplanes
 
 # Formats the vLLM plugin serves today. ``trellis`` (QTIP) and ``w4a4`` (SpinQuant) are part of the
 # checkpoint contract but have no linear method yet: refuse them by name instead of loading garbage.
 _FORMAT_BITS: dict[str, tuple[int, ...]] = {"lut": LUT_BITS, "bcq": BCQ_BITS}
 _KNOWN_UNSERVED = ("trellis", "w4a4")
+
+
+# Debug / CI knob: keep the packed tensors and call kernels.ops on every device. On the CPU the ops
+# run the reference per call (slow), which lets CPU tests exercise the GPU path's tensor handling
+# (fused layers, tensor-parallel column splits, repacking) end to end.
+FORCE_PACKED_ENV = "GQ_VLLM_FORCE_PACKED"
+
+
+def use_packed_path(device: torch.device) -> bool:
+    """True when linear layers on ``device`` keep packed weights and call ``kernels.ops`` in apply."""
+    if os.environ.get(FORCE_PACKED_ENV) == "1":
+        return True
+    return device.type == "cuda" and ops.triton_available()
 
 
 def _is_module_match(prefix: str, name: str) -> bool:
@@ -248,31 +263,46 @@ class GuidedQuantLinearMethodBase(LinearMethodBase):
         codes = unpack_bitplanes(qweight, part["stored_len"])
         lo = part["in_start"] - part["stored_start"]
         codes = codes[:, lo : lo + part["in_pp"]]
-        w = self.dequantize_partition(layer, codes, part["in_start"], part["in_pp"])
-        # device= explicitly: the dense weight must sit where the packed one was loaded (a tensor made
-        # without it lands on the CPU and only fails on a GPU).
-        dense = w.to(device=qweight.device, dtype=part["params_dtype"]).contiguous()
 
-        kernel = self.gpu_kernel(layer, qweight.device)
-        if kernel is None:
-            # Reference path: keep only the dense weight, free the packed tensors.
-            for name in part["packed_params"]:
-                delattr(layer, name)
-        layer.gq_kernel = kernel
-        layer.weight = torch.nn.Parameter(dense, requires_grad=False)
+        # CUDA: keep packed tensors holding exactly this rank's columns and call the kernels in apply.
+        packed = self.kernel_tensors(layer, codes) if use_packed_path(qweight.device) else None
+        if packed is None:
+            # Reference path (CPU, or a rank split no kernel layout can express): one dense weight.
+            w = self.dequantize_partition(layer, codes, part["in_start"], part["in_pp"])
+            # device= explicitly: the dense weight must sit where the packed one was loaded (a tensor
+            # made without it lands on the CPU and only fails on a GPU).
+            dense = w.to(device=qweight.device, dtype=part["params_dtype"]).contiguous()
+        for name in part["packed_params"]:
+            delattr(layer, name)
+        layer.gq_kernel = packed is not None
+        if packed is None:
+            layer.weight = torch.nn.Parameter(dense, requires_grad=False)
+            return
+        for name, t in packed.items():
+            layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
 
-    def gpu_kernel(self, layer, device: torch.device):
-        """GPU KERNEL HOOK: return a callable ``(layer, x, bias) -> y`` using the packed tensors.
+    def local_qweight(self, layer, codes: torch.Tensor) -> torch.Tensor:
+        """int32 [bits, out_pp, ceil(in_pp/32)] packing only this rank's columns (``codes`` [out_pp, in_pp]).
 
-        ``kernels/`` does not ship GPU ops for this plugin yet, so every device uses the dequantized
-        dense weight (correct, not fast). When a kernel lands, return it here for ``device.type ==
-        "cuda"``; the packed parameters are then kept on the layer and ``apply`` calls it.
+        The loaded tensor already is that unless a row-parallel split is not word-aligned, in which
+        case the rank's columns are packed again (on the codes' device).
         """
-        return None
+        part = layer.gq_partition
+        if part["stored_start"] == part["in_start"] and part["stored_len"] == part["in_pp"]:
+            return layer.qweight.data
+        return pack_bitplanes(codes, self.quant_config.bits)
+
+    def kernel_tensors(self, layer, codes: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Format hook: the packed tensors ``kernel_matmul`` reads, or None to use the dense path."""
+        raise NotImplementedError
+
+    def kernel_matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Format hook: ``x @ W_hat.T`` through ``kernels.ops`` from the tensors of ``kernel_tensors``."""
+        raise NotImplementedError
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        kernel = getattr(layer, "gq_kernel", None)
-        if kernel is not None and x.is_cuda:  # GPU kernel branch (see gpu_kernel)
-            return kernel(layer, x, bias)
+        if layer.gq_kernel:
+            y = self.kernel_matmul(layer, x)
+            return y if bias is None else y + bias
         # Reference / CPU path: W_hat was computed with kernels.*.reference.dequantize semantics.
         return torch.nn.functional.linear(x, layer.weight, bias)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from gq_serve.vllm_plugin.config import GuidedQuantLinearMethodBase
+from kernels import ops
 from kernels.lut import reference as lut_ref
 
 
@@ -26,3 +27,10 @@ class LutLinearMethod(GuidedQuantLinearMethodBase):
     def dequantize_partition(self, layer, codes: torch.Tensor, in_start: int, in_pp: int) -> torch.Tensor:
         # A codebook lookup is per element, so the rank's columns dequantize on their own.
         return lut_ref.dequantize(codes, layer.codebook.data)
+
+    def kernel_tensors(self, layer, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The codebook is per row, so any column split of the rank keeps it whole.
+        return {"qweight": self.local_qweight(layer, codes), "codebook": layer.codebook.data}
+
+    def kernel_matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return ops.lut_matmul(x, layer.qweight, layer.codebook, layer.gq_partition["in_pp"])
