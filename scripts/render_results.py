@@ -79,6 +79,30 @@ def e2e_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernels_table(doc: dict) -> str:
+    """benchmarks/kernels.py's JSON -> one line naming the run, then a row per configuration."""
+    def num(x, fmt: str) -> str:
+        return "–" if x is None else format(x, fmt)
+
+    prov = doc["provenance"]
+    s = doc["settings"]
+    commit = (prov.get("git_commit") or "?")[:10] + ("+dirty" if prov.get("git_dirty") else "")
+    lines = [f"{doc['device']}, {s['dtype']}, median of {s['iters']} ({s['timer']}, L2 flush "
+             f"{s['l2_flush_mib']} MiB); copy bandwidth {doc['copy_gbps']:.0f} GB/s (2 x bytes / time); "
+             f"{prov['date']}, commit {commit}.", "",
+             "| format | bits | layer | n x k | batch | path | us | dense us | GB/s | % copy BW | speedup vs dense "
+             "| max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(doc["rows"], key=lambda r: (r["format"], r["bits"])):  # stable: run order within
+        fmt = r["format"] + (f" (g={r['group_size']})" if r.get("group_size") is not None else "")
+        err = num(r["max_rel_err"], ".1e") + ("" if r["check_ok"] else " FAILED")
+        lines.append(f"| {fmt} | {r['bits']} | {r['shape']} | {r['n']}x{r['k']} | {r['batch']} | "
+                     f"{r.get('path') or '–'} | {num(r['us'], '.1f')} | {num(r['fp16_us'], '.1f')} | "
+                     f"{num(r['gbps'], '.0f')} | {num(r['pct_copy_bw'], '.1f')} | "
+                     f"{num(r['speedup_vs_fp16'], '.2f')} | {err} |")
+    return "\n".join(lines)
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(doc):
@@ -100,6 +124,9 @@ def main() -> int:
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
         doc = replace_block(doc, "e2e", e2e_table(json.loads(e2e.read_text())))
+    kernels = RESULTS / "kernels.json"
+    if kernels.exists():
+        doc = replace_block(doc, "kernels", kernels_table(json.loads(kernels.read_text())))
     DOC.write_text(doc)
     return 0
 
