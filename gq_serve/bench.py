@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gq_serve.decode import iter_tokens
+from gq_serve.decode import DECODE_MODES, iter_tokens, resolve_decode_mode
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -30,14 +30,30 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def time_decode(model, prompt_ids: Sequence[int], new_tokens: int) -> dict:
-    """One greedy run of exactly `new_tokens` tokens (EOS ignored); returns timings in seconds."""
+def make_static_decoder(model, new_tokens: int, prompt_len: int):
+    """The engine's static decoder for `model`: sized to its context, so the benchmark runs the
+    same cache bucket (and graph) that `gq serve` would for this request."""
+    from gq_serve.static_decode import StaticDecoder
+
+    context = getattr(model.config, "max_position_embeddings", None) or 0
+    return StaticDecoder(model, max(int(context), prompt_len + new_tokens))
+
+
+def time_decode(model, prompt_ids: Sequence[int], new_tokens: int, decoder=None) -> dict:
+    """One greedy run of exactly `new_tokens` tokens (EOS ignored); returns timings in seconds.
+
+    decoder: a `StaticDecoder` over `model`, or None for the dynamic-cache loop.
+    """
     device = _model_device(model)
     stamps: list[float] = []
+    if decoder is not None:
+        tokens = decoder.iter_tokens(prompt_ids, new_tokens, temperature=0.0, eos_ids=())
+    else:
+        tokens = iter_tokens(model, prompt_ids, new_tokens, temperature=0.0, eos_ids=(), device=device)
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        for _ in iter_tokens(model, prompt_ids, new_tokens, temperature=0.0, eos_ids=(), device=device):
+        for _ in tokens:
             _sync(device)  # per-token stamps: the first token's time is the prefill
             stamps.append(time.perf_counter())
     if len(stamps) != new_tokens:
@@ -51,6 +67,7 @@ def bench_offline(
     runs: int = 3,
     prompt: str = DEFAULT_PROMPT,
     warmup: int = 1,
+    decode: str = "auto",
 ) -> list[dict]:
     """Batch-1 decode speed of each (model, tokenizer), measured in this process, one after another.
 
@@ -58,6 +75,8 @@ def bench_offline(
     EOS ignored, after `warmup` unmeasured runs; report the median over `runs`.
     `tok_per_s` is decode only (tokens 2..N over their time, i.e. excluding the prefill step);
     `e2e_tok_per_s` is N tokens over the whole call. The first label is the baseline of `speedup`.
+    `decode` ("auto" | "static" | "dynamic", as `gq serve --decode`) picks the loop; a static
+    decoder captures its CUDA graph during the warm-up runs, outside the measurement.
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time the decode separately (got {new_tokens})")
@@ -66,9 +85,14 @@ def bench_offline(
     rows: list[dict] = []
     for label, (model, tokenizer) in models.items():
         prompt_ids = tokenizer(prompt).input_ids
+        mode = resolve_decode_mode(decode, _model_device(model))
+        decoder = None
+        if mode == "static":
+            decoder = make_static_decoder(model, new_tokens, len(prompt_ids))
+            decoder.warmup(len(prompt_ids), new_tokens)  # the graph capture (and compile): untimed
         for _ in range(warmup):
-            time_decode(model, prompt_ids, new_tokens)
-        timings = [time_decode(model, prompt_ids, new_tokens) for _ in range(runs)]
+            time_decode(model, prompt_ids, new_tokens, decoder)
+        timings = [time_decode(model, prompt_ids, new_tokens, decoder) for _ in range(runs)]
         decode_rates = [(new_tokens - 1) / t["decode_s"] for t in timings]
         e2e_rates = [new_tokens / t["total_s"] for t in timings]
         param = next(model.parameters())
@@ -76,6 +100,8 @@ def bench_offline(
             "label": label,
             "device": str(param.device),
             "dtype": str(param.dtype).removeprefix("torch."),
+            # What ran: a bucket whose capture failed degrades (e.g. to "static"), logged.
+            "decode": decoder.slot_mode(len(prompt_ids), new_tokens) if decoder is not None else "dynamic",
             "prompt_tokens": len(prompt_ids),
             "new_tokens": new_tokens,
             "runs": runs,
@@ -123,7 +149,8 @@ def bench_offline_main(args: argparse.Namespace) -> list[dict]:
     for spec in args.models:
         label, path = _parse_model_arg(spec)
         models[label] = (load_model(path, device=args.device, dtype=args.dtype), load_tokenizer(path))
-    rows = bench_offline(models, new_tokens=args.new_tokens, runs=args.runs, prompt=args.prompt)
+    rows = bench_offline(models, new_tokens=args.new_tokens, runs=args.runs, prompt=args.prompt,
+                         decode=args.decode)
     print(format_offline(rows))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +181,9 @@ def add_bench_args(subparsers) -> argparse.ArgumentParser:
     off.add_argument("--device", default="cpu")
     off.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
     off.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    off.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                     help="decode loop, as `gq serve --decode`: auto (static on CUDA, dynamic on CPU), "
+                          "static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache)")
     off.add_argument("--output", "-o", default=None, help="write rows as JSON here")
     off.set_defaults(func=bench_offline_main)
 

@@ -1,7 +1,9 @@
 """Batch-1 decode loop over a Hugging Face causal LM with a DynamicCache.
 
 Shared by the serving engine and the offline benchmark so both measure and serve the same loop:
-one prefill forward over the prompt, then one forward per new token.
+one prefill forward over the prompt, then one forward per new token. The static-cache / CUDA-graph
+variant of the same loop is `gq_serve.static_decode.StaticDecoder`; `resolve_decode_mode` picks
+between them (the `--decode` option).
 """
 
 from __future__ import annotations
@@ -10,6 +12,22 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
+
+DECODE_MODES = ("auto", "static", "dynamic")
+
+
+def resolve_decode_mode(mode: str, device: torch.device | str) -> str:
+    """`--decode` -> "static" or "dynamic".
+
+    auto: static (static KV cache + CUDA graph) on a CUDA device, where kernel launches dominate a
+    batch-1 step; dynamic on the CPU, where there is no graph to capture and a dynamic cache attends
+    only over the tokens so far.
+    """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}: use one of {', '.join(DECODE_MODES)}")
+    if mode == "auto":
+        return "static" if torch.device(device).type == "cuda" else "dynamic"
+    return mode
 
 
 def sample_next(

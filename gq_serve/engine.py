@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from gq_serve.decode import iter_tokens
+from gq_serve.decode import iter_tokens, resolve_decode_mode
 from gq_serve.textstream import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,11 @@ class RequestHandle:
 
 
 class Engine:
-    """Batch-1 engine over a loaded model: requests run one at a time, in submission order."""
+    """Batch-1 engine over a loaded model: requests run one at a time, in submission order.
+
+    decode: "auto" | "static" | "dynamic" (see `gq_serve.decode.resolve_decode_mode`); static uses a
+    `StaticDecoder` sized to max_model_len, so every request check_context admits fits its cache.
+    """
 
     def __init__(
         self,
@@ -193,6 +197,7 @@ class Engine:
         device: str | torch.device | None = None,
         max_queue: int = 16,
         max_model_len: int | None = None,
+        decode: str = "auto",
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (got {max_queue})")
@@ -205,6 +210,18 @@ class Engine:
             log.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                         self.max_model_len, config_len)
         self.eos_ids = self._eos_ids(model, tokenizer)
+        self.decode = resolve_decode_mode(decode, self.device)
+        self.static_decoder = None
+        if self.decode == "static":
+            from gq_serve.static_decode import StaticDecoder
+
+            try:
+                self.static_decoder = StaticDecoder(model, self.max_model_len, device=self.device)
+            except Exception:
+                if decode != "auto":  # asked for explicitly: say so
+                    raise
+                log.exception("static decode is not available for this model: using dynamic decode")
+                self.decode = "dynamic"
         self.max_queue = max_queue
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count(1)
@@ -323,6 +340,12 @@ class Engine:
     def _work(self) -> None:
         # Grad mode is thread-local: set it inside the worker thread.
         with torch.inference_mode():
+            if self.static_decoder is not None:
+                # Capture the smallest bucket's graph now, not inside the first request (its TTFT).
+                try:
+                    self.static_decoder.warmup()
+                except Exception:  # the first request retries and reports the error to its client
+                    log.exception("static decode warm-up failed")
             while True:
                 handle = self._queue.get()
                 if handle is None:
@@ -361,17 +384,12 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringFilter(h.stop)
         eos = () if h.ignore_eos else self.eos_ids
-        tokens = iter_tokens(
-            self.model,
-            h.prompt_ids,
-            h.max_tokens,
-            temperature=h.temperature,
-            top_p=h.top_p,
-            generator=generator,
-            eos_ids=eos,
-            should_stop=lambda: h.is_cancelled,
-            device=self.device,
-        )
+        options = dict(temperature=h.temperature, top_p=h.top_p, generator=generator, eos_ids=eos,
+                       should_stop=lambda: h.is_cancelled)
+        if self.static_decoder is not None:
+            tokens = self.static_decoder.iter_tokens(h.prompt_ids, h.max_tokens, **options)
+        else:
+            tokens = iter_tokens(self.model, h.prompt_ids, h.max_tokens, device=self.device, **options)
         for token in tokens:
             now = time.perf_counter()
             if h.first_token_at is None:

@@ -36,6 +36,7 @@ from gq_serve.api_models import (
     new_id,
     now,
 )
+from gq_serve.decode import DECODE_MODES
 from gq_serve.engine import ContextTooLong, Engine, EngineStopped, QueueFull, RequestHandle
 from gq_serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -349,8 +350,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 16, max_model_len: int | None = None, device: str = "cpu",
-          dtype: str = "auto", model_name: str | None = None, log_level: str = "info") -> None:
-    """Load CKPT and serve it until interrupted (blocking)."""
+          dtype: str = "auto", model_name: str | None = None, log_level: str = "info",
+          decode: str = "auto") -> None:
+    """Load CKPT and serve it until interrupted (blocking); decode: see `Engine`."""
     import uvicorn
 
     from gq_serve.engine import load_model, load_tokenizer
@@ -361,7 +363,8 @@ def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     log.info("loading %s on %s (%s)", ckpt, device, dtype)
     model = load_model(ckpt, device=device, dtype=dtype)
     tokenizer = load_tokenizer(ckpt)
-    engine = Engine(model, tokenizer, device=device, max_queue=max_queue, max_model_len=max_model_len)
+    engine = Engine(model, tokenizer, device=device, max_queue=max_queue, max_model_len=max_model_len,
+                    decode=decode)
     app = create_app(engine, name, api_key=api_key)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -387,6 +390,9 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; lower it on a shared machine)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="--engine hf: auto (static on CUDA, dynamic on CPU), static (static KV cache; "
+                        "on a GPU the decode step replays as a CUDA graph), dynamic (DynamicCache)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="--engine vllm: one more argument for vLLM's server (repeatable), e.g. "
@@ -423,4 +429,4 @@ def serve_main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
-          model_name=args.served_model_name, log_level=args.log_level)
+          model_name=args.served_model_name, log_level=args.log_level, decode=args.decode)
