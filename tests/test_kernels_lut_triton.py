@@ -79,6 +79,20 @@ def test_gemv_several_rows_lut8_fp16():
     check_gemv(1536, 576, 8, 4, torch.float16, DEVICE)
 
 
+# The one-row-per-warp path reads BW = 4, 2 or 1 words per lane and K in chunks of 32 * BW words:
+# 8192 -> BW 4 in two chunks, 6144 -> BW 2 in three, 4010 -> BW 4 with a partial last word and
+# lanes past K (see _gemv_config). Small N keeps the interpreter fast.
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,m", [(40, 8192, 1), (33, 6144, 2), (19, 4010, 3)])
+def test_gemv_wide_chunks_fp16(bits, n, k, m):
+    check_gemv(n, k, bits, m, torch.float16, DEVICE, seed=bits + m)
+
+
+def test_gemv_wide_chunks_bf16():
+    for bits in (2, 3, 4, 8):
+        check_gemv(40, 8192, bits, 1, torch.bfloat16, DEVICE, seed=bits)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gemv_one_row_bf16(bits):
     check_gemv(576, 1536, bits, 1, torch.bfloat16, DEVICE, seed=bits)

@@ -5,23 +5,74 @@ Format (``kernels.packing``): ``qweight`` int32 [bits, N, KW = ceil(K/32)], plan
 fp16 [N, 2^bits]. ``kernels.lut.reference`` is the specification: ``y = x @ W_hat.to(x.dtype).T``
 with ``W_hat[r, c] = codebook[r, code[r, c]]``.
 
-Design (Any-Precision LLM style; untuned: no GPU was available when this was written):
-- GEMV (1..16 activation rows). One program owns ``BLOCK_N`` output rows and walks the whole input
-  dimension in tiles of ``BLOCK_W`` words (32 * BLOCK_W columns). Per tile it loads ``bits`` plane
-  tiles [BLOCK_N, BLOCK_W] (each row reads BLOCK_W consecutive int32, so loads are coalesced along
-  the packed dimension), rebuilds the codes with shifts, looks each code up in its row's codebook
-  with a pointer gather (the codebook tile is BLOCK_N * 2^bits fp16 and stays in L1), casts to the
-  activation dtype (the rounding the reference applies to W_hat) and accumulates in fp32.
-  One row: broadcast multiply + row sum on the CUDA cores. Two or more rows: ``tl.dot`` with the
-  rows padded to 16 (tensor cores), so rows 2..16 cost about the same as 2.
-  No split-K: every output element is written by exactly one program (no atomics, no zero-fill
-  launch, deterministic); occupancy comes from small BLOCK_N and ``num_stages`` load pipelining.
-- Dequantize: the same decode over a 2-D grid of tiles, storing W_hat in fp16/bf16/fp32, for
-  prefill and large batches (dense matmul afterwards).
-Per weight the decode costs ~3 integer ops per bit plane, one L1 gather and one FMA; at 2-3 bits
-that is more than a memory-bound GEMV can hide on an H100, so the first things to tune on the GPU
-are BLOCK_N/BLOCK_W/num_warps in ``_gemv_config`` and the code rebuild (decode 8 codes per word
-with SWAR tricks), in that order; ``benchmarks/kernels.py`` measures it.
+GEMV design, 1..4 rows of x: one output row per warp, lanes along K
+------------------------------------------------------------------
+Why not one row per *thread* (the ``kernels.bcq`` mapping): a codebook gather per weight then sends
+the 32 lanes of a warp to 32 different rows' codebooks, ~32 L1 wavefronts per gather instruction
+(L1 serves ~1 per clock and SM), i.e. ~1 weight per clock and SM: hopeless. bcq avoids it because
+its lanes share one x-table chunk; a lut codebook is per row. Here a warp owns ONE row, so every
+gather of the warp lands in that row's 2^bits fp32 entries (one 64 B line at <= 4 bits: one
+wavefront per 32 weights), and the lanes split K.
+
+1. ``_lut_prep_kernel`` (one small launch) writes x in fp32, zero padded and permuted into the
+   order the GEMV reads it (each lane's next 4 columns, or 1 column x BLOCK_M rows, are one 16 B
+   vector and a warp reads 512 consecutive bytes), and, at <= 4 bits, the codebook in fp32 after
+   rounding it to x's dtype (the reference's ``W_hat.to(x.dtype)``; bf16 by integer
+   round-to-nearest-even, which the interpreter reproduces). At 8 bits the fp16 codebook (bf16:
+   ``codebook.to(bf16)``) is gathered directly and widened in the kernel: 256 fp32 entries per row
+   would cost real traffic.
+2. ``_lut_gemv_kernel``: program = BLOCK_R = num_warps rows x BLOCK_M rows of x; per chunk of
+   32 * NL * BW words (NL = 32 lanes, BW = 1..4 consecutive words per lane, one vector load per
+   plane; ``_gemv_config`` picks BW so that padding K wastes <= ~3%, e.g. K = 11008 -> BW = 1),
+   each lane rebuilds codes SWAR style: plane b of a word gives ``(plane >> t) & 0x11111111``
+   shifted to bit b, OR-ed into code word t (t = 0..3), so nibble i of code word t is the code of
+   column 4i + t (~0.25 instructions per plane and weight; 8 bits use a second set of code words
+   for planes 4..7). Per weight: nibble shift/mask, 64-bit gather address (LEA + LEA.HI.X), LDG
+   (L1 hit), FFMA per x row; x arrives as 16 B vectors (0.25 LDG per weight at M = 1) whose
+   elements are picked with a select that folds away (``_pick``). Lanes keep private fp32 sums;
+   one cross-lane reduction per row at the end. Padding columns (past K, up to the chunk) read
+   code 0 and x = 0, adding ``codebook[r, 0] * 0`` (so a non-finite code-0 entry would leak NaN
+   into its row; quantizers never produce one). No split-K: one row per warp is already N warps
+   (4096..22016), every output is written once (rows past N are clamped for loads, masked for the
+   store), deterministic.
+   GEMV, 5..16 rows of x: ``_lut_gemv_dot_kernel`` (the earlier design): decode a
+   [BLOCK_N, 32 * BLOCK_W] tile, ``tl.dot`` with x padded to 16 rows (tensor cores); its decode
+   is shuffle-heavy (~15-22 instructions per weight) but shared by all x rows, which from 5 rows
+   on beats repeating the lane kernel per 4 rows.
+
+Lane-instructions per weight at M = 1, and per weight and x row at M = 8, from the offline sm_90
+SASS of the Triton compile (``benchmarks/kernel_sass.py``: K-loop body, or the whole kernel when K
+is a single chunk; shapes 4096x4096 / 4096x11008). "Before" at M = 1 is the earlier tile kernel.
+
+    bits  budget  M=1 before  M=1 after    M=2 after/row  M=4 after/row  M=8 /row (dot)  lanes x2 at M=8
+    2     ~2.2    17.2        7.0 / 7.0    4.4            2.8            1.71            2.77
+    3     ~3.3    20.3        7.3 / 7.4    4.6            2.8            2.04            2.84
+    4     ~4.4    25.6        7.6 / 7.8    4.7            2.9            2.68            2.91
+
+Triton 3.6 (the version on this project's H100 machine) lays the M <= 4 kernel out differently:
+its sm_90 compile of 4096x11008 converts a layout through shared memory inside the K loop (32 STS,
+32 LDS, 64 BAR per iteration) and counts 11.3 / 11.7 / 12.2 at M = 1 and 2/3/4 bits (bcq's counts
+are the same under both versions). Pinning the layouts explicitly, as the bcq kernel does, is the
+first thing to try on that version.
+
+(M = 8 keeps the earlier tl.dot kernel: it counts fewer per x row than two lane programs. For
+comparison the bcq kernel counts 3.3 / 5.0 / 6.2 at M = 1.)
+
+The budget is H100 issue rate / HBM rate: 29.6 T lane-instr/s vs 3.35 TB/s at bits/8 B per weight.
+After: ~2.4-3.3x fewer instructions than before at batch 1, still ~3x / 2.2x / 1.7x over the
+budget at 2 / 3 / 4 bits, so the batch-1 targets (>= 70% of copy bandwidth) are not expected.
+Where they go (2 bits, per weight): SHF 1, LEA 2, LDG 1.25, FFMA 1, LOP3 ~0.4, rest ~0.3
+(prologue, reduction). Passing an int32 offset from the codebook argument instead of a per-row
+pointer (hoping for one IMAD.WIDE) counted worse (7.7). What would close the gap, none of it expressible in portable
+Triton: a register LUT (the row's 4..16 codebook values packed in registers, selected with PRMT /
+byte permutes via inline PTX) would drop the address + LDG (3 of ~7); a 32-bit shared-memory
+address instead of a 64-bit global one would drop one LEA; multilinear x-tables (cb(v) as
+sum_S a_S prod_b beta_b, looked up in bcq-style 4-column partial-sum tables, 3 lookups per 4
+columns at 2 bits) need one-row-per-thread and cost ~4.7 by the bcq kernel's count, only
+better at 2 bits and not implemented here. Nothing here was timed on a GPU.
+
+Dequantize: the decode over a 2-D grid of tiles, storing W_hat in fp16/bf16/fp32, for prefill and
+large batches (dense matmul afterwards); bit-exact with the reference.
 
 Only plain portable Triton (no inline PTX, no Hopper-only features): sm_80 and newer.
 The wrappers run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -32,12 +83,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.bcq.triton_kernels import _cast_out
 from kernels.packing import packed_words
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_GEMV_ROWS = 16
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 _DEQUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PREP_BLOCK = 1024
 
 
 @triton.jit
@@ -62,9 +115,153 @@ def _decode_tile(qweight_ptr, codebook_ptr, rows, word0, N, KW,
 
 
 @triton.jit
-def _lut_gemv_kernel(x_ptr, qweight_ptr, codebook_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
-                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_W: tl.constexpr, USE_DOT: tl.constexpr):
+def _lut_prep_kernel(x_ptr, cb_ptr, xf_ptr, cbf_ptr, M, K, stride_xm, n_x, n_cb,
+                     NCH: tl.constexpr, NL: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     PREP_CB: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """x -> fp32 in the GEMV's read order (zero padded); codebook -> fp32 rounded to x's dtype.
+
+    ``xf[mb, ch, w, t, iq, L, e]`` (flat) holds x[m, c] for column
+    ``c = 32 * ((ch * NL + L) * BW + w) + 4 * i + t`` with slot ``i = 4 * iq + e``, ``m = mb`` when
+    BLOCK_M == 1, else ``i = iq``, ``m = mb * BLOCK_M + e``: the 4 (or BLOCK_M) values a lane needs
+    at once are one 16-byte vector and the 32 lanes of a warp read 512 consecutive bytes.
+    ``cbf = codebook`` rounded to bf16 when ROUND_BF16 (integer round-to-nearest-even: the
+    interpreter truncates casts to bf16), kept in fp32 so the GEMV gathers need no conversion.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    VE: tl.constexpr = 4 if BLOCK_M == 1 else BLOCK_M
+    NIQ: tl.constexpr = 2 if BLOCK_M == 1 else 8
+    e = offs % VE
+    r = offs // VE
+    lane = r % NL
+    r = r // NL
+    iq = r % NIQ
+    r = r // NIQ
+    t = r % 4
+    r = r // 4
+    w = r % BW
+    r = r // BW
+    ch = r % NCH
+    mb = r // NCH
+    if BLOCK_M == 1:
+        slot = iq * 4 + e
+        m = mb
+    else:
+        slot = iq
+        m = mb * BLOCK_M + e
+    col = 32 * ((ch * NL + lane) * BW + w) + 4 * slot + t
+    ok = (offs < n_x) & (m < M) & (col < K)
+    xv = tl.load(x_ptr + m * stride_xm + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(xf_ptr + offs, xv, mask=offs < n_x)
+    if PREP_CB:
+        c = tl.load(cb_ptr + offs, mask=offs < n_cb, other=0.0).to(tl.float32)
+        if ROUND_BF16:
+            b = c.to(tl.int32, bitcast=True)
+            b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+            c = b.to(tl.float32, bitcast=True)
+        tl.store(cbf_ptr + offs, c, mask=offs < n_cb)
+
+
+@triton.jit
+def _pick(tile, lane, E: tl.constexpr):
+    """Element E of the last axis of a tile whose last axis sits in one thread: the select folds."""
+    return tl.sum(tl.where(lane[None, None, :] == E, tile, 0), axis=2)
+
+
+@triton.jit
+def _nibble_codes(codes, plane, B: tl.constexpr):
+    """Merge bit-plane B into 4 SWAR code words: bit 4i + t of ``plane`` -> bit 4i + (B % 4) of
+    ``codes[t]``, i.e. nibble i of code word t is the code of column 4i + t of the 32-column word.
+    One shift + one mask-or per plane and code word (8 codes). Arithmetic shifts are harmless: the
+    mask keeps bits that came from inside the word."""
+    c0, c1, c2, c3 = codes
+    SH: tl.constexpr = B % 4
+    c0 |= (plane & 0x11111111) << SH
+    c1 |= ((plane >> 1) & 0x11111111) << SH
+    c2 |= ((plane >> 2) & 0x11111111) << SH
+    c3 |= ((plane >> 3) & 0x11111111) << SH
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
+                     KW: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                     NL: tl.constexpr, BW: tl.constexpr, NCH: tl.constexpr):
+    """y[m, r] = sum_c x[m, c] * cb[r, code[r, c]] (see the module docstring).
+
+    xf_ptr: fp32 x in the order ``_lut_prep_kernel`` writes; q_ptr: int32 [BITS, N, KW];
+    cb_ptr: [N, 2^BITS] fp32 (or fp16 / bf16 at 8 bits), already in x's rounding; y_ptr: x's dtype.
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_R)). Program = BLOCK_R output rows, one per warp; lane L
+    owns words (ch * NL + L) * BW .. + BW - 1 of its row in chunk ch.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    NC: tl.constexpr = 1 << BITS
+    VE: tl.constexpr = 4 if BLOCK_M == 1 else BLOCK_M  # fp32 x values per lane and vector load
+    NIQ: tl.constexpr = 2 if BLOCK_M == 1 else 8  # x vectors per code word
+    LO: tl.constexpr = 4 if BITS > 4 else BITS
+    rows = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows_c = tl.minimum(rows, N - 1)  # clamped: loads stay in bounds, the store mask drops them
+    lane = tl.arange(0, NL)
+    w_lane = tl.arange(0, BW)
+    e_lane = tl.arange(0, VE)
+    # [BR, NL, BW]: each lane reads BW consecutive words of its row (one vector per plane).
+    word_in_chunk = lane[None, :, None] * BW + w_lane[None, None, :]
+    q_ptrs = q_ptr + (rows_c * KW)[:, None, None] + word_in_chunk
+    plane_stride = N * KW
+    # [BR, NL, VE]: x does not depend on the row; lanes read consecutive 16 B vectors.
+    x_ptrs = tl.broadcast_to(xf_ptr + pid_m * (NCH * BW * 4 * NIQ * NL * VE)
+                             + (lane * VE)[None, :, None] + e_lane[None, None, :], (BLOCK_R, NL, VE))
+    cb_rows = (cb_ptr + rows_c * NC)[:, None]  # [BR, 1]: a warp gathers inside one row's codebook
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_R, NL), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, NL, VE), dtype=tl.float32)
+    for ch in range(NCH):
+        w_ok = (ch * (NL * BW) + word_in_chunk) < KW
+        q_ch = q_ptrs + ch * (NL * BW)
+        zero = tl.zeros((BLOCK_R, NL, BW), dtype=tl.int32)
+        lo = (zero, zero, zero, zero)
+        for b in tl.static_range(LO):
+            lo = _nibble_codes(lo, tl.load(q_ch + b * plane_stride, mask=w_ok, other=0), b)
+        hi = (zero, zero, zero, zero)
+        if BITS > 4:
+            for b in tl.static_range(4, BITS):
+                hi = _nibble_codes(hi, tl.load(q_ch + b * plane_stride, mask=w_ok, other=0), b)
+        for w in tl.static_range(BW):
+            for t in tl.static_range(4):
+                cw = _pick(lo[t], w_lane, w)  # [BR, NL]
+                if BITS > 4:
+                    cw_hi = _pick(hi[t], w_lane, w)
+                for iq in tl.static_range(NIQ):
+                    x_off = (((ch * BW + w) * 4 + t) * NIQ + iq) * (NL * VE)
+                    xv = tl.load(x_ptrs + x_off)  # [BR, NL, VE] fp32
+                    if BLOCK_M == 1:
+                        xi = xv.to(tl.int32, bitcast=True)
+                        for e in tl.static_range(4):
+                            code = (cw >> (16 * iq + 4 * e)) & 15  # slot 4 iq + e
+                            if BITS > 4:
+                                code |= ((cw_hi >> (16 * iq + 4 * e)) & 15) << 4
+                            wgt = tl.load(cb_rows + code).to(tl.float32)
+                            acc += wgt * _pick(xi, e_lane, e).to(tl.float32, bitcast=True)
+                    else:
+                        code = (cw >> (4 * iq)) & 15
+                        if BITS > 4:
+                            code |= ((cw_hi >> (4 * iq)) & 15) << 4
+                        wgt = tl.load(cb_rows + code).to(tl.float32)
+                        acc += wgt[:, :, None] * xv
+    y = tl.sum(acc, axis=1)  # [BR] or [BR, BLOCK_M]: the lanes' partial sums, once per row
+    if BLOCK_M == 1:
+        y = y[:, None]
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < N)[:, None] & (ms < M)[None, :]
+    tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], _cast_out(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lut_gemv_dot_kernel(x_ptr, qweight_ptr, codebook_ptr, out_ptr, M, N, K, KW, stride_xm, stride_om,
+                         BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_W: tl.constexpr):
+    """5..16 rows of x: decode a [BLOCK_N, 32 * BLOCK_W] tile, tl.dot with x padded to 16 rows."""
     BLOCK_K: tl.constexpr = BLOCK_W * 32
     act = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,11 +273,8 @@ def _lut_gemv_kernel(x_ptr, qweight_ptr, codebook_ptr, out_ptr, M, N, K, KW, str
         cols = word0 * 32 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :],
                      mask=(ms < M)[:, None] & (cols < K)[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(xt, tl.trans(w))
-        else:
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+        acc += tl.dot(xt, tl.trans(w))
+    tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], _cast_out(acc, out_ptr.dtype.element_ty),
              mask=(ms < M)[:, None] & (rows < N)[None, :])
 
 
@@ -97,15 +291,31 @@ def _lut_dequant_kernel(qweight_ptr, codebook_ptr, out_ptr, N, K, KW,
 
 
 def _gemv_config(m: int, n: int, k: int, bits: int) -> dict:
-    """Tile sizes for the GEMV. A table, not autotuning: deterministic and CUDA-graph friendly.
+    """Launch parameters of the GEMV for x [m, k] and an [n, k] weight; a table, not autotuning
+    (deterministic and CUDA-graph friendly).
 
-    One row: 16 output rows x 512 columns per step (8K weights, 64 per thread at 4 warps).
-    Several rows: tl.dot needs every dimension >= 16; 32 rows x 128 columns keeps the decoded
-    fp16 tile (and the registers for it) the same size as the one-row case.
+    Returns BLOCK_M (x rows per program: 1, 2 or 4, one 16 B vector of x per slot), BLOCK_R
+    (output rows per program = num_warps, one per warp), NL (lanes along K = 32), BW (words per lane
+    per chunk: 4 for 16 B plane loads unless padding K to a multiple of 32 * NL * BW would waste
+    more than ~3%, e.g. K = 11008 -> 344 words -> BW = 1), num_warps, num_stages.
+    No split-K: one row per warp already gives N warps (4096..22016 on Llama-2-7B).
     """
-    if m == 1:
-        return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_W=16, USE_DOT=False, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_W=4, USE_DOT=True, num_warps=4, num_stages=3)
+    if m > 4:
+        # tl.dot on tensor cores, x padded to 16 rows: fewer instructions per weight and x row from
+        # 5 rows on (see the module docstring's table).
+        return dict(PATH="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_W=4, num_warps=4, num_stages=3)
+    kw = packed_words(k)
+    block_m = 1 if m == 1 else (2 if m == 2 else 4)
+    nl = 32
+    bw = 1
+    for cand in (4, 2):
+        padded = -(-kw // (nl * cand)) * nl * cand
+        if padded * 32 <= kw * 33:
+            bw = cand
+            break
+    num_warps = 4
+    return dict(PATH="lanes", BLOCK_M=block_m, BLOCK_R=num_warps, NL=nl, BW=bw, num_warps=num_warps,
+                num_stages=1)
 
 
 def _check_packed(qweight: torch.Tensor, codebook: torch.Tensor, in_features: int) -> int:
@@ -153,8 +363,33 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, codebook: torch.Tensor,
     elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
         raise ValueError(f"lut_gemv: out must be {x.dtype} [{m}, {n}] with contiguous rows")
     cfg = _gemv_config(m, n, k, bits)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _lut_gemv_kernel[grid](x, qweight, codebook, out, m, n, k, kw, x.stride(0), out.stride(0), BITS=bits, **cfg)
+    if cfg["PATH"] == "dot":
+        _lut_gemv_dot_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            x, qweight, codebook, out, m, n, k, kw, x.stride(0), out.stride(0), BITS=bits,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
+    block_m, nl, bw = cfg["BLOCK_M"], cfg["NL"], cfg["BW"]
+    nch = triton.cdiv(kw, nl * bw)
+    n_mb = triton.cdiv(m, block_m)
+    n_x = n_mb * nch * nl * bw * 32 * block_m
+    xf = torch.empty(n_x, dtype=torch.float32, device=x.device)
+    prep_cb = bits <= 4  # 8 bits: 256 fp32 entries per row would cost real traffic; convert in-kernel
+    if prep_cb:
+        cb = torch.empty((n, 1 << bits), dtype=torch.float32, device=x.device)
+    else:
+        cb = codebook if x.dtype == torch.float16 else codebook.to(x.dtype)  # torch rounds to nearest even
+    n_cb = n * (1 << bits) if prep_cb else 0
+    _lut_prep_kernel[(triton.cdiv(max(n_x, n_cb), _PREP_BLOCK),)](
+        x, codebook, xf, cb, m, k, x.stride(0), n_x, n_cb, NCH=nch, NL=nl, BW=bw, BLOCK_M=block_m,
+        PREP_CB=prep_cb, ROUND_BF16=x.dtype == torch.bfloat16, BLOCK=_PREP_BLOCK, num_warps=4)
+    # The interpreter runs programs one after another and pays per op, not per element: give it
+    # 256 rows per program (the result does not depend on BLOCK_R; compiled, it is one row per warp).
+    block_r = 256 if x.device.type == "cpu" else cfg["BLOCK_R"]
+    grid = (n_mb, triton.cdiv(n, block_r))
+    _lut_gemv_kernel[grid](xf, qweight, cb, out, m, n, out.stride(0), KW=kw, BITS=bits, BLOCK_M=block_m,
+                           BLOCK_R=block_r, NL=nl, BW=bw, NCH=nch,
+                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
