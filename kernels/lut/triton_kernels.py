@@ -34,26 +34,30 @@ wavefront per 32 weights), and the lanes split K.
    code 0 and x = 0, adding ``codebook[r, 0] * 0`` (so a non-finite code-0 entry would leak NaN
    into its row; quantizers never produce one). No split-K: one row per warp is already N warps
    (4096..22016), every output is written once (rows past N are clamped for loads, masked for the
-   store), deterministic.
+   store), deterministic. The (warp, lane) pairs are one flat axis of BLOCK_R * 32 slots, never a
+   [rows, lanes] pair: a gather address has no contiguity along either, so which one got the
+   threads was Triton's tie-breaking, and 3.6 broke the tie the other way (4 rows x 8 lanes per
+   warp, a shared-memory layout conversion in the K loop). Flat, every load's layout follows from
+   real contiguity (words and x elements along the minor axis of [slots, BW] / [slots, VE]).
    GEMV, 5..16 rows of x: ``_lut_gemv_dot_kernel`` (the earlier design): decode a
    [BLOCK_N, 32 * BLOCK_W] tile, ``tl.dot`` with x padded to 16 rows (tensor cores); its decode
    is shuffle-heavy (~15-22 instructions per weight) but shared by all x rows, which from 5 rows
    on beats repeating the lane kernel per 4 rows.
 
-Lane-instructions per weight at M = 1, and per weight and x row at M = 8, from the offline sm_90
-SASS of the Triton compile (``benchmarks/kernel_sass.py``: K-loop body, or the whole kernel when K
-is a single chunk; shapes 4096x4096 / 4096x11008). "Before" at M = 1 is the earlier tile kernel.
+Lane-instructions per weight at M = 1, and per weight and x row at M = 2..8, from the offline
+sm_90 SASS of the Triton 3.9 compile (``benchmarks/kernel_sass.py``: K-loop body, or the whole
+kernel when K is a single chunk; shapes 4096x4096 / 4096x11008). "Before" at M = 1 is the earlier
+tile kernel.
 
     bits  budget  M=1 before  M=1 after    M=2 after/row  M=4 after/row  M=8 /row (dot)  lanes x2 at M=8
-    2     ~2.2    17.2        7.0 / 7.0    4.4            2.8            1.71            2.77
-    3     ~3.3    20.3        7.3 / 7.4    4.6            2.8            2.04            2.84
-    4     ~4.4    25.6        7.6 / 7.8    4.7            2.9            2.68            2.91
+    2     ~2.2    17.2        7.0 / 7.0    4.5 / 4.4      2.8 / 2.7      1.71            2.77
+    3     ~3.3    20.3        7.3 / 7.4    4.6 / 4.5      2.8 / 2.8      2.04            2.84
+    4     ~4.4    25.6        7.6 / 7.8    4.7 / 4.8      2.9 / 2.9      2.68            2.91
 
-Triton 3.6 (the version on this project's H100 machine) lays the M <= 4 kernel out differently:
-its sm_90 compile of 4096x11008 converts a layout through shared memory inside the K loop (32 STS,
-32 LDS, 64 BAR per iteration) and counts 11.3 / 11.7 / 12.2 at M = 1 and 2/3/4 bits (bcq's counts
-are the same under both versions). Pinning the layouts explicitly, as the bcq kernel does, is the
-first thing to try on that version.
+Triton 3.6 (the version on this project's H100 machine) counts the same to within ~0.1: M = 1
+7.0 / 7.0, 7.3 / 7.3, 7.5 / 7.8; M = 2 per row 4.5 / 4.4, 4.6 / 4.5, 4.7 / 4.7 (2 / 3 / 4 bits,
+4096x4096 / 4096x11008). Before the flat slot axis (above) its 4096x11008 loop held 32 STS, 32
+LDS and 64 BAR per iteration and counted 11.3 / 11.7 / 12.2 at M = 1.
 
 (M = 8 keeps the earlier tl.dot kernel: it counts fewer per x row than two lane programs. For
 comparison the bcq kernel counts 3.3 / 5.0 / 6.2 at M = 1.)
@@ -162,9 +166,9 @@ def _lut_prep_kernel(x_ptr, cb_ptr, xf_ptr, cbf_ptr, M, K, stride_xm, n_x, n_cb,
 
 
 @triton.jit
-def _pick(tile, lane, E: tl.constexpr):
-    """Element E of the last axis of a tile whose last axis sits in one thread: the select folds."""
-    return tl.sum(tl.where(lane[None, None, :] == E, tile, 0), axis=2)
+def _pick(tile, idx, E: tl.constexpr):
+    """Element E of the last axis of a [P, E] tile whose last axis sits in one thread: the select folds."""
+    return tl.sum(tl.where(idx[None, :] == E, tile, 0), axis=1)
 
 
 @triton.jit
@@ -199,27 +203,31 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
     VE: tl.constexpr = 4 if BLOCK_M == 1 else BLOCK_M  # fp32 x values per lane and vector load
     NIQ: tl.constexpr = 2 if BLOCK_M == 1 else 8  # x vectors per code word
     LO: tl.constexpr = 4 if BITS > 4 else BITS
-    rows = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows_c = tl.minimum(rows, N - 1)  # clamped: loads stay in bounds, the store mask drops them
-    lane = tl.arange(0, NL)
+    # One flat axis of P = BLOCK_R * NL (warp, lane) slots instead of a [BLOCK_R, NL] pair: a
+    # gather's address has no contiguity along rows or lanes, and which of two such axes gets the
+    # threads is tie-breaking that differs between Triton versions (3.6 put 4 rows in a warp and
+    # converted through shared memory every step). Flat, every layout follows from contiguity.
+    P: tl.constexpr = BLOCK_R * NL
+    slot = tl.arange(0, P)
+    lane = slot % NL
+    rows_c = tl.minimum(pid_n * BLOCK_R + slot // NL, N - 1)  # clamped: loads stay in bounds
     w_lane = tl.arange(0, BW)
     e_lane = tl.arange(0, VE)
-    # [BR, NL, BW]: each lane reads BW consecutive words of its row (one vector per plane).
-    word_in_chunk = lane[None, :, None] * BW + w_lane[None, None, :]
-    q_ptrs = q_ptr + (rows_c * KW)[:, None, None] + word_in_chunk
+    # [P, BW]: each lane reads BW consecutive words of its row (one vector per plane).
+    word_in_chunk = (lane * BW)[:, None] + w_lane[None, :]
+    q_ptrs = q_ptr + (rows_c * KW)[:, None] + word_in_chunk
     plane_stride = N * KW
-    # [BR, NL, VE]: x does not depend on the row; lanes read consecutive 16 B vectors.
-    x_ptrs = tl.broadcast_to(xf_ptr + pid_m * (NCH * BW * 4 * NIQ * NL * VE)
-                             + (lane * VE)[None, :, None] + e_lane[None, None, :], (BLOCK_R, NL, VE))
-    cb_rows = (cb_ptr + rows_c * NC)[:, None]  # [BR, 1]: a warp gathers inside one row's codebook
+    # [P, VE]: x does not depend on the row; lanes read consecutive 16 B vectors.
+    x_ptrs = xf_ptr + pid_m * (NCH * BW * 4 * NIQ * NL * VE) + (lane * VE)[:, None] + e_lane[None, :]
+    cb_rows = cb_ptr + rows_c * NC  # [P]: a warp gathers inside one row's codebook
     if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_R, NL), dtype=tl.float32)
+        acc = tl.zeros((P,), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_R, NL, VE), dtype=tl.float32)
+        acc = tl.zeros((P, VE), dtype=tl.float32)
     for ch in range(NCH):
         w_ok = (ch * (NL * BW) + word_in_chunk) < KW
         q_ch = q_ptrs + ch * (NL * BW)
-        zero = tl.zeros((BLOCK_R, NL, BW), dtype=tl.int32)
+        zero = tl.zeros((P, BW), dtype=tl.int32)
         lo = (zero, zero, zero, zero)
         for b in tl.static_range(LO):
             lo = _nibble_codes(lo, tl.load(q_ch + b * plane_stride, mask=w_ok, other=0), b)
@@ -229,12 +237,12 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
                 hi = _nibble_codes(hi, tl.load(q_ch + b * plane_stride, mask=w_ok, other=0), b)
         for w in tl.static_range(BW):
             for t in tl.static_range(4):
-                cw = _pick(lo[t], w_lane, w)  # [BR, NL]
+                cw = _pick(lo[t], w_lane, w)  # [P]
                 if BITS > 4:
                     cw_hi = _pick(hi[t], w_lane, w)
                 for iq in tl.static_range(NIQ):
                     x_off = (((ch * BW + w) * 4 + t) * NIQ + iq) * (NL * VE)
-                    xv = tl.load(x_ptrs + x_off)  # [BR, NL, VE] fp32
+                    xv = tl.load(x_ptrs + x_off)  # [P, VE] fp32
                     if BLOCK_M == 1:
                         xi = xv.to(tl.int32, bitcast=True)
                         for e in tl.static_range(4):
@@ -248,10 +256,13 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
                         if BITS > 4:
                             code |= ((cw_hi >> (4 * iq)) & 15) << 4
                         wgt = tl.load(cb_rows + code).to(tl.float32)
-                        acc += wgt[:, :, None] * xv
-    y = tl.sum(acc, axis=1)  # [BR] or [BR, BLOCK_M]: the lanes' partial sums, once per row
+                        acc += wgt[:, None] * xv
+    # The lanes' partial sums, once per row: [BR] or [BR, BLOCK_M].
     if BLOCK_M == 1:
-        y = y[:, None]
+        y = tl.sum(tl.reshape(acc, (BLOCK_R, NL)), axis=1)[:, None]
+    else:
+        y = tl.sum(tl.reshape(acc, (BLOCK_R, NL, VE)), axis=1)
+    rows = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < N)[:, None] & (ms < M)[None, :]
     tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], _cast_out(y, y_ptr.dtype.element_ty), mask=mask)
