@@ -45,9 +45,14 @@ def triton_available() -> bool:
     return True
 
 
+def kernels_serve(device: torch.device) -> bool:
+    """True when the Triton kernels run on ``device`` (CUDA with Triton installed)."""
+    return device.type == "cuda" and triton_available()
+
+
 def choose_path(fmt: str, x: torch.Tensor, group_size: int = -1) -> str:
     """Which implementation serves ``x`` [..., K] for format ``fmt`` ("lut" or "bcq")."""
-    if x.device.type != "cuda" or not triton_available():
+    if not kernels_serve(x.device):
         return "reference"
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     gemv_ok = fmt == "lut" or group_size == -1 or group_size % 4 == 0  # bcq tables cover 4 columns
@@ -66,7 +71,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("gq::lut_dequantize", mutates_args=())
 def lut_dequantize(qweight: torch.Tensor, codebook: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """W_hat [N, in_features] in ``dtype`` from int32 [bits, N, ceil(K/32)] + fp16 [N, 2^bits]."""
-    if qweight.is_cuda and triton_available():
+    if kernels_serve(qweight.device):
         from kernels.lut.triton_kernels import lut_dequantize as kernel
 
         return kernel(qweight, codebook, in_features, dtype)
@@ -101,7 +106,7 @@ def _(x, qweight, codebook, in_features):
 def bcq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                    in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """W_hat [N, in_features] in ``dtype``: ``s * q + o`` in fp32, then cast."""
-    if qweight.is_cuda and triton_available():
+    if kernels_serve(qweight.device):
         from kernels.bcq.triton_kernels import bcq_dequantize as kernel
 
         return kernel(qweight, scales, offsets, group_size, in_features, dtype)

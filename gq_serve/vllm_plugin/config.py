@@ -18,8 +18,8 @@ from gq_serve.checkpoint import validate_quantization_config
 from gq_serve.vllm_plugin import QUANT_METHOD
 from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
 from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
-# kernels.packing defines the layout: codes of 32 consecutive input columns share one int32 word.
 from kernels import ops
+# kernels.packing defines the layout: codes of 32 consecutive input columns share one int32 word.
 from kernels.packing import WORD_BITS, pack_bitplanes, packed_words, unpack_bitplanes
 
 # Formats the vLLM plugin serves today. ``trellis`` (QTIP) and ``w4a4`` (SpinQuant) are part of the
@@ -38,7 +38,7 @@ def use_packed_path(device: torch.device) -> bool:
     """True when linear layers on ``device`` keep packed weights and call ``kernels.ops`` in apply."""
     if os.environ.get(FORCE_PACKED_ENV) == "1":
         return True
-    return device.type == "cuda" and ops.triton_available()
+    return ops.kernels_serve(device)
 
 
 def _is_module_match(prefix: str, name: str) -> bool:
@@ -271,15 +271,15 @@ class GuidedQuantLinearMethodBase(LinearMethodBase):
             w = self.dequantize_partition(layer, codes, part["in_start"], part["in_pp"])
             # device= explicitly: the dense weight must sit where the packed one was loaded (a tensor
             # made without it lands on the CPU and only fails on a GPU).
-            dense = w.to(device=qweight.device, dtype=part["params_dtype"]).contiguous()
+            keep = {"weight": w.to(device=qweight.device, dtype=part["params_dtype"])}
+        else:
+            keep = packed
+        # The loaded tensors go; what apply reads is registered in their place.
         for name in part["packed_params"]:
             delattr(layer, name)
-        layer.gq_kernel = packed is not None
-        if packed is None:
-            layer.weight = torch.nn.Parameter(dense, requires_grad=False)
-            return
-        for name, t in packed.items():
+        for name, t in keep.items():
             layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+        layer.gq_kernel = packed is not None
 
     def local_qweight(self, layer, codes: torch.Tensor) -> torch.Tensor:
         """int32 [bits, out_pp, ceil(in_pp/32)] packing only this rank's columns (``codes`` [out_pp, in_pp]).

@@ -85,6 +85,7 @@ import triton
 import triton.language as tl
 
 from kernels.packing import packed_words
+from kernels.triton_common import cast_out, pick_column
 
 SUPPORTED_BITS = (2, 3, 4)
 MAX_GEMV_ROWS = 16
@@ -102,23 +103,6 @@ _REDUCE_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _cast_out(v, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE with round-to-nearest-even.
-
-    bf16 is rounded with integer ops because the Triton interpreter truncates fp32 -> bf16 casts
-    (the GPU rounds to nearest even); doing it by hand gives the same bits on both, which is what
-    lets the CPU tests check bit-exactness. NaN stays NaN.
-    """
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.int32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return tl.where(v != v, v.to(tl.bfloat16), out)
-    else:
-        return v.to(DTYPE)
-
-
 @triton.jit
 def _bcq_table_kernel(x_ptr, t_ptr, xs_ptr, M, K, stride_xm, n_chunks, n_tiles,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr):
@@ -150,12 +134,6 @@ def _bcq_table_kernel(x_ptr, t_ptr, xs_ptr, M, K, stride_xm, n_chunks, n_tiles,
         xt = tl.load(x_row + tile_cols, mask=tile_cols < k_row, other=0.0).to(tl.float32)
         tl.store(xs_ptr + pid_mb * (n_tiles * BLOCK_M) + tiles * BLOCK_M + i, tl.sum(xt, axis=1),
                  mask=tiles < n_tiles)
-
-
-@triton.jit
-def _word(plane, w_lane, W: tl.constexpr):
-    """Column W of a [BLOCK_N, BLOCK_W] tile held whole by each thread: the select folds away."""
-    return tl.sum(tl.where(w_lane[None, :] == W, plane, 0), axis=1)
 
 
 @triton.jit
@@ -235,12 +213,12 @@ def _bcq_gemv_kernel(t_ptr, xs_ptr, q_ptr, s_ptr, o_ptr, y_ptr,
         n0, n1, n2, n3 = _load_planes(plane_ptrs, plane_stride, w_ahead, BITS)
         tile_sum = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for w in tl.static_range(BLOCK_W):
-            q0 = _word(p0, w_lane, w)
-            q1 = _word(p1, w_lane, w)
+            q0 = pick_column(p0, w_lane, w)
+            q1 = pick_column(p1, w_lane, w)
             if BITS >= 3:
-                q2 = _word(p2, w_lane, w)
+                q2 = pick_column(p2, w_lane, w)
             if BITS >= 4:
-                q3 = _word(p3, w_lane, w)
+                q3 = pick_column(p3, w_lane, w)
             for j in tl.static_range(8):
                 chunk = (w0 + w) * 8 + j
                 t_chunk = t_blk + chunk * (16 * BLOCK_M)
@@ -281,7 +259,7 @@ def _bcq_gemv_kernel(t_ptr, xs_ptr, q_ptr, s_ptr, o_ptr, y_ptr,
     mask = (rows < N)[:, None] & (ms < M)[None, :]
     offs = rows[:, None] + ms[None, :] * N
     if SPLIT_K == 1:
-        tl.store(y_ptr + offs, _cast_out(y, y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, cast_out(y, y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(y_ptr + pid_k * (M * N) + offs, y, mask=mask)
 
@@ -294,7 +272,7 @@ def _bcq_splitk_reduce_kernel(ws_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: t
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
         total += tl.load(ws_ptr + k * MN + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, _cast_out(total, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, cast_out(total, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -331,7 +309,7 @@ def _bcq_dequant_kernel(q_ptr, s_ptr, o_ptr, w_ptr, N, K, KW, n_groups, group_si
     w = codes.to(tl.float32) * s + o
     mask = (rows < N)[:, None, None] & (cols < K)
     w_offs = rows.to(tl.int64)[:, None, None] * K + cols
-    tl.store(w_ptr + w_offs, _cast_out(w, w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + w_offs, cast_out(w, w_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------- config

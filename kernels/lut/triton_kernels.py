@@ -29,7 +29,7 @@ wavefront per 32 weights), and the lanes split K.
    column 4i + t (~0.25 instructions per plane and weight; 8 bits use a second set of code words
    for planes 4..7). Per weight: nibble shift/mask, 64-bit gather address (LEA + LEA.HI.X), LDG
    (L1 hit), FFMA per x row; x arrives as 16 B vectors (0.25 LDG per weight at M = 1) whose
-   elements are picked with a select that folds away (``_pick``). Lanes keep private fp32 sums;
+   elements are picked with a select that folds away (``pick_column``). Lanes keep private fp32 sums;
    one cross-lane reduction per row at the end. Padding columns (past K, up to the chunk) read
    code 0 and x = 0, adding ``codebook[r, 0] * 0`` (so a non-finite code-0 entry would leak NaN
    into its row; quantizers never produce one). No split-K: one row per warp is already N warps
@@ -87,8 +87,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.bcq.triton_kernels import _cast_out
 from kernels.packing import packed_words
+from kernels.triton_common import bf16_rounded_bits, cast_out, pick_column
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_GEMV_ROWS = 16
@@ -159,16 +159,8 @@ def _lut_prep_kernel(x_ptr, cb_ptr, xf_ptr, cbf_ptr, M, K, stride_xm, n_x, n_cb,
     if PREP_CB:
         c = tl.load(cb_ptr + offs, mask=offs < n_cb, other=0.0).to(tl.float32)
         if ROUND_BF16:
-            b = c.to(tl.int32, bitcast=True)
-            b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
-            c = b.to(tl.float32, bitcast=True)
+            c = (bf16_rounded_bits(c) & -65536).to(tl.float32, bitcast=True)
         tl.store(cbf_ptr + offs, c, mask=offs < n_cb)
-
-
-@triton.jit
-def _pick(tile, idx, E: tl.constexpr):
-    """Element E of the last axis of a [P, E] tile whose last axis sits in one thread: the select folds."""
-    return tl.sum(tl.where(idx[None, :] == E, tile, 0), axis=1)
 
 
 @triton.jit
@@ -237,9 +229,9 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
                 hi = _nibble_codes(hi, tl.load(q_ch + b * plane_stride, mask=w_ok, other=0), b)
         for w in tl.static_range(BW):
             for t in tl.static_range(4):
-                cw = _pick(lo[t], w_lane, w)  # [P]
+                cw = pick_column(lo[t], w_lane, w)  # [P]
                 if BITS > 4:
-                    cw_hi = _pick(hi[t], w_lane, w)
+                    cw_hi = pick_column(hi[t], w_lane, w)
                 for iq in tl.static_range(NIQ):
                     x_off = (((ch * BW + w) * 4 + t) * NIQ + iq) * (NL * VE)
                     xv = tl.load(x_ptrs + x_off)  # [P, VE] fp32
@@ -250,7 +242,7 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
                             if BITS > 4:
                                 code |= ((cw_hi >> (16 * iq + 4 * e)) & 15) << 4
                             wgt = tl.load(cb_rows + code).to(tl.float32)
-                            acc += wgt * _pick(xi, e_lane, e).to(tl.float32, bitcast=True)
+                            acc += wgt * pick_column(xi, e_lane, e).to(tl.float32, bitcast=True)
                     else:
                         code = (cw >> (4 * iq)) & 15
                         if BITS > 4:
@@ -265,7 +257,7 @@ def _lut_gemv_kernel(xf_ptr, q_ptr, cb_ptr, y_ptr, M, N, stride_ym,
     rows = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < N)[:, None] & (ms < M)[None, :]
-    tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], _cast_out(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + ms[None, :] * stride_ym + rows[:, None], cast_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -285,7 +277,7 @@ def _lut_gemv_dot_kernel(x_ptr, qweight_ptr, codebook_ptr, out_ptr, M, N, K, KW,
         xt = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :],
                      mask=(ms < M)[:, None] & (cols < K)[None, :], other=0.0)
         acc += tl.dot(xt, tl.trans(w))
-    tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], _cast_out(acc, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], cast_out(acc, out_ptr.dtype.element_ty),
              mask=(ms < M)[:, None] & (rows < N)[None, :])
 
 
