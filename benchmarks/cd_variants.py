@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from quantize.methods.lnq import CD_VARIANTS, cd_sweeps, lnq, normalized_hessian, sort_codebook  # noqa: E402
-from quantize.methods.squeezellm import weighted_kmeans  # noqa: E402
+from gq_quantize.methods.lnq import CD_VARIANTS, cd_sweeps, lnq, normalized_hessian, sort_codebook  # noqa: E402
+from gq_quantize.methods.squeezellm import weighted_kmeans  # noqa: E402
 
 # Variants whose per-coordinate work is independent of the coordinate's position, so a partial
 # sweep extrapolates linearly; precompute's rank-1 updates shrink along the sweep, lazy's do not

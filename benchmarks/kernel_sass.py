@@ -29,13 +29,12 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.packing import packed_words  # noqa: E402
+from gq_kernels.packing import packed_words  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096), (576, 1536)]
 MIX = ["LDG", "FFMA", "FADD", "SHF", "LOP3", "LEA", "IMAD", "IADD3", "SEL", "ISETP", "SHFL", "LDS",
@@ -98,7 +97,7 @@ def loop_stats(compiled, whole: bool = False) -> tuple[int, dict, bool]:
 
 # ------------------------------------------------------------------------------------------ lut
 def lut_cases(arch, shapes, ms, bits_list, dtype="fp16"):
-    import kernels.lut.triton_kernels as L
+    import gq_kernels.lut.triton_kernels as L
     for n, k in shapes:
         for m in ms:
             for bits in bits_list:
@@ -155,7 +154,7 @@ def lut_cases(arch, shapes, ms, bits_list, dtype="fp16"):
 
 # ------------------------------------------------------------------------------------------ bcq
 def bcq_cases(arch, shapes, ms, bits_list, dtype="fp16", group_size=128):
-    import kernels.bcq.triton_kernels as B
+    import gq_kernels.bcq.triton_kernels as B
     for n, k in shapes:
         for m in ms:
             for bits in bits_list:

@@ -1,13 +1,14 @@
-"""GPU kernel benchmark (issue 3, item 5): quantized matmul vs fp16 ``F.linear`` on Llama-2-7B shapes.
+"""GPU kernel benchmark: quantized matmul vs fp16 ``F.linear`` on Llama-2-7B shapes.
 
-For every shape (out x in), bit-width, format (``lut``, ``bcq``) and batch it times
-``kernels.ops.lut_matmul`` / ``kernels.ops.bcq_matmul`` on random packed weights and the dense
+For every shape (out x in), bit-width, format (every registered one with ``--formats``; default
+all) and batch it times the kernel ``gq_kernels.registry.choose_kernel`` picks for that layer (or
+``--kernel NAME``) on random packed tensors of the format, and the dense
 ``torch.nn.functional.linear`` with a weight of the same shape in the same dtype, in one run:
 
 * CUDA events around every call; before every timed call the L2 is flushed by writing a
   ``--flush-mb`` (default 256 MiB) buffer -- the 7B layers fit in the H100's 50 MB L2, so without
   the flush the numbers would be fiction; ``--warmup`` calls first; median over ``--iters``.
-* gbps = bytes the kernel must read (packed qweight + codebook or scales + offsets + x) / median
+* gbps = bytes the kernel must read (the format's checkpoint tensors of the layer + x) / median
   time, in 1e9 bytes/s; pct_copy_bw = 100 * gbps / copy_gbps, where copy_gbps is the bandwidth of
   a ``--copy-mb`` (default 1024 MiB) device-to-device ``dst.copy_(src)`` measured in the same run
   and counted as bytes read + written (2 * size / time).
@@ -20,9 +21,9 @@ For every shape (out x in), bit-width, format (``lut``, ``bcq``) and batch it ti
     python benchmarks/kernels.py --formats lut --bits 3 --batches 1,16 --shapes qkv,4096x11008 --out /tmp/k.json
     python benchmarks/kernels.py --allow-cpu --shapes 64x96 --iters 3 --out /tmp/k.json   # smoke test only
 
-Without CUDA the script refuses unless ``--allow-cpu`` (then it times the reference path with
-time.perf_counter, marks the rows "cpu", and needs an explicit ``--out``: CPU numbers never go into
-docs/results by default).
+Without CUDA the script refuses unless ``--allow-cpu`` (then it times whatever kernel serves the CPU
+with time.perf_counter, marks the rows "cpu", and needs an explicit ``--out``: CPU numbers never go
+into docs/results by default).
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))  # before this file's folder, so `kernels` is the package, not this script
 
-from kernels.bcq.reference import n_groups  # noqa: E402
-from kernels.packing import pack_bitplanes, packed_words  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from gq_kernels.format import FormatParams, LinearSpec  # noqa: E402
+from gq_kernels.registry import choose_kernel, format_names, get_format  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "results" / "kernels.json"
@@ -58,8 +60,6 @@ LLAMA2_7B_SHAPES: dict[str, tuple[int, int]] = {
     "qkv": (12288, 4096),        # fused q/k/v
     "gate_up": (22016, 4096),    # fused gate/up
 }
-FORMATS = ("lut", "bcq")
-SUPPORTED_BITS = {"lut": (2, 3, 4, 8), "bcq": (2, 3, 4)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Loose bound on max|y - ref| / max|ref|: rounding the weights / output to 16 bits stays far below
 # it, a wrong bit order, codebook row or group index lands near 1.
@@ -68,16 +68,17 @@ TOLERANCE = {"fp16": 2e-2, "bf16": 5e-2}
 CONVENTIONS = {
     "us": "median time of one call in microseconds; on CUDA GPU time between CUDA events with the L2 "
           "flushed before every timed call (see settings.timer)",
-    "bytes_read": "packed qweight (bits * n * ceil(k/32) * 4) + codebook (n * 2^bits * 2, lut) or "
-                  "scales + offsets (2 * n * n_groups * 2, bcq) + x (batch * k * dtype bytes); the output "
-                  "write is not counted",
+    "bytes_read": "the format's checkpoint tensors of one [n, k] layer (e.g. lut: bit planes "
+                  "bits * n * ceil(k/32) * 4 + codebook n * 2^bits * 2; bcq: bit planes + scales and offsets "
+                  "2 * n * n_groups * 2) + x (batch * k * dtype bytes); the output write is not counted",
     "gbps": "bytes_read / median time, in 1e9 bytes per second",
     "fp16_gbps": "(n * k + batch * k) * dtype bytes / fp16_us, same units",
     "copy_gbps": "device-to-device dst.copy_(src) of copy_mib MiB counted as bytes read + written: "
                  "2 * size / median time, 1e9 bytes per second",
     "pct_copy_bw": "100 * gbps / copy_gbps",
-    "path": "implementation kernels.ops.choose_path picked: gemv (packed-weight Triton GEMV), dequant "
-            "(Triton dequantize + dense F.linear; bytes_read still counts only the packed inputs) or reference",
+    "path": "the kernel (gq_kernels.registry.choose_kernel) and, for the Triton kernels, the path of the "
+            "call: gemv (packed-weight GEMV), dequant (Triton dequantize + dense F.linear; bytes_read still "
+            "counts only the packed inputs) or reference",
     "speedup_vs_fp16": "fp16_us / us; fp16_us is torch.nn.functional.linear(x, W) with W [n, k] in the "
                        "run's dtype (fp16 or bf16), same shape, same run",
     "max_rel_err": "max|y - ref| / max|ref|, ref = F.linear(x.float(), W_hat) with W_hat the float32 "
@@ -94,17 +95,28 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPES[dtype].itemsize
 
 
+def format_params(fmt: str, bits: int, group_size: int = 128) -> tuple[FormatParams, int | None]:
+    """The format's parameters for ``bits``, with ``group_size`` where the format has settable
+    groups; returns (params, the group size applied or None)."""
+    f = get_format(fmt)
+    if "group_size" in f.Params.model_fields:
+        try:
+            return f.params(bits=bits, group_size=group_size), group_size
+        except ValidationError:  # a format whose groups are fixed (lut: per row)
+            pass
+    return f.params(bits=bits), None
+
+
+def supports_bits(fmt: str, bits: int) -> bool:
+    return bits in get_format(fmt).Params.supported_bits
+
+
 def bytes_read(fmt: str, bits: int, batch: int, n: int, k: int, *, dtype: str = "fp16",
                group_size: int = 128) -> int:
-    """Bytes the quantized matmul must read: packed weights + codebook / scales+offsets + x."""
-    qweight = bits * n * packed_words(k) * 4
-    if fmt == "lut":
-        side = n * (1 << bits) * 2
-    elif fmt == "bcq":
-        side = 2 * n * n_groups(k, group_size) * 2
-    else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return qweight + side + batch * k * dtype_bytes(dtype)
+    """Bytes the quantized matmul must read: the layer's checkpoint tensors + x."""
+    specs = get_format(fmt).tensors(format_params(fmt, bits, group_size)[0], n, k)
+    weights = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs.values())
+    return weights + batch * k * dtype_bytes(dtype)
 
 
 def dense_bytes_read(batch: int, n: int, k: int, *, dtype: str = "fp16") -> int:
@@ -151,7 +163,7 @@ def make_row(*, device: str, fmt: str, bits: int, batch: int, n: int, k: int, dt
     gbps = nbytes / (us * 1e-6) / 1e9 if timed else None
     return {
         "device": device, "format": fmt, "bits": bits, "batch": batch, "n": n, "k": k,
-        "shape": shape, "dtype": dtype, "group_size": group_size if fmt == "bcq" else None, "path": path,
+        "shape": shape, "dtype": dtype, "group_size": group_size, "path": path,
         "us": round(us, 3) if timed else None,
         "fp16_us": round(fp16_us, 3) if timed else None,
         "bytes_read": nbytes,
@@ -223,53 +235,31 @@ def copy_bandwidth(device: torch.device, mib: int, iters: int = 10) -> float:
 # ------------------------------------------------------------------------------------------------
 # problems
 # ------------------------------------------------------------------------------------------------
-def random_codes(n: int, k: int, bits: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 1 << bits, (n, k), generator=g, device=device, dtype=torch.uint8)
+def random_tensors(spec: LinearSpec, g: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random checkpoint tensors of the layer: integer tensors uniform over their dtype's bits (any
+    bit pattern is a valid packed code), float tensors (codebooks, scales) ~ N(0, 0.02^2)."""
+    out = {}
+    for name, ts in spec.tensors().items():
+        if ts.dtype.is_floating_point:
+            out[name] = (torch.randn(ts.shape, generator=g, device=device) * 0.02).to(ts.dtype)
+        else:
+            info = torch.iinfo(ts.dtype)
+            out[name] = torch.randint(info.min, info.max, ts.shape, generator=g, device=device, dtype=torch.int64
+                                      ).to(ts.dtype)
+    return out
 
 
-def random_params(fmt: str, n: int, k: int, bits: int, group_size: int, g: torch.Generator,
-                  device: torch.device) -> tuple[torch.Tensor, ...]:
-    """lut: (codebook fp16 [n, 2^bits], sorted per row); bcq: (scales, offsets) fp16 [n, n_groups]."""
-    if fmt == "lut":
-        cb = torch.randn(n, 1 << bits, generator=g, device=device) * 0.02
-        return (cb.sort(dim=1).values.half(),)
-    ng = n_groups(k, group_size)
-    scales = torch.rand(n, ng, generator=g, device=device) * 0.01 + 1e-3
-    offsets = -scales * ((1 << bits) - 1) / 2 + 1e-3 * torch.randn(n, ng, generator=g, device=device)
-    return scales.half(), offsets.half()
+def kernel_call(spec: LinearSpec, tensors: dict, x: torch.Tensor, kernel: str | None = None
+                ) -> tuple[Callable[[], torch.Tensor], str]:
+    """(the call of the layer's kernel on x, its path label); ``kernel`` forces one by name."""
+    k = choose_kernel(spec, x.device, x.dtype, prefer=kernel)
+    runtime = k.prepare(tensors)
+    return (lambda: k.apply(runtime, x)), k.path(x)
 
 
-def load_ops():
-    """kernels.ops, imported only when a benchmark runs (the module may be newer than this file)."""
-    from kernels import ops
-
-    return ops
-
-
-def quantized_call(ops, fmt: str, x: torch.Tensor, qweight: torch.Tensor, params: tuple, group_size: int,
-                   k: int) -> Callable[[], torch.Tensor]:
-    if fmt == "lut":
-        (codebook,) = params
-        return lambda: ops.lut_matmul(x, qweight, codebook, k)
-    scales, offsets = params
-    return lambda: ops.bcq_matmul(x, qweight, scales, offsets, group_size, k)
-
-
-def path_of(ops, fmt: str, x: torch.Tensor, group_size: int) -> str | None:
-    """Which implementation kernels.ops dispatches this call to (gemv / dequant / reference), if it says."""
-    choose = getattr(ops, "choose_path", None)
-    return choose(fmt, x, group_size) if choose is not None else None
-
-
-def dequantized(fmt: str, qweight: torch.Tensor, params: tuple, group_size: int, k: int) -> torch.Tensor:
-    """The float32 weight the kernel must be computing with (reference dequantization)."""
-    if fmt == "lut":
-        from kernels.lut.reference import dequantize_packed
-
-        return dequantize_packed(qweight, params[0], k)
-    from kernels.bcq.reference import dequantize_packed
-
-    return dequantize_packed(qweight, params[0], params[1], group_size, k)
+def dequantized(spec: LinearSpec, tensors: dict) -> torch.Tensor:
+    """The float32 weight the kernel must be computing with (the format's reference)."""
+    return get_format(spec.format).dequantize(tensors, spec.params, spec.in_features)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,13 +311,13 @@ def plot(doc: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, max(len(shapes), 1), figsize=(4.2 * max(len(shapes), 1), 3.8),
                              squeeze=False, sharey=True)
     for ax, (label, n, k) in zip(axes[0], shapes):
-        for fmt in FORMATS:
+        for i, fmt in enumerate(sorted({r["format"] for r in rows})):
             for bits in sorted({r["bits"] for r in rows if r["format"] == fmt}):
                 pts = sorted((r["batch"], r["speedup_vs_fp16"]) for r in rows
                              if r["shape"] == label and r["format"] == fmt and r["bits"] == bits)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o" if fmt == "lut" else "s",
-                            linestyle="-" if fmt == "lut" else "--", label=f"{fmt} {bits}-bit")
+                    ax.plot(*zip(*pts), marker="os^D"[i % 4], linestyle=("-", "--", ":", "-.")[i % 4],
+                            label=f"{fmt} {bits}-bit")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         batches = sorted({r["batch"] for r in doc["rows"]})
@@ -353,13 +343,16 @@ def plot(doc: dict, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="lut, bcq (comma or space separated)")
+    ap.add_argument("--formats", nargs="+", default=None,
+                    help="registered formats, comma or space separated (default: every format a Triton kernel serves)")
     ap.add_argument("--bits", nargs="+", default=["2", "3", "4"])
     ap.add_argument("--batches", nargs="+", default=["1", "2", "4", "8", "16"])
     ap.add_argument("--shapes", nargs="+", default=list(LLAMA2_7B_SHAPES),
                     help=f"NxK (out x in) or a Llama-2-7B layer: {', '.join(LLAMA2_7B_SHAPES)}")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of x, y and the dense baseline")
-    ap.add_argument("--group-size", type=int, default=128, help="bcq inputs per scale/offset group (-1: per channel)")
+    ap.add_argument("--group-size", type=int, default=128,
+                    help="inputs per scale group, for formats with groups (-1: per channel)")
+    ap.add_argument("--kernel", default=None, help="time this kernel by name (default: the one chosen per layer)")
     ap.add_argument("--iters", type=int, default=50, help="timed calls per configuration (median)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls first")
     ap.add_argument("--flush-mb", type=int, default=256, help="MiB written before every timed call to flush L2")
@@ -376,18 +369,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        args.formats = split_list(args.formats)
+        args.formats = split_list(args.formats) if args.formats else default_formats()
         args.bits = [int(b) for b in split_list(args.bits)]
         args.batches = [int(b) for b in split_list(args.batches)]
         args.shapes = [parse_shape(s) for s in split_list(args.shapes)]
     except (ValueError, argparse.ArgumentTypeError) as e:
         ap.error(str(e))
     for fmt in args.formats:
-        if fmt not in FORMATS:
-            ap.error(f"unknown format {fmt!r}; expected {', '.join(FORMATS)}")
-        bad = [b for b in args.bits if b not in SUPPORTED_BITS[fmt]]
+        if fmt not in format_names():
+            ap.error(f"unknown format {fmt!r}; expected {', '.join(format_names())}")
+        bad = [b for b in args.bits if not supports_bits(fmt, b)]
         if bad:
-            ap.error(f"{fmt} supports bits {SUPPORTED_BITS[fmt]}, got {bad}")
+            ap.error(f"{fmt} does not support bits {bad}")
     if not args.formats or not args.bits or not args.batches or not args.shapes:
         ap.error("--formats, --bits, --batches and --shapes must not be empty")
     if min(args.batches) < 1 or args.iters < 1 or args.warmup < 0 or args.flush_mb < 0:
@@ -397,8 +390,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, ops=None) -> int:
-    """Run the benchmark; ``ops`` replaces kernels.ops (tests pass a stand-in)."""
+def default_formats() -> list[str]:
+    """Formats some registered Triton kernel serves (the GPU kernels this script is for)."""
+    from gq_kernels.kernel import TritonKernel
+    from gq_kernels.registry import kernels
+
+    served = {f for k in kernels() if issubclass(k, TritonKernel) for f in (k.formats or ())}
+    return sorted(served & set(format_names()))
+
+
+def main(argv: list[str] | None = None, call=None) -> int:
+    """Run the benchmark; ``call(spec, tensors, x) -> (fn, path)`` replaces :func:`kernel_call`
+    (tests pass stand-ins)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if torch.cuda.is_available():
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None, ops=None) -> int:
               "meaningless)", file=sys.stderr)
         return 2
     out = args.out or DEFAULT_OUT
-    ops = ops or load_ops()
+    call_of = call or (lambda spec, tensors, x: kernel_call(spec, tensors, x, args.kernel))
     dtype = DTYPES[args.dtype]
     tol = TOLERANCE[args.dtype]
     dev_name = device_description(device)
@@ -437,29 +440,30 @@ def main(argv: list[str] | None = None, ops=None) -> int:
         fp16_s = {b: timer(lambda x=xs[b]: F.linear(x, w_dense)) for b in args.batches}
         del w_dense
         for bits in args.bits:
-            qweight = pack_bitplanes(random_codes(n, k, bits, g, device), bits)
             for fmt in args.formats:
-                params = random_params(fmt, n, k, bits, args.group_size, g, device)
-                w_hat = dequantized(fmt, qweight, params, args.group_size, k)
+                params, group_size = format_params(fmt, bits, args.group_size)
+                spec = LinearSpec(params, n, k)
+                tensors = random_tensors(spec, g, device)
+                w_hat = dequantized(spec, tensors)
                 for batch in args.batches:
                     done += 1
                     x = xs[batch]
-                    call = quantized_call(ops, fmt, x, qweight, params, args.group_size, k)
+                    path = None
                     try:
-                        y = call()
+                        fn, path = call_of(spec, tensors, x)
+                        y = fn()
                         error = None if y.dtype == dtype else f"output dtype {y.dtype}, expected {dtype}"
                         err = max_rel_err(y, F.linear(x.float(), w_hat)) if error is None else math.inf
                     except Exception as e:  # a kernel that cannot run this shape is a failed row, not a lost run
                         error, err = f"{type(e).__name__}: {e}"[:500], math.inf
                     ok = err <= tol
-                    seconds = timer(call) if ok else None
-                    row = make_row(device=dev_name, fmt=fmt, bits=bits,
-                                   batch=batch, n=n, k=k, dtype=args.dtype,
-                                   group_size=args.group_size if fmt == "bcq" else None, shape=label,
+                    seconds = timer(fn) if ok else None
+                    row = make_row(device=dev_name, fmt=fmt, bits=bits, batch=batch, n=n, k=k, dtype=args.dtype,
+                                   group_size=group_size, shape=label,
                                    us=None if seconds is None else seconds * 1e6,
                                    fp16_us=fp16_s[batch] * 1e6 if ok else None,
                                    copy_gbps=copy_gbps, max_rel_err=err, tolerance=tol,
-                                   path=path_of(ops, fmt, x, args.group_size), error=error)
+                                   path=path, error=error)
                     rows.append(row)
                     what = f"[{done}/{total}] {fmt} {bits}-bit {label} ({n}x{k}) batch {batch} [{row['path']}]"
                     if ok:
@@ -469,8 +473,7 @@ def main(argv: list[str] | None = None, ops=None) -> int:
                         failed.append(what)
                         print(f"{what}: CHECK FAILED (max_rel_err {err:.3g} > {tol}"
                               + (f"; {error}" if error else "") + "); not timed", flush=True)
-                del w_hat, params
-            del qweight
+                del w_hat, tensors
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

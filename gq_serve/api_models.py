@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gq_serve.sampling import SamplingParams
+
 
 # Values of each refused parameter that ask for nothing beyond what we implement.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -61,6 +63,11 @@ class _Request(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """How the engine decodes this request (``max_tokens`` resolved by the endpoint)."""
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              stop=tuple(self.stop_list()), seed=self.seed, ignore_eos=self.ignore_eos)
 
     def unsupported_parameter(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter this server cannot honour, else None."""

@@ -8,7 +8,6 @@ timeout and a per-level wall-clock limit.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -240,39 +239,3 @@ def format_online(result: dict) -> str:
                      f"{f(lv['output_tok_per_s']):>8} {f(lv['ttft_p50_ms']):>9} {f(lv['ttft_p99_ms']):>8} "
                      f"{f(lv['tpot_p50_ms']):>9} {f(lv['tpot_p99_ms']):>8}")
     return "\n".join(lines) + "\n(latencies in ms)"
-
-
-def add_online_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (with or without /v1)")
-    p.add_argument("--model", required=True, help="model id as the endpoint lists it in /v1/models")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
-    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--ignore-eos", action="store_true", help="fixed output length (vLLM / gq serve only)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
-    p.add_argument("--level-time-limit", type=float, default=300.0, help="stop issuing after this (s)")
-    p.add_argument("--output", "-o", default="bench_online.json", help="JSON results; the plot goes next to it")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def bench_online_main(args: argparse.Namespace) -> dict:
-    try:
-        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"gq bench online: --concurrency must be comma-separated integers (got {args.concurrency!r})")
-    result = bench_online(args.base_url, args.model, api_key=args.api_key, concurrency=levels,
-                          requests_per_level=args.requests, max_tokens=args.max_tokens, prompt=args.prompt,
-                          endpoint=args.endpoint, ignore_eos=args.ignore_eos, timeout=args.timeout,
-                          level_time_limit=args.level_time_limit, progress=not args.no_progress)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.no_plot:
-        result["plot"] = str(plot_online(result, out.with_suffix(".png")))
-    out.write_text(json.dumps(result, indent=2))
-    print(format_online(result))
-    print(f"wrote {out}" + (f" and {result['plot']}" if "plot" in result else ""), file=sys.stderr)
-    return result

@@ -1,13 +1,14 @@
-"""Read, validate and load checkpoints: quantized (``quant_method == "guidedquant"``) or plain fp16.
+"""Read, validate and load checkpoints: quantized (``quant_method == "guidedquant"``) or plain HF.
 
-The loader guesses nothing: ``quantization_config`` names the format, bits, group size and the
-dense linears (``modules_to_not_convert``, exact module names); every other ``nn.Linear`` is a
-``GQLinear`` whose tensors' shapes and dtypes follow from the config and the layer. Any missing,
-unexpected, mis-shaped or mis-typed tensor is refused with a ValueError that names it.
+The loader guesses nothing: ``quantization_config`` (:mod:`gq_kernels.schema`) names the format and
+its parameters and the dense linears (``modules_to_not_convert``, exact module names); every other
+``nn.Linear`` is a ``GQLinear`` whose tensors' shapes and dtypes follow from the format and the
+layer. Any missing, unexpected, mis-shaped or mis-typed tensor is refused with a ValueError that
+names it. Model loading for every entry point (engine, server, eval, bench) and the dtype rules
+live here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,16 +16,35 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gq_serve.quant_linear import FORMATS, GQLinear
-from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
-from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
+from gq_kernels.schema import QuantizationConfig, parse_quantization_config
+from gq_serve.quant_linear import GQLinear, select_kernels
+from gq_serve.util import sha256_file
 
-QUANT_METHOD = "guidedquant"
-FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "gq_manifest.json"
-_FORMAT_BITS = {"lut": LUT_BITS, "bcq": BCQ_BITS}
 _MAX_LISTED = 10  # problems listed in one error message
+
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """'auto' means fp16 on a GPU and fp32 on the CPU (CPU fp16 matmuls are slow or unsupported)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}") from None
 
 
 def _config_json(ckpt_dir: Path) -> dict:
@@ -39,49 +59,12 @@ def is_quantized_checkpoint(ckpt_dir: Path) -> bool:
     return "quantization_config" in _config_json(ckpt_dir)
 
 
-def validate_quantization_config(qc: dict) -> dict:
-    """Check a ``quantization_config`` block; return a normalised copy.
-
-    Required: quant_method == "guidedquant", format in FORMATS, bits supported by the format,
-    format_version == 1, group_size (-1 or >= 1), modules_to_not_convert (list of module names).
-    """
-    if not isinstance(qc, dict):
-        raise ValueError(f"quantization_config must be a JSON object, got {type(qc).__name__}")
-    method = qc.get("quant_method")
-    if method != QUANT_METHOD:
-        raise ValueError(f"quantization_config.quant_method is {method!r}; this loader reads {QUANT_METHOD!r} only")
-    version = qc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"quantization_config.format_version is {version!r}, this gq-serve reads version {FORMAT_VERSION}; "
-            "re-export the checkpoint with this gq-serve version or upgrade gq-serve"
-        )
-    fmt = qc.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization_config.format is {fmt!r}; expected one of {list(FORMATS)}")
-    bits = qc.get("bits")
-    # bool is an int subclass: refuse ``true`` explicitly.
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _FORMAT_BITS[fmt]:
-        raise ValueError(f"quantization_config.bits is {bits!r}; format {fmt!r} supports {list(_FORMAT_BITS[fmt])}")
-    group_size = qc.get("group_size", -1)
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size >= 1):
-        raise ValueError(f"quantization_config.group_size is {group_size!r}; expected -1 (per channel) or >= 1")
-    if fmt == "lut" and group_size != -1:
-        raise ValueError(f"format 'lut' has per-row codebooks; quantization_config.group_size must be -1, got {group_size}")
-    skip = qc.get("modules_to_not_convert", [])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        raise ValueError("quantization_config.modules_to_not_convert must be a list of module names")
-    out = dict(qc)
-    out.update(group_size=group_size, modules_to_not_convert=list(skip))
-    return out
-
-
-def read_quantization_config(ckpt_dir: Path) -> dict:
-    """The validated ``quantization_config`` of a checkpoint (see :func:`validate_quantization_config`)."""
+def read_quantization_config(ckpt_dir: Path) -> QuantizationConfig:
+    """The validated ``quantization_config`` of a checkpoint (errors name the field)."""
     config = _config_json(ckpt_dir)
     if "quantization_config" not in config:
         raise ValueError(f"{ckpt_dir}/config.json has no quantization_config; it is not a quantized checkpoint")
-    return validate_quantization_config(config["quantization_config"])
+    return parse_quantization_config(config["quantization_config"])
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:
@@ -105,26 +88,24 @@ def verify_checkpoint_files(ckpt_dir: Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     manifest = json.loads((ckpt_dir / MANIFEST_NAME).read_text())
     for name, want in manifest["files"].items():
-        h = hashlib.sha256()
-        with open(ckpt_dir / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        if h.hexdigest() != want:
+        if sha256_file(ckpt_dir / name) != want:
             raise ValueError(f"{ckpt_dir / name}: sha256 differs from {MANIFEST_NAME}; the file is corrupt or edited")
 
 
-def quantize_linears(model: nn.Module, qc: dict, dtype: torch.dtype) -> dict[str, GQLinear]:
-    """Replace every ``nn.Linear`` not in ``modules_to_not_convert`` by an empty ``GQLinear`` (in place)."""
-    skip = set(qc["modules_to_not_convert"])
+def quantize_linears(model: nn.Module, qc: QuantizationConfig, dtype: torch.dtype,
+                     kernel: str | None = None) -> dict[str, GQLinear]:
+    """Replace every ``nn.Linear`` not in ``modules_to_not_convert`` by an empty ``GQLinear`` (in place).
+
+    ``kernel``: a kernel name every layer must use (default: ``qc.kernel``, else chosen per layer).
+    """
+    skip = set(qc.modules_to_not_convert)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
     replaced = {}
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        q = GQLinear(
-            lin.in_features, lin.out_features, qc["format"], qc["bits"], qc["group_size"],
-            bias=lin.bias is not None, dtype=dtype,
-        )
+        q = GQLinear(lin.in_features, lin.out_features, qc.params, bias=lin.bias is not None, dtype=dtype,
+                     kernel=kernel or qc.kernel)
         setattr(parent, child, q)
         replaced[name] = q
     return replaced
@@ -142,7 +123,7 @@ def _alias_groups(model: nn.Module) -> dict[str, frozenset[str]]:
 def load_state_checked(model: nn.Module, files: list[Path]) -> None:
     """Copy every tensor of ``files`` into ``model`` after checking name, shape and dtype.
 
-    Quantized buffers (int32 qweight, fp16 codebook/scales/offsets) must match dtype exactly; dense
+    Quantized buffers (the format's tensors) must match dtype exactly; dense
     tensors must be floating point and are cast to the model's dtype. Raises ValueError listing
     every missing / unexpected / mismatched tensor with expected vs found.
     """
@@ -184,19 +165,22 @@ def load_state_checked(model: nn.Module, files: list[Path]) -> None:
         )
 
 
-def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                         kernel: str | None = None):
     """Build the HF causal LM of ``ckpt_dir`` with ``GQLinear`` layers and load its tensors.
 
     A directory without ``quantization_config`` is loaded as a plain HF model (fp16 baselines).
-    Returns the model in eval mode on ``device``; dense parameters in ``dtype``; the validated
-    ``quantization_config`` is kept as ``model.gq_quantization_config`` (None for plain models).
+    Returns the model in eval mode on ``device``, dense parameters in ``dtype``, every quantized
+    layer's kernel chosen (``kernel`` forces one by name); the validated ``quantization_config`` is
+    kept as ``model.gq_quantization_config`` (None for plain models) and the kernels in use as
+    ``model.gq_kernels`` (name -> layers).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ckpt_dir = Path(ckpt_dir)
     if not is_quantized_checkpoint(ckpt_dir):
         model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype)
-        model.gq_quantization_config = None
+        model.gq_quantization_config, model.gq_kernels = None, {}
         return model.to(device).eval()
 
     qc = read_quantization_config(ckpt_dir)
@@ -211,7 +195,22 @@ def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dty
     with no_init_weights():  # every tensor is overwritten by the checkpoint below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # init_weights (skipped above) is also what ties lm_head to the embeddings
-    quantize_linears(model, qc, dtype)
+    quantize_linears(model, qc, dtype, kernel=kernel)
     load_state_checked(model, weight_files(ckpt_dir))
+    model = model.to(device).eval()
     model.gq_quantization_config = qc
-    return model.to(device).eval()
+    model.gq_kernels = select_kernels(model, device, dtype)
+    return model
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+               kernel: str | None = None):
+    """A quantized checkpoint or a plain HF directory as an eval-mode causal LM; ``dtype`` as in
+    :func:`resolve_dtype` ("auto": fp16 on a GPU, fp32 on the CPU)."""
+    return load_quantized_model(Path(path), device=device, dtype=resolve_dtype(dtype, device), kernel=kernel)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

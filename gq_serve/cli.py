@@ -1,16 +1,21 @@
 """The `gq` command: prepare, quantize, eval, serve, bench.
 
-Each subcommand imports its machinery lazily, so `gq --help` and `gq serve` start fast.
+All command-line code lives here; each subcommand imports its machinery lazily, so `gq --help`
+starts fast. The `gq quantize` options of the methods are generated from their config classes
+(``gq_quantize.methods``): every field is a flag.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 # Short names for models that `gq prepare` puts in the cache.
 MODEL_ALIASES = {"smollm2": "models/SmolLM2-135M-Instruct"}
+DECODE_MODES = ("auto", "static", "dynamic")  # gq_serve.decode.DECODE_MODES, without importing torch
 
 
 class CliError(Exception):
@@ -18,7 +23,7 @@ class CliError(Exception):
 
 
 def _cache_root(args) -> Path:
-    from quantize.assets import cache_root
+    from gq_serve.util import cache_root
 
     return Path(args.cache) if getattr(args, "cache", None) else cache_root()
 
@@ -42,86 +47,293 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _write_json(obj, path: str | None) -> None:
-    text = json.dumps(obj, indent=2)
+def _print_json(obj, path: str | None = None) -> None:
     if path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
-    print(text)
+        from gq_serve.util import write_json
+
+        write_json(Path(path), obj)
+    print(json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------- prepare
 def cmd_prepare(args) -> int:
-    from quantize.assets import prepare_assets
+    from gq_quantize.assets import prepare_assets
 
     what = tuple(args.only.split(",")) if args.only else ("model", "sotu", "brown")
     paths = prepare_assets(_cache_root(args), what=what, force=args.force)
-    _write_json({k: str(v) for k, v in paths.items()}, None)
+    _print_json({k: str(v) for k, v in paths.items()})
     return 0
 
 
 # --------------------------------------------------------------------------- quantize
-def _describe(err: dict) -> str:
+def _method_options() -> dict[str, tuple[type, object, str]]:
+    """Every method option except ``bits``: field name -> (type, field info, methods declaring it)."""
+    from gq_quantize.methods.registry import field_type, option_fields
+
+    out = {}
+    for name, methods in sorted(option_fields().items()):
+        if name != "bits":
+            info = methods[0].config.model_fields[name]
+            out[name] = (field_type(info.annotation), info, ", ".join(m.name for m in methods))
+    return out
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("method options (each applies to the methods named in brackets)")
+    for name, (typ, info, which) in _method_options().items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{info.description or name} [{which}; default {info.default}]"
+        if typ is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            group.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+
+
+def _describe(err: dict, method: str) -> str:
     """One pydantic error as the CLI option it came from, e.g. '--method: Input should be ...'."""
     msg = err["msg"].removeprefix("Value error, ")
-    loc = [str(x) for x in err.get("loc", ()) if x != "calibration"]
-    return f"--{loc[-1].replace('_', '-')}: {msg}" if loc else msg
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("calibration", "options")]
+    if not loc:
+        return msg
+    flag = "--" + loc[-1].replace("_", "-")
+    if err.get("type") == "extra_forbidden":
+        return f"{flag} does not apply to --method {method}"
+    return f"{flag}: {msg}"
 
 
 def cmd_quantize(args) -> int:
     from pydantic import ValidationError
 
-    from quantize.config import CalibrationConfig, QuantizeConfig
-    from quantize.pipeline import quantize_model
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_quantize.pipeline import quantize_model
 
+    options = {n: getattr(args, n) for n in _method_options() if getattr(args, n) is not None}
     try:
         qconfig = QuantizeConfig(
             method=args.method, bits=args.bits, guided=args.guided, groups=args.groups,
-            group_size=args.group_size, sym=args.sym, lnq_iters=args.lnq_iters,
-            lnq_cd_sweeps=args.lnq_cd_sweeps, lnq_lambda=args.lnq_lambda,
-            calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
-                                          seq_len=args.seq_len, seed=args.seed),
+            calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+                                          seed=args.seed),
+            **options,
         )
     except ValidationError as e:
-        raise CliError("; ".join(_describe(err) for err in e.errors())) from None
+        raise CliError("; ".join(_describe(err, args.method) for err in e.errors())) from None
     cache = _cache_root(args)
     model_dir = resolve_model_path(args.model, cache)
     summary = quantize_model(model_dir, qconfig, Path(args.out), cache, overwrite=args.overwrite,
                              device=_device(args.device), progress=not args.quiet,
                              recalibrate=args.recalibrate)
-    _write_json(summary, None)
+    _print_json(summary)
     return 0
 
 
 # --------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    import torch
-
-    from gq_serve.checkpoint import load_quantized_model
-    from gq_serve.evaluate import perplexity
-    from quantize.data import eval_windows
     from transformers import AutoTokenizer
+
+    from gq_quantize.data import eval_windows
+    from gq_serve.checkpoint import load_model
+    from gq_serve.evaluate import perplexity
 
     cache = _cache_root(args)
     ckpt = resolve_model_path(args.checkpoint, cache)
     if not (ckpt / "config.json").is_file():
         raise CliError(f"{ckpt} is not a model directory (no config.json)")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_quantized_model(ckpt, device=_device(args.device), dtype=dtype)
+    model = load_model(ckpt, device=_device(args.device), dtype=args.dtype, kernel=args.kernel)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     rows = []
     for spec in args.data:
         windows = eval_windows(tokenizer, spec, args.ctx, args.max_tokens, cache)
         result = perplexity(model, windows, batch_size=args.batch_size, progress=not args.quiet)
         rows.append({"checkpoint": str(ckpt), "eval_data": spec, **result})
-    _write_json(rows, args.json)
+    _print_json(rows, args.json)
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+def serve_hf(args) -> None:
+    """`gq serve --engine hf`: load the checkpoint and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
+    from gq_serve.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper())
+    log = logging.getLogger("gq_serve")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ckpt = args.ckpt
+    if not os.path.isdir(ckpt):
+        raise SystemExit(f"gq serve: checkpoint directory '{ckpt}' does not exist")
+    name = args.served_model_name or os.path.basename(os.path.normpath(ckpt))
+    log.info("loading %s on %s (%s)", ckpt, args.device, args.dtype)
+    model = load_model(ckpt, device=args.device, dtype=args.dtype, kernel=args.kernel)
+    if model.gq_kernels:
+        log.info("kernels: %s", ", ".join(f"{k} ({n} layers)" for k, n in model.gq_kernels.items()))
+    engine = Engine(model, load_tokenizer(ckpt), device=args.device, max_queue=args.max_queue,
+                    max_model_len=args.max_model_len, decode=args.decode, compile=args.compile)
+    app = create_app(engine, name, api_key=args.api_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+
+
+def serve_vllm(args) -> None:
+    """`gq serve --engine vllm`: exec vLLM's OpenAI server with our plugin and the same options."""
+    from gq_serve.vllm_launch import VllmNotInstalledError, vllm_serve_main
+
+    # Same default model id as the hf engine: the checkpoint directory's name.
+    extra = ["--served-model-name", args.served_model_name or Path(args.ckpt).resolve().name]
+    if args.max_model_len:
+        extra += ["--max-model-len", str(args.max_model_len)]
+    if args.dtype != "auto":
+        extra += ["--dtype", args.dtype]
+    try:
+        vllm_serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key,
+                        extra_args=extra + list(args.vllm_arg), kernel=args.kernel)
+    except VllmNotInstalledError as e:
+        raise SystemExit(f"gq serve: error: {e}") from None
+
+
+def cmd_serve(args) -> int:
+    (serve_vllm if args.engine == "vllm" else serve_hf)(args)
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def _parse_model_arg(spec: str) -> tuple[str, str]:
+    """'LABEL=PATH' or 'PATH' (label: the directory name)."""
+    label, sep, path = spec.partition("=")
+    if not sep:
+        path, label = spec, Path(spec).name
+    if not Path(path).is_dir():
+        raise SystemExit(f"gq bench offline: model directory '{path}' does not exist")
+    return label, path
+
+
+def cmd_bench_offline(args) -> list[dict]:
+    import torch
+
+    from gq_serve.bench import bench_offline, format_offline
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.util import write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {}
+    for spec in args.models:
+        label, path = _parse_model_arg(spec)
+        models[label] = (load_model(path, device=args.device, dtype=args.dtype, kernel=args.kernel),
+                         load_tokenizer(path))
+    rows = bench_offline(models, new_tokens=args.new_tokens, runs=args.runs, prompt=args.prompt,
+                         decode=args.decode)
+    print(format_offline(rows))
+    if args.output:
+        write_json(Path(args.output), {"protocol": "batch1-greedy-ignore-eos", "rows": rows})
+        print(f"wrote {args.output}", file=sys.stderr)
+    return rows
+
+
+def cmd_bench_online(args) -> dict:
+    from gq_serve.bench_online import bench_online, format_online, plot_online
+    from gq_serve.util import write_json
+
+    try:
+        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"gq bench online: --concurrency must be comma-separated integers (got {args.concurrency!r})")
+    result = bench_online(args.base_url, args.model, api_key=args.api_key, concurrency=levels,
+                          requests_per_level=args.requests, max_tokens=args.max_tokens, prompt=args.prompt,
+                          endpoint=args.endpoint, ignore_eos=args.ignore_eos, timeout=args.timeout,
+                          level_time_limit=args.level_time_limit, progress=not args.no_progress)
+    out = Path(args.output)
+    if not args.no_plot:
+        result["plot"] = str(plot_online(result, out.with_suffix(".png")))
+    write_json(out, result)
+    print(format_online(result))
+    print(f"wrote {out}" + (f" and {result['plot']}" if "plot" in result else ""), file=sys.stderr)
+    return result
+
+
 # --------------------------------------------------------------------------- parser
+def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", default=None,
+                   help="run every quantized layer with this kernel (default: chosen per layer; names: "
+                        "see docs/internals.md, e.g. dense, reference, lut-triton)")
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API")
+    p.add_argument("ckpt", help="quantized checkpoint or plain Hugging Face model directory")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: embedded transformers engine (CPU or one GPU); vllm: vLLM with our plugin")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GQ_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GQ_API_KEY, else no auth)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: dir name)")
+    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit (default: config max_position_embeddings)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; lower it on a shared machine)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="--engine hf: auto (static on CUDA, dynamic on CPU), static (static KV cache; "
+                        "on a GPU the decode step replays as a CUDA graph), dynamic (DynamicCache)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--engine hf, static decode on a GPU: torch.compile the step before its CUDA graph "
+                        "capture (default: on)")
+    _add_kernel_arg(p)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="--engine vllm: one more argument for vLLM's server (repeatable), e.g. "
+                        "--vllm-arg=--enforce-eager")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="speed benchmarks (offline decode, online load test)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    off = bsub.add_parser("offline", help="batch-1 decode tok/s of one or more models, same process")
+    off.add_argument("models", nargs="+", metavar="[LABEL=]DIR",
+                     help="model directories; the first is the baseline of the speedup column")
+    off.add_argument("--new-tokens", type=int, default=100)
+    off.add_argument("--runs", type=int, default=3, help="measured runs (median reported), after 1 warm-up")
+    off.add_argument("--prompt", default="The capital of France is")
+    off.add_argument("--device", default="cpu")
+    off.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    off.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    off.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                     help="decode loop, as `gq serve --decode`: auto (static on CUDA, dynamic on CPU), "
+                          "static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache)")
+    _add_kernel_arg(off)
+    off.add_argument("--output", "-o", default=None, help="write rows as JSON here")
+    off.set_defaults(func=cmd_bench_offline)
+
+    on = bsub.add_parser("online", help="load test any OpenAI-compatible endpoint")
+    on.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (with or without /v1)")
+    on.add_argument("--model", required=True, help="model id as the endpoint lists it in /v1/models")
+    on.add_argument("--api-key", default=None)
+    on.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
+    on.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    on.add_argument("--max-tokens", type=int, default=64)
+    on.add_argument("--prompt", default="The capital of France is")
+    on.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    on.add_argument("--ignore-eos", action="store_true", help="fixed output length (vLLM / gq serve only)")
+    on.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
+    on.add_argument("--level-time-limit", type=float, default=300.0, help="stop issuing after this (s)")
+    on.add_argument("--output", "-o", default="bench_online.json", help="JSON results; the plot goes next to it")
+    on.add_argument("--no-plot", action="store_true")
+    on.add_argument("--no-progress", action="store_true")
+    on.set_defaults(func=cmd_bench_online)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gq", description="GuidedQuant: quantize, evaluate and serve LLMs.")
     p.add_argument("--cache", help="cache directory (default: $GQ_CACHE or ~/.cache/gq-serve)")
@@ -132,17 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rebuild even if present")
     sp.set_defaults(func=cmd_prepare)
 
+    from gq_quantize.methods.registry import method_names
+
     sq = sub.add_parser("quantize", help="quantize a Hugging Face causal LM")
     sq.add_argument("model", help="model directory, or `smollm2` for the prepared offline model")
-    sq.add_argument("--method", required=True, help="rtn | gptq | squeezellm | lnq")
+    sq.add_argument("--method", required=True, help=" | ".join(method_names()))
     sq.add_argument("--bits", type=int, required=True)
     sq.add_argument("--guided", action="store_true", help="GuidedQuant: end-loss-weighted Hessians")
     sq.add_argument("--groups", type=int, default=1, help="GuidedQuant output-channel groups g")
-    sq.add_argument("--group-size", type=int, default=-1, help="uniform methods: inputs per scale (-1: per channel)")
-    sq.add_argument("--sym", action="store_true", help="uniform methods: symmetric grid")
-    sq.add_argument("--lnq-iters", type=int, default=2, help="LNQ T")
-    sq.add_argument("--lnq-cd-sweeps", type=int, default=4, help="LNQ K")
-    sq.add_argument("--lnq-lambda", type=float, default=1e-7)
     sq.add_argument("--calib", default="sotu", help="calibration corpus (sotu, brown:calib, a path, hf:NAME...)")
     sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)
@@ -153,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete and rebuild the calibration cache (gradients, Hessians) of this model and data")
     sq.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     sq.add_argument("--quiet", action="store_true")
+    _add_method_options(sq)
     sq.set_defaults(func=cmd_quantize)
 
     se = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint on held-out text")
@@ -163,23 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--batch-size", type=int, default=4)
     se.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     se.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_kernel_arg(se)
     se.add_argument("--json", help="also write the rows to this file")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=cmd_eval)
 
-    from gq_serve.bench import add_bench_args
-    from gq_serve.server import add_serve_args
-
-    add_serve_args(sub)
-    add_bench_args(sub)
+    _add_serve_parser(sub)
+    _add_bench_parser(sub)
     return p
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe a problem with the user's input: print the message, exit 2."""
-    from quantize.assets import AssetError
-    from quantize.calibration.cache import CalibrationCacheError
-    from quantize.pipeline import QuantizeError
+    from gq_quantize.assets import AssetError
+    from gq_quantize.calibration.cache import CalibrationCacheError
+    from gq_quantize.pipeline import QuantizeError
 
     return (CliError, QuantizeError, AssetError, CalibrationCacheError, ValueError, FileNotFoundError,
             FileExistsError)
@@ -188,7 +396,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        return rc if isinstance(rc, int) else 0
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,9 +1,13 @@
-"""Batch-1 decode loop over a Hugging Face causal LM with a DynamicCache.
+"""Batch-1 decode loops and the interface they share.
 
-Shared by the serving engine and the offline benchmark so both measure and serve the same loop:
-one prefill forward over the prompt, then one forward per new token. The static-cache / CUDA-graph
-variant of the same loop is `gq_serve.static_decode.StaticDecoder`; `resolve_decode_mode` picks
-between them (the `--decode` option).
+A decoder yields the new token ids of one request, one forward per token::
+
+    decoder.iter_tokens(prompt_ids, params, generator=None, eos_ids=(), should_stop=None)
+
+``DynamicDecoder`` (here) grows a ``DynamicCache`` and runs eagerly; ``StaticDecoder``
+(:mod:`gq_serve.static_decode`) uses a static cache whose decode step replays as a CUDA graph on a
+GPU. The engine and the offline benchmark both go through :func:`make_decoder`, so they measure
+and serve the same loop.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
+
+from gq_serve.sampling import SamplingParams, sample_next
 
 DECODE_MODES = ("auto", "static", "dynamic")
 
@@ -30,63 +36,68 @@ def resolve_decode_mode(mode: str, device: torch.device | str) -> str:
     return mode
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_p: float,
-    generator: torch.Generator | None,
-) -> int:
-    """Pick the next token from a [vocab] logits row.
+class DynamicDecoder:
+    """The plain loop: a ``DynamicCache``, one eager forward per token."""
 
-    temperature == 0 is greedy (argmax), matching `generate(do_sample=False)` exactly.
+    mode = "dynamic"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def warmup(self, prompt_len: int = 1, max_new_tokens: int = 1) -> None:
+        """Nothing to prepare (the static decoder captures its graphs here)."""
+
+    def slot_mode(self, prompt_len: int, max_new_tokens: int) -> str:
+        return self.mode
+
+    def iter_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        generator: torch.Generator | None = None,
+        eos_ids: Sequence[int] = (),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[int]:
+        """Yield up to ``params.max_tokens`` new token ids, one forward per token.
+
+        Stops early after yielding an id in ``eos_ids``, or before a step when ``should_stop()`` is
+        true (the cancellation flag: checked every step, so a cancelled request frees the worker
+        within one forward). The forwards run under ``torch.inference_mode()``, entered per step
+        and never held across a ``yield``.
+        """
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
+        eos = set(int(i) for i in eos_ids)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        for _ in range(params.max_tokens):
+            if should_stop is not None and should_stop():
+                return
+            with torch.inference_mode():
+                # logits_to_keep=1: the prefill only needs the last position's logits.
+                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                token = sample_next(out.logits[0, -1], params, generator)
+            yield token
+            if token in eos:
+                return
+            input_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+
+
+def make_decoder(model: torch.nn.Module, mode: str = "auto", device: torch.device | str | None = None,
+                 max_len: int | None = None, compile: bool | None = None):
+    """The decoder for ``--decode mode`` ("auto" | "static" | "dynamic").
+
+    ``max_len``: the longest request a static decoder serves from its cache (default: the model's
+    context); ``compile``: torch.compile the static step before capturing it (default: on a GPU).
     """
-    if temperature <= 0.0:
-        return int(torch.argmax(logits).item())
-    # Sampling in fp32: fp16/bf16 softmax over a large vocab loses the tail mass.
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, sorted_idx = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
-        drop = (cumulative - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(sorted_idx[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if resolve_decode_mode(mode, device) == "dynamic":
+        return DynamicDecoder(model, device)
+    from gq_serve.static_decode import StaticDecoder
 
-
-def iter_tokens(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    eos_ids: Sequence[int] = (),
-    should_stop: Callable[[], bool] | None = None,
-    device: torch.device | str | None = None,
-) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids, one forward per token.
-
-    Stops early after yielding an id in `eos_ids`, or before a step when `should_stop()` is true
-    (the cancellation flag: checked every step, so a cancelled request frees the worker within
-    one forward). Callers must run this under `torch.inference_mode()`.
-    """
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
-    device = device if device is not None else next(model.parameters()).device
-    eos = set(int(i) for i in eos_ids)
-    cache = DynamicCache(config=getattr(model, "config", None))
-    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        if should_stop is not None and should_stop():
-            return
-        # logits_to_keep=1: the prefill only needs the last position's logits.
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        token = sample_next(out.logits[0, -1], temperature, top_p, generator)
-        yield token
-        if token in eos:
-            return
-        input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+    if max_len is None:
+        max_len = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+    return StaticDecoder(model, max_len, device=device, compile=compile)

@@ -10,31 +10,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from gq_serve.decode import iter_tokens, resolve_decode_mode
+from gq_serve.decode import make_decoder
+from gq_serve.sampling import SamplingParams
 from gq_serve.textstream import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
 
 
 class QueueFull(RuntimeError):
@@ -47,44 +36,6 @@ class ContextTooLong(ValueError):
 
 class EngineStopped(RuntimeError):
     """submit() after shutdown()."""
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """'auto' means fp16 on a GPU and fp32 on the CPU (CPU fp16 matmuls are slow or unsupported)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(_DTYPES)}") from None
-
-
-def load_model(path: str, device: str = "cpu", dtype: str | torch.dtype | None = "auto"):
-    """Load a quantized checkpoint or a plain HF directory as an eval-mode causal LM.
-
-    Prefers `gq_serve.checkpoint.load_quantized_model` (quantized linears as GQLinear) and falls back
-    to `AutoModelForCausalLM` while that loader is not available.
-    """
-    torch_dtype = resolve_dtype(dtype, device)
-    try:
-        from gq_serve.checkpoint import load_quantized_model
-    except ImportError:
-        load_quantized_model = None
-    if load_quantized_model is not None:
-        model = load_quantized_model(Path(path), device=device, dtype=torch_dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
-    return model.eval()
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 class TokenEvent(NamedTuple):
@@ -102,12 +53,7 @@ class RequestHandle:
 
     id: int
     prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
-    ignore_eos: bool
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -186,8 +132,9 @@ class RequestHandle:
 class Engine:
     """Batch-1 engine over a loaded model: requests run one at a time, in submission order.
 
-    decode: "auto" | "static" | "dynamic" (see `gq_serve.decode.resolve_decode_mode`); static uses a
+    decode: "auto" | "static" | "dynamic" (see `gq_serve.decode.make_decoder`); static uses a
     `StaticDecoder` sized to max_model_len, so every request check_context admits fits its cache.
+    compile: torch.compile the static decode step before its CUDA graph capture (default: on a GPU).
     """
 
     def __init__(
@@ -198,6 +145,7 @@ class Engine:
         max_queue: int = 16,
         max_model_len: int | None = None,
         decode: str = "auto",
+        compile: bool | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 (got {max_queue})")
@@ -210,18 +158,13 @@ class Engine:
             log.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                         self.max_model_len, config_len)
         self.eos_ids = self._eos_ids(model, tokenizer)
-        self.decode = resolve_decode_mode(decode, self.device)
-        self.static_decoder = None
-        if self.decode == "static":
-            from gq_serve.static_decode import StaticDecoder
-
-            try:
-                self.static_decoder = StaticDecoder(model, self.max_model_len, device=self.device)
-            except Exception:
-                if decode != "auto":  # asked for explicitly: say so
-                    raise
-                log.exception("static decode is not available for this model: using dynamic decode")
-                self.decode = "dynamic"
+        try:
+            self.decoder = make_decoder(model, decode, self.device, self.max_model_len, compile=compile)
+        except Exception:
+            if decode != "auto":  # asked for explicitly: say so
+                raise
+            log.exception("static decode is not available for this model: using dynamic decode")
+            self.decoder = make_decoder(model, "dynamic", self.device)
         self.max_queue = max_queue
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count(1)
@@ -263,38 +206,36 @@ class Engine:
                 f"completion). Shorten the prompt or lower max_tokens."
             )
 
+    @property
+    def decode(self) -> str:
+        """The decode loop in use: "static" or "dynamic"."""
+        return "dynamic" if self.decoder.mode == "dynamic" else "static"
+
+    @property
+    def static_decoder(self):
+        """The `StaticDecoder`, or None with dynamic decode."""
+        return None if self.decode == "dynamic" else self.decoder
+
     def submit(
         self,
         prompt_ids: Sequence[int],
-        max_tokens: int = 16,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
+        params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        **sampling,
     ) -> RequestHandle:
-        """Validate and enqueue; raises ContextTooLong, QueueFull or ValueError."""
+        """Validate and enqueue; raises ContextTooLong, QueueFull or ValueError.
+
+        ``params`` (or, for scripts, its fields as keyword arguments: ``max_tokens=32``) says how
+        to decode; ``loop``: the event loop of an async consumer.
+        """
         if self._stopped:
             raise EngineStopped("the engine is shut down")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (got {temperature})")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-        self.check_context(len(prompt_ids), max_tokens)
-        handle = RequestHandle(
-            id=next(self._ids),
-            prompt_ids=[int(t) for t in prompt_ids],
-            max_tokens=int(max_tokens),
-            temperature=float(temperature),
-            top_p=float(top_p),
-            stop=list(stop or []),
-            seed=seed,
-            ignore_eos=ignore_eos,
-            loop=loop,
-        )
+        if params is None:
+            params = SamplingParams(**sampling)
+        elif sampling:
+            raise TypeError(f"pass either params or sampling keyword arguments, not both ({sorted(sampling)})")
+        self.check_context(len(prompt_ids), params.max_tokens)
+        handle = RequestHandle(id=next(self._ids), prompt_ids=[int(t) for t in prompt_ids], params=params, loop=loop)
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
@@ -304,18 +245,10 @@ class Engine:
             ) from None
         return handle
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        max_tokens: int = 16,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[tuple[int, str, str | None]]:
-        """Blocking convenience: submit and yield (token_id, text_delta, finish_reason)."""
-        yield from self.submit(prompt_ids, max_tokens, temperature, top_p, stop, seed, ignore_eos)
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 **sampling) -> Iterator[TokenEvent]:
+        """Blocking convenience: submit and yield TokenEvents (token_id, text, finish_reason)."""
+        yield from self.submit(prompt_ids, params, **sampling)
 
     def add_finish_listener(self, fn) -> None:
         """fn(handle) runs in the worker thread when a request ends (finished, cancelled, failed)."""
@@ -340,12 +273,11 @@ class Engine:
     def _work(self) -> None:
         # Grad mode is thread-local: set it inside the worker thread.
         with torch.inference_mode():
-            if self.static_decoder is not None:
-                # Capture the smallest bucket's graph now, not inside the first request (its TTFT).
-                try:
-                    self.static_decoder.warmup()
-                except Exception:  # the first request retries and reports the error to its client
-                    log.exception("static decode warm-up failed")
+            # Capture the smallest bucket's graph now, not inside the first request (its TTFT).
+            try:
+                self.decoder.warmup()
+            except Exception:  # the first request retries and reports the error to its client
+                log.exception("decode warm-up failed")
             while True:
                 handle = self._queue.get()
                 if handle is None:
@@ -376,20 +308,13 @@ class Engine:
         h.started_at = time.perf_counter()
         if h.is_cancelled:  # cancelled while waiting in the queue
             return
-        generator = None
-        if h.temperature > 0:
-            # Per-request generator: a seed reproduces the output whatever else the server runs.
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(h.seed if h.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        p = h.params
         detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringFilter(h.stop)
-        eos = () if h.ignore_eos else self.eos_ids
-        options = dict(temperature=h.temperature, top_p=h.top_p, generator=generator, eos_ids=eos,
-                       should_stop=lambda: h.is_cancelled)
-        if self.static_decoder is not None:
-            tokens = self.static_decoder.iter_tokens(h.prompt_ids, h.max_tokens, **options)
-        else:
-            tokens = iter_tokens(self.model, h.prompt_ids, h.max_tokens, device=self.device, **options)
+        stops = StopStringFilter(list(p.stop))
+        eos = () if p.ignore_eos else self.eos_ids
+        # Per-request generator: a seed reproduces the output whatever else the server runs.
+        tokens = self.decoder.iter_tokens(h.prompt_ids, p, generator=p.generator(self.device), eos_ids=eos,
+                                          should_stop=lambda: h.is_cancelled)
         for token in tokens:
             now = time.perf_counter()
             if h.first_token_at is None:
@@ -404,7 +329,7 @@ class Engine:
                 h.finish_reason = "stop"
                 h._put(TokenEvent(token, text, "stop"))
                 return
-            if h.completion_tokens >= h.max_tokens:
+            if h.completion_tokens >= p.max_tokens:
                 h.finish_reason = "length"
                 h._put(TokenEvent(token, text + stops.flush(), "length"))
                 return

@@ -17,20 +17,21 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from gq_serve.checkpoint import QUANT_METHOD, quantize_linears, validate_quantization_config
-from gq_serve.quant_linear import GQLinear
+from gq_kernels.schema import QUANT_METHOD, QuantizationConfig, parse_quantization_config
+from gq_serve.checkpoint import quantize_linears
+from gq_serve.quant_linear import GQLinear, select_kernels
 
 
 class GuidedQuantConfig(QuantizationConfigMixin):
     """transformers-side view of config.json's ``quantization_config`` (validated on construction)."""
 
     def __init__(self, **kwargs):
-        checked = validate_quantization_config({"quant_method": QUANT_METHOD, **kwargs})
-        for key, value in checked.items():
+        self.parsed: QuantizationConfig = parse_quantization_config({"quant_method": QUANT_METHOD, **kwargs})
+        for key, value in self.parsed.to_dict().items():
             setattr(self, key, value)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return self.parsed.to_dict()
 
 
 class GuidedQuantHfQuantizer(HfQuantizer):
@@ -43,13 +44,14 @@ class GuidedQuantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
-        quantize_linears(model, self.quantization_config.to_dict(), dtype)
+        quantize_linears(model, self.quantization_config.parsed, dtype)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for m in model.modules():
             if isinstance(m, GQLinear):
                 m.reset_cache()
+        model.gq_kernels = select_kernels(model, model.device, model.dtype)
         return model
 
     def is_serializable(self, **kwargs) -> bool:

@@ -1,111 +1,97 @@
-"""``GQLinear``: a linear layer whose weight is a packed ``lut`` or ``bcq`` checkpoint tensor set.
+"""``GQLinear``: a linear layer holding one quantized weight in its checkpoint format.
 
-Buffers (names equal the checkpoint's tensor suffixes, so ``state_dict`` keys match the file):
-    lut: qweight int32 [bits, out, ceil(in/32)], codebook float16 [out, 2^bits]
-    bcq: qweight int32 [bits, out, ceil(in/32)], scales / offsets float16 [out, n_groups]
-    bias (parameter, optional): [out] in the model dtype.
-
-On the CPU (or any device without a registered kernel) ``forward`` dequantizes once, caches the
-dense weight in the activation's dtype and device, and calls ``F.linear``: that is the fast CPU path
-and numerically identical to the kernels' reference ``matmul``. On CUDA ``forward`` calls the
-``torch.ops.gq.*_matmul`` operators of ``kernels.ops`` (Triton GEMV for decode, dequantize + dense
-matmul for prefill), which read the packed weights on every call and keep no dense copy; other
-devices can plug in through :func:`register_kernel`.
+Its buffers are the format's checkpoint tensors (names equal the checkpoint's suffixes, so
+``state_dict`` keys match the file); the bias stays a dense parameter. ``forward`` runs the kernel
+:func:`gq_kernels.registry.choose_kernel` picks for the activation's device and dtype (once, then
+cached): on a GPU the packed-weight Triton kernels, elsewhere ``dense`` (dequantize once, dense
+matmul). The same kernels serve the vLLM plugin.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops
-from kernels.bcq import reference as bcq_ref
-from kernels.lut import reference as lut_ref
-from kernels.packing import packed_words
-
-FORMATS = ("lut", "bcq")
-
-# (format, device type) -> kernel(module, x) -> y. Filled by GPU kernel packages at import time.
-KernelFn = Callable[["GQLinear", torch.Tensor], torch.Tensor]
-_KERNELS: dict[tuple[str, str], KernelFn] = {}
-
-
-def register_kernel(fmt: str, device_type: str, fn: KernelFn) -> None:
-    """Route ``GQLinear.forward`` for ``fmt`` on ``device_type`` (e.g. "cuda") to ``fn(module, x)``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"register_kernel: unknown format {fmt!r}; expected one of {FORMATS}")
-    _KERNELS[(fmt, device_type)] = fn
-
-
-def expected_buffers(fmt: str, bits: int, out_features: int, in_features: int, group_size: int = -1) -> dict:
-    """Checkpoint tensor suffix -> (shape tuple, dtype) for one quantized linear (bias excluded)."""
-    qweight = ((bits, out_features, packed_words(in_features)), torch.int32)
-    if fmt == "lut":
-        return {"qweight": qweight, "codebook": ((out_features, 1 << bits), torch.float16)}
-    if fmt == "bcq":
-        g = (out_features, bcq_ref.n_groups(in_features, group_size))
-        return {"qweight": qweight, "scales": (g, torch.float16), "offsets": (g, torch.float16)}
-    raise ValueError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
+from gq_kernels.format import FormatParams, LinearSpec
+from gq_kernels.kernel import LinearKernel
+from gq_kernels.registry import choose_kernel, get_format
 
 
 class GQLinear(nn.Module):
-    """Quantized replacement for ``nn.Linear`` (same in/out features, same bias semantics)."""
+    """Quantized replacement for ``nn.Linear`` (same in/out features, same bias semantics).
+
+    Args:
+        params: the format's parameters (``get_format(name).params(bits=..., ...)``).
+        kernel: a kernel name to use instead of choosing one (see ``gq_kernels.registry.kernel_names``).
+    """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        fmt: str,
-        bits: int,
-        group_size: int = -1,
+        params: FormatParams,
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        kernel: str | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.format, self.bits, self.group_size = fmt, bits, group_size
-        for name, (shape, dt) in expected_buffers(fmt, bits, out_features, in_features, group_size).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.params = params
+        self.kernel_preference = kernel
+        for name, spec in self.spec.tensors().items():
+            self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._dense: torch.Tensor | None = None  # cached W_hat in the last activation dtype/device
+        self.kernel: LinearKernel | None = None  # chosen for (device, dtype) of the last activations
+        self._runtime: dict[str, torch.Tensor] | None = None  # what the kernel reads
+
+    @property
+    def spec(self) -> LinearSpec:
+        return LinearSpec(self.params, self.out_features, self.in_features)
+
+    @property
+    def format(self) -> str:
+        return self.params.format
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-            f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
-        )
+        params = ", ".join(f"{k}={v}" for k, v in self.params.model_dump().items())
+        kernel = f", kernel={self.kernel.name}" if self.kernel is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"{params}, bias={self.bias is not None}{kernel}")
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of this layer, by suffix."""
+        return {name: getattr(self, name) for name in self.spec.tensors()}
 
     def dequantize(self) -> torch.Tensor:
-        """W_hat, float32 [out, in], bit for bit the quantizer's ``LutQuant/UniformQuant.dequantize()``."""
-        if self.format == "lut":
-            return lut_ref.dequantize_packed(self.qweight, self.codebook, self.in_features)
-        return bcq_ref.dequantize_packed(self.qweight, self.scales, self.offsets, self.group_size, self.in_features)
+        """W_hat, float32 [out, in]: bit for bit the quantizer's ``result.dequantize()``."""
+        return get_format(self.format).dequantize(self.packed_tensors(), self.params, self.in_features)
+
+    def select_kernel(self, device: torch.device | str, dtype: torch.dtype) -> LinearKernel:
+        """Choose (or reuse) the kernel for activations on ``device`` in ``dtype`` and prepare it."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # as activations report it
+            device = torch.device("cuda", torch.cuda.current_device())
+        k = self.kernel
+        if k is None or k.device != device or k.dtype != dtype:
+            k = choose_kernel(self.spec, device, dtype, prefer=self.kernel_preference)
+            self._runtime = k.prepare(self.packed_tensors())
+            self.kernel = k
+        return k
 
     def reset_cache(self) -> None:
-        """Drop the cached dense weight (call after changing the packed buffers in place)."""
-        self._dense = None
-
-    def _dense_weight(self, like: torch.Tensor) -> torch.Tensor:
-        w = self._dense
-        if w is None or w.dtype != like.dtype or w.device != like.device:
-            w = self.dequantize().to(device=like.device, dtype=like.dtype)
-            self._dense = w
-        return w
+        """Forget the kernel and what it prepared (after changing the packed buffers in place)."""
+        self.kernel, self._runtime = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
-        kernel = _KERNELS.get((self.format, x.device.type))
-        if kernel is not None:
-            return kernel(self, x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._dense_weight(x), bias)
+        k = self.kernel
+        if k is None or k.device != x.device or k.dtype != x.dtype:
+            k = self.select_kernel(x.device, x.dtype)
+        return k.apply(self._runtime, x, self.bias)
 
-    # Moving or reloading the module invalidates the cache; both go through these hooks.
+    # Moving or reloading the module invalidates the prepared kernel; both go through these hooks.
     def _apply(self, fn, recurse=True):  # noqa: D401 - torch internal hook
-        self._dense = None
+        self.reset_cache()
         packed = dict(self.named_buffers(recurse=False))
         out = super()._apply(fn, recurse)
         for name, before in packed.items():
@@ -117,19 +103,16 @@ class GQLinear(nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dense = None
+        self.reset_cache()
         return super()._load_from_state_dict(*args, **kwargs)
 
 
-def _lut_cuda(module: GQLinear, x: torch.Tensor) -> torch.Tensor:
-    y = ops.lut_matmul(x, module.qweight, module.codebook, module.in_features)
-    return y if module.bias is None else y + module.bias.to(y.dtype)
-
-
-def _bcq_cuda(module: GQLinear, x: torch.Tensor) -> torch.Tensor:
-    y = ops.bcq_matmul(x, module.qweight, module.scales, module.offsets, module.group_size, module.in_features)
-    return y if module.bias is None else y + module.bias.to(y.dtype)
-
-
-register_kernel("lut", "cuda", _lut_cuda)
-register_kernel("bcq", "cuda", _bcq_cuda)
+def select_kernels(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> dict[str, int]:
+    """Choose every GQLinear's kernel now (errors surface at load, not at the first request);
+    returns kernel name -> number of layers."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, GQLinear):
+            name = m.select_kernel(device, dtype).name
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +33,6 @@ from gq_serve.api_models import (
     new_id,
     now,
 )
-from gq_serve.decode import DECODE_MODES
 from gq_serve.engine import ContextTooLong, Engine, EngineStopped, QueueFull, RequestHandle
 from gq_serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -177,9 +173,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     def submit(prompt_ids: list[int], max_tokens: int, req, prompt_param: str) -> RequestHandle:
         try:
-            handle = engine.submit(prompt_ids, max_tokens=max_tokens, temperature=req.temperature,
-                                   top_p=req.top_p, stop=req.stop_list(), seed=req.seed,
-                                   ignore_eos=req.ignore_eos, loop=asyncio.get_running_loop())
+            handle = engine.submit(prompt_ids, req.sampling_params(max_tokens), loop=asyncio.get_running_loop())
         except ContextTooLong as exc:
             fits = len(prompt_ids) < engine.max_model_len
             raise APIError(400, str(exc), param="max_tokens" if fits else prompt_param,
@@ -343,90 +337,3 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
-
-
-# ---- process entry points ----------------------------------------------------------------------
-
-
-def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 16, max_model_len: int | None = None, device: str = "cpu",
-          dtype: str = "auto", model_name: str | None = None, log_level: str = "info",
-          decode: str = "auto") -> None:
-    """Load CKPT and serve it until interrupted (blocking); decode: see `Engine`."""
-    import uvicorn
-
-    from gq_serve.engine import load_model, load_tokenizer
-
-    if not os.path.isdir(ckpt):
-        raise SystemExit(f"gq serve: checkpoint directory '{ckpt}' does not exist")
-    name = model_name or os.path.basename(os.path.normpath(ckpt))
-    log.info("loading %s on %s (%s)", ckpt, device, dtype)
-    model = load_model(ckpt, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(ckpt)
-    engine = Engine(model, tokenizer, device=device, max_queue=max_queue, max_model_len=max_model_len,
-                    decode=decode)
-    app = create_app(engine, name, api_key=api_key)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-    finally:
-        engine.shutdown()
-
-
-def add_serve_args(subparsers) -> argparse.ArgumentParser:
-    """Register `gq serve CKPT ...` on the CLI's subparsers; the parser's func is serve_main."""
-    p = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API")
-    p.add_argument("ckpt", help="quantized checkpoint or plain Hugging Face model directory")
-    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                   help="hf: embedded transformers engine (CPU or one GPU); vllm: vLLM with our plugin")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("GQ_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $GQ_API_KEY, else no auth)")
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: dir name)")
-    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit (default: config max_position_embeddings)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; lower it on a shared machine)")
-    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
-                   help="--engine hf: auto (static on CUDA, dynamic on CPU), static (static KV cache; "
-                        "on a GPU the decode step replays as a CUDA graph), dynamic (DynamicCache)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
-                   help="--engine vllm: one more argument for vLLM's server (repeatable), e.g. "
-                        "--vllm-arg=--enforce-eager")
-    p.set_defaults(func=serve_main)
-    return p
-
-
-def _serve_vllm(args: argparse.Namespace) -> None:
-    """`gq serve --engine vllm`: exec vLLM's OpenAI server with our plugin and the same options."""
-    from gq_serve.vllm_launch import VllmNotInstalledError, vllm_serve_main
-
-    # Same default model id as the hf engine: the checkpoint directory's name.
-    extra = ["--served-model-name", args.served_model_name or Path(args.ckpt).resolve().name]
-    if args.max_model_len:
-        extra += ["--max-model-len", str(args.max_model_len)]
-    if args.dtype != "auto":
-        extra += ["--dtype", args.dtype]
-    try:
-        vllm_serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key,
-                        extra_args=extra + list(args.vllm_arg))
-    except VllmNotInstalledError as e:
-        raise SystemExit(f"gq serve: error: {e}") from None
-
-
-def serve_main(args: argparse.Namespace) -> None:
-    if args.engine == "vllm":
-        _serve_vllm(args)
-        return
-    logging.basicConfig(level=args.log_level.upper())
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-          max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
-          model_name=args.served_model_name, log_level=args.log_level, decode=args.decode)

@@ -1,9 +1,9 @@
 """Batch-1 decode with a static KV cache, the one-token step replayed as a CUDA graph on a GPU.
 
-Why: at batch 1 a decode step of a 7B model reads ~13.5 GB of fp16 weights (~4 ms on an H100)
-but also launches ~40 small kernels per layer (norms, rotary, residual adds, the cache update); launched
-one by one from Python, that launch latency, not memory bandwidth, sets the speed (plain
-transformers reaches 12.6 tok/s on an H100). A CUDA graph replays the whole step with one launch,
+Why: at batch 1 a decode step of a 7B model reads its fp16 weights once (a few ms on a datacenter
+GPU) but also launches ~40 small kernels per layer (norms, rotary, residual adds, the cache update);
+launched one by one from Python, that launch latency, not memory bandwidth, sets the speed (plain
+transformers' figure is in ../shared/anchors.md). A CUDA graph replays the whole step with one launch,
 and a graph needs fixed shapes and fixed addresses, hence a *static* KV cache.
 
 How (transformers 5.17, `transformers.StaticCache`):
@@ -39,10 +39,10 @@ Graph capture method: manual `torch.cuda.CUDAGraph` capture, optionally of a `to
     the small elementwise kernels (RMSNorm, rotary, SiLU*mul) that the graph otherwise replays one
     by one; one compile per bucket (dynamic=False). If compiling or capturing fails, the bucket
     degrades to the eager graph, then to the plain eager step, with a warning: the decoder never
-    refuses to decode. `GQ_DECODE_COMPILE=0` turns compiling off.
+    refuses to decode. `compile=False` (`gq serve --no-compile`) captures the eager step only.
 On the CPU (`--decode static`) the same static cache runs the step eagerly: no graph, no compile.
 
-Requests longer than `max_len` fall back to the dynamic-cache loop of `gq_serve.decode` (the engine
+Requests longer than `max_len` fall back to `gq_serve.decode.DynamicDecoder` (the engine
 never sends one: `Engine.check_context` rejects prompt + max_tokens > max_model_len first, and the
 engine sizes this decoder to max_model_len).
 
@@ -53,7 +53,6 @@ Starting a request invalidates the previous request's generator.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -61,8 +60,8 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from gq_serve.decode import iter_tokens as dynamic_iter_tokens
-from gq_serve.decode import sample_next
+from gq_serve.decode import DynamicDecoder
+from gq_serve.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +107,6 @@ class _Slot:
     logits: torch.Tensor | None = None  # [vocab]: the graph's output, rewritten by every replay
 
 
-def _env_compile() -> bool:
-    return os.environ.get("GQ_DECODE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 class StaticDecoder:
     """Batch-1 decoder over a static KV cache, reused across requests; see the module docstring.
 
@@ -122,9 +117,9 @@ class StaticDecoder:
         device: defaults to the model's.
         cuda_graph: capture the decode step in a CUDA graph; default: on for a CUDA device.
             Needs a CUDA device.
-        compile: torch.compile the step before capturing it; default: on with a CUDA graph, unless
-            $GQ_DECODE_COMPILE is 0. Only with cuda_graph (a compiled eager step on the CPU would
-            buy little and cost a compile per bucket).
+        compile: torch.compile the step before capturing it; default: on with a CUDA graph. Only
+            with cuda_graph (a compiled eager step on the CPU would buy little and cost a compile
+            per bucket).
         min_bucket: smallest cache length (see `bucket_sizes`).
     """
 
@@ -145,7 +140,7 @@ class StaticDecoder:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device (the model is on {self.device})")
-        self.compile = (self.cuda_graph and _env_compile()) if compile is None else bool(compile)
+        self.compile = self.cuda_graph if compile is None else bool(compile)
         if self.compile and not self.cuda_graph:
             raise ValueError("compile=True is only supported together with the CUDA graph")
         self.max_len = int(max_len)
@@ -219,31 +214,28 @@ class StaticDecoder:
     def iter_tokens(
         self,
         prompt_ids: Sequence[int],
-        max_new_tokens: int,
+        params: SamplingParams,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
         generator: torch.Generator | None = None,
         eos_ids: Sequence[int] = (),
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[int]:
-        """Same contract and same tokens as `gq_serve.decode.iter_tokens`, on the static cache.
+        """Same contract and same tokens as `gq_serve.decode.DynamicDecoder.iter_tokens`, on the
+        static cache.
 
-        Yields up to `max_new_tokens` ids; stops after an id in `eos_ids`, or before a forward when
-        `should_stop()` is true. The forwards run under `torch.inference_mode()` here (entered per
-        step, never held across a `yield`, so the caller's grad mode is left alone).
+        Yields up to `params.max_tokens` ids; stops after an id in `eos_ids`, or before a forward
+        when `should_stop()` is true. The forwards run under `torch.inference_mode()` here (entered
+        per step, never held across a `yield`, so the caller's grad mode is left alone).
         """
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
+        max_new_tokens = params.max_tokens
         if self.bucket_for(self.cache_length(len(prompt_ids), max_new_tokens)) is None:
             self.fallbacks += 1
             log.debug("request of %d + %d tokens exceeds the static cache (%d): dynamic decode",
                       len(prompt_ids), max_new_tokens, self.max_len)
-            yield from dynamic_iter_tokens(
-                self.model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                generator=generator, eos_ids=eos_ids, should_stop=should_stop, device=self.device)
-            return
-        if max_new_tokens < 1:
+            yield from DynamicDecoder(self.model, self.device).iter_tokens(
+                prompt_ids, params, generator=generator, eos_ids=eos_ids, should_stop=should_stop)
             return
         self._request += 1
         me = self._request
@@ -269,7 +261,7 @@ class StaticDecoder:
                         slot = self._grow(slot, filled)
                     logits = self._step(slot, token)
                     filled += 1
-                token = sample_next(logits, temperature, top_p, generator)
+                token = sample_next(logits, params, generator)
             yield token
             if token in eos:
                 return

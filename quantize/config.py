@@ -1,20 +1,19 @@
-"""Configuration of one quantization run: it flows from the CLI to the checkpoint's config.json."""
+"""Configuration of one quantization run: it flows from the CLI to the checkpoint's config.json.
+
+``QuantizeConfig`` holds what every run has (method, GuidedQuant, calibration) and the method's
+own options as that method's config class (``options``). It is built from flat keyword arguments,
+as the CLI gives them (``QuantizeConfig(method="gptq", bits=3, group_size=128)``), and written back
+flat (:meth:`QuantizeConfig.flat`) into the checkpoint's provenance.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from kernels.bcq.reference import SUPPORTED_BITS as BCQ_BITS
-from kernels.lut.reference import SUPPORTED_BITS as LUT_BITS
-
-Method = Literal["rtn", "gptq", "squeezellm", "lnq"]
-
-# Which checkpoint format each quantizer produces.
-METHOD_FORMAT: dict[str, str] = {"rtn": "bcq", "gptq": "bcq", "squeezellm": "lut", "lnq": "lut"}
-FORMAT_BITS: dict[str, tuple[int, ...]] = {"lut": LUT_BITS, "bcq": BCQ_BITS}
-# Methods that consume a Hessian (and so can be guided).
-HESSIAN_METHODS = ("gptq", "lnq")
+from gq_kernels.format import FormatParams
+from gq_quantize.methods.base import MethodConfig
+from gq_quantize.methods.registry import get_method, method_names
 
 
 class CalibrationConfig(BaseModel):
@@ -22,65 +21,85 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = "sotu"  # corpus spec, see quantize.data.resolve_corpus
+    data: str = "sotu"  # corpus spec, see gq_quantize.data.resolve_corpus
     n_samples: int = Field(32, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
 
 
 class QuantizeConfig(BaseModel):
-    """Everything that decides the quantized weights. Stored under config.json["quantization_config"]."""
+    """Everything that decides the quantized weights (stored flat in the checkpoint's provenance)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Method
-    bits: int
+    method: str
     guided: bool = False  # GuidedQuant: per-group saliency-weighted Hessians
     groups: int = Field(1, ge=1)  # g: output-channel groups for GuidedQuant
-    group_size: int = -1  # uniform formats: inputs per scale; -1 = per output channel
-    sym: bool = False  # uniform formats: symmetric grid
-    # LNQ (paper defaults)
-    lnq_iters: int = Field(2, ge=1)  # T: alternations of codebook update and assignment
-    lnq_cd_sweeps: int = Field(4, ge=1)  # K: coordinate-descent sweeps per assignment step
-    lnq_lambda: float = Field(1e-7, ge=0.0)  # ridge on the codebook least squares
-    # GPTQ
-    gptq_damp: float = Field(0.01, ge=0.0)  # fraction of mean(diag H) added to the diagonal
-    gptq_block: int = Field(128, ge=1)
-    # SqueezeLLM weighted k-means
-    kmeans_iters: int = Field(50, ge=1)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    options: SerializeAsAny[MethodConfig] | None = None
 
-    @property
-    def format(self) -> str:
-        return METHOD_FORMAT[self.method]
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_options(cls, data: Any) -> Any:
+        """Flat keyword arguments: the keys that are not common fields are the method's options."""
+        if isinstance(data, dict) and "options" not in data:
+            data = dict(data)
+            data["options"] = {k: data.pop(k) for k in list(data) if k not in cls.model_fields}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in method_names():
+            raise ValueError(f"unknown method {v!r}; choose one of {method_names()}")
+        return v
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v: Any, info) -> Any:
+        method = info.data.get("method")
+        if method not in method_names():
+            return None  # the method's own error says what is wrong
+        if isinstance(v, dict):
+            return get_method(method).config.model_validate(v)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "QuantizeConfig":
-        allowed = FORMAT_BITS[self.format]
-        if self.bits not in allowed:
-            raise ValueError(
-                f"--bits {self.bits} is not supported by method {self.method!r} (format {self.format!r}); "
-                f"choose one of {list(allowed)}"
-            )
-        if self.guided and self.method not in HESSIAN_METHODS:
-            raise ValueError(
-                f"--guided needs a Hessian-based method ({', '.join(HESSIAN_METHODS)}); {self.method!r} has none"
-            )
+        if self.options is None:
+            raise ValueError(f"options of method {self.method!r} are missing")
+        if type(self.options).name != self.method:
+            raise ValueError(f"options are for method {type(self.options).name!r}, not {self.method!r}")
+        if self.guided and not type(self.options).guidable():
+            guidable = [n for n in method_names() if get_method(n).config.guidable()]
+            raise ValueError(f"--guided needs a Hessian-based method ({', '.join(guidable)}); {self.method!r} has none")
         if self.groups > 1 and not self.guided:
             raise ValueError("--groups > 1 only makes sense with --guided")
-        if self.group_size != -1 and (self.group_size < 1 or self.format != "bcq"):
-            raise ValueError("--group-size applies to uniform methods (rtn, gptq) and must be -1 or >= 1")
         return self
 
-    def needs_hessian(self) -> bool:
-        return self.method in HESSIAN_METHODS
+    # ---------------------------------------------------------------- views
+    @property
+    def bits(self) -> int:
+        return self.options.bits
 
-    def needs_weight_fisher(self) -> bool:
-        """SqueezeLLM (and LNQ's SqueezeLLM initialisation) weight k-means by the diagonal Fisher."""
-        return self.method in ("squeezellm", "lnq")
+    @property
+    def format(self) -> str:
+        """Name of the checkpoint format the method produces."""
+        return type(self.options).format
 
-    def to_checkpoint_config(self) -> dict:
-        """The ``quantization_config`` block of config.json."""
-        out = {"quant_method": "guidedquant", "format": self.format, "bits": self.bits, "format_version": 1}
-        out.update(self.model_dump())
+    def format_params(self) -> FormatParams:
+        return self.options.format_params()
+
+    def needs(self) -> frozenset[str]:
+        """Calibration the run needs: a subset of {"hessian", "fisher"}."""
+        return type(self.options).needs
+
+    def hessian_groups(self) -> int:
+        """Hessians per layer the quantizer receives: g with GuidedQuant, else 1."""
+        return self.groups if self.guided else 1
+
+    def flat(self) -> dict[str, Any]:
+        """Common fields and the method's options in one flat dict (calibration nested)."""
+        out = {"method": self.method, **self.options.model_dump(), "guided": self.guided, "groups": self.groups}
+        out["calibration"] = self.calibration.model_dump()
         return out

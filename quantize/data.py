@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.assets import AssetError, asset_path
+from gq_quantize.assets import AssetError, asset_path
 
 SOTU_HELDOUT_FROM_YEAR = 2001
 BROWN_HELDOUT_FRACTION = 0.2
@@ -150,7 +150,7 @@ def resolve_corpus(spec: str, cache: Path | None = None) -> list[str]:
     Raises ValueError for an unknown spec (listing valid ones), AssetError when a built-in
     corpus has not been prepared (run `gq prepare`).
     """
-    from quantize.assets import cache_root
+    from gq_serve.util import cache_root
 
     cache = Path(cache) if cache is not None else cache_root()
     head, _, tail = spec.partition(":")

@@ -7,7 +7,8 @@ Layout written into ``out_dir`` (see /work/shared/design.md, "Checkpoint contrac
     tokenizer / generation_config / other non-weight files copied from the source
 
 Rule the loader relies on: every ``nn.Linear`` of the model whose full name is not listed in
-``modules_to_not_convert`` is quantized and stored as ``<name>.qweight`` plus the format's tensors.
+``modules_to_not_convert`` is quantized and stored as ``<name>.<suffix>`` for each tensor the
+format declares (:meth:`gq_kernels.format.Format.tensors`).
 
 The export is atomic: everything is built in a hidden temp dir beside ``out_dir`` and renamed at the
 end; on any error the temp dir is removed and an existing ``out_dir`` is left untouched.
@@ -19,7 +20,6 @@ import json
 import math
 import shutil
 import uuid
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,11 +27,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.bcq import reference as bcq_ref
-from kernels.packing import pack_bitplanes
-from quantize.config import QuantizeConfig
-from quantize.methods.types import LutQuant, UniformQuant
-from quantize.assets import sha256_file
+from gq_kernels.format import FormatParams, QuantResult
+from gq_kernels.registry import get_format
+from gq_kernels.schema import QuantizationConfig
+from gq_quantize.config import QuantizeConfig
+from gq_serve.util import atomic_write, package_version, publish_mode, replace_dir, sha256_file, write_json
 
 MANIFEST_NAME = "gq_manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,46 +80,18 @@ def linear_shapes(config_dict: dict) -> dict[str, tuple[int, int, bool]]:
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_layer(name: str, q, qconfig: QuantizeConfig, shape: tuple[int, int]) -> None:
+def _check_layer(name: str, q: QuantResult, params: FormatParams, shape: tuple[int, int]) -> None:
     """Refuse a quantizer result that does not match the config or the layer it replaces."""
-    out_f, in_f = shape
-    want_type = LutQuant if qconfig.format == "lut" else UniformQuant
+    want_type = get_format(params.format).Result
     if not isinstance(q, want_type):
-        raise TypeError(f"{name}: format {qconfig.format!r} needs a {want_type.__name__}, got {type(q).__name__}")
-    if q.bits != qconfig.bits:
-        raise ValueError(f"{name}: quantized with bits={q.bits} but the config says bits={qconfig.bits}")
-    if q.codes.dtype != torch.uint8 or tuple(q.codes.shape) != (out_f, in_f):
-        raise ValueError(
-            f"{name}: codes must be uint8 {[out_f, in_f]} (the layer's weight shape), "
-            f"got {q.codes.dtype} {list(q.codes.shape)}"
-        )
-    if isinstance(q, LutQuant):
-        params = {"codebook": (out_f, 1 << q.bits)}
-    else:
-        if q.group_size != qconfig.group_size:
-            raise ValueError(f"{name}: group_size={q.group_size} but the config says {qconfig.group_size}")
-        g = (out_f, bcq_ref.n_groups(in_f, q.group_size))
-        params = {"scales": g, "offsets": g}
-    for pname, want in params.items():
-        t = getattr(q, pname)
-        if t.dtype != torch.float16 or tuple(t.shape) != want:
-            raise ValueError(f"{name}.{pname}: expected float16 {list(want)}, got {t.dtype} {list(t.shape)}")
-
-
-def _packed_tensors(q: LutQuant | UniformQuant) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors (suffix -> tensor) of one quantized linear, bias excluded."""
-    out = {"qweight": pack_bitplanes(q.codes.cpu(), q.bits)}
-    if isinstance(q, LutQuant):
-        out["codebook"] = q.codebook.cpu().contiguous()
-    else:
-        out["scales"] = q.scales.cpu().contiguous()
-        out["offsets"] = q.offsets.cpu().contiguous()
-    return out
+        raise TypeError(f"{name}: format {params.format!r} needs a {want_type.__name__}, got {type(q).__name__}")
+    q.check(name, params, *shape)
 
 
 # ----------------------------------------------------------------------------- writing
 def _tensor_stream(
-    weight_map: dict[str, Path], quantized: dict[str, LutQuant | UniformQuant]
+    weight_map: dict[str, Path], quantized: dict[str, QuantResult], params: FormatParams,
+    shapes: dict[str, tuple[int, ...]],
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, loader) for every output tensor, in sorted name order; loaders read lazily."""
     replaced = {f"{m}.weight" for m in quantized}
@@ -133,15 +105,16 @@ def _tensor_stream(
                 return fh.get_tensor(name)
 
         items[name] = load
+    fmt = get_format(params.format)
     for module, q in quantized.items():
         memo: dict[str, torch.Tensor] = {}  # one pack per module, shared by its tensors
 
         def load_packed(suffix: str, q=q, memo=memo) -> torch.Tensor:
             if not memo:
-                memo.update(_packed_tensors(q))
+                memo.update(fmt.pack(q))
             return memo.pop(suffix)  # pop: each tensor is written once, then freed
 
-        for suffix in ("qweight", "codebook") if isinstance(q, LutQuant) else ("qweight", "scales", "offsets"):
+        for suffix in fmt.tensors(params, *shapes[module][:2]):
             items[f"{module}.{suffix}"] = lambda s=suffix, f=load_packed: f(s)
     for name in sorted(items):
         yield name, items[name]
@@ -165,7 +138,9 @@ def _write_shards(tmp: Path, stream, max_shard_bytes: int) -> tuple[dict[str, st
     def flush() -> None:
         nonlocal current, size
         if current:
-            save_file(current, str(tmp / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            path = tmp / f"shard-{len(shards):05d}.tmp"
+            save_file(current, str(path), metadata={"format": "pt"})
+            publish_mode(path)
             shards.append(list(current))
             current, size = {}, 0
 
@@ -205,22 +180,16 @@ def _jsonable(x):
     return str(x)
 
 
-def _package_version() -> str:
-    try:
-        return metadata.version("gq-serve")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def _build(
     source: Path,
-    quantized: dict[str, LutQuant | UniformQuant],
+    quantized: dict[str, QuantResult],
     qconfig: QuantizeConfig,
     tmp: Path,
     manifest_extra: dict,
     max_shard_bytes: int,
 ) -> None:
     """Fill ``tmp`` with the complete checkpoint."""
+    params = qconfig.format_params()
     config = json.loads((source / "config.json").read_text())
     if "quantization_config" in config:
         raise ValueError(f"{source} is already quantized (config.json has quantization_config); export from fp16")
@@ -234,33 +203,31 @@ def _build(
             )
         if f"{name}.weight" not in weight_map:
             raise ValueError(f"{name}.weight is not in the source checkpoint {source}; is the config the right one?")
-        _check_layer(name, q, qconfig, linears[name][:2])
+        _check_layer(name, q, params, linears[name][:2])
 
-    qc = qconfig.to_checkpoint_config()
-    qc["modules_to_not_convert"] = sorted(set(linears) - set(quantized))
-    config["quantization_config"] = qc
+    qc = QuantizationConfig.for_export(params, sorted(set(linears) - set(quantized)), provenance=qconfig.flat())
+    config["quantization_config"] = qc.to_dict()
 
-    st_map, tensor_sums = _write_shards(tmp, _tensor_stream(weight_map, quantized), max_shard_bytes)
+    st_map, tensor_sums = _write_shards(tmp, _tensor_stream(weight_map, quantized, params, linears), max_shard_bytes)
     files = sorted(set(st_map.values()))
     if len(files) > 1:
         total = sum((tmp / f).stat().st_size for f in files)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(st_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(st_map.items()))})
+    atomic_write(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in sorted(source.iterdir()):
         if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SUFFIXES):
             shutil.copy2(f, tmp / f.name)
+            publish_mode(tmp / f.name)
 
     manifest = {
         "manifest_version": 1,
-        "package": {"name": "gq-serve", "version": _package_version()},
+        "package": {"name": "gq-serve", "version": package_version()},
         "quantization": {
             "method": qconfig.method,
             "format": qconfig.format,
-            "bits": qconfig.bits,
+            **params.model_dump(),
             "g": qconfig.groups,
             "guided": qconfig.guided,
-            "group_size": qconfig.group_size,
         },
         "layers": {name: _jsonable(q.stats) for name, q in sorted(quantized.items())},
         **_jsonable(manifest_extra),
@@ -268,12 +235,12 @@ def _build(
         "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()},
         "tensors": tensor_sums,
     }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(tmp / MANIFEST_NAME, manifest)
 
 
 def export_checkpoint(
     source_model_dir: Path,
-    quantized: dict[str, LutQuant | UniformQuant],
+    quantized: dict[str, QuantResult],
     qconfig: QuantizeConfig,
     out_dir: Path,
     manifest_extra: dict | None = None,
@@ -285,10 +252,10 @@ def export_checkpoint(
     Args:
         source_model_dir: the fp16 HF directory the layers were quantized from (config.json,
             safetensors, tokenizer files). Non-quantized tensors are copied verbatim.
-        quantized: HF module name (e.g. ``model.layers.0.mlp.up_proj``) -> quantizer result; the format
-            must match ``qconfig.format``. Linears not listed stay dense and are named in
+        quantized: HF module name (e.g. ``model.layers.0.mlp.up_proj``) -> quantizer result of the
+            format and parameters ``qconfig`` describes. Linears not listed stay dense and are named in
             ``quantization_config["modules_to_not_convert"]``.
-        qconfig: the run's config; ``to_checkpoint_config()`` becomes ``quantization_config``.
+        qconfig: the run's config; its format parameters and options become ``quantization_config``.
         manifest_extra: provenance merged into gq_manifest.json, e.g.
             ``{"calibration": {"data_hash": ..., "model_hash": ...}, "objectives": {layer: value}}``.
         overwrite: replace an existing ``out_dir`` (only once the new checkpoint is complete).
@@ -312,24 +279,13 @@ def export_checkpoint(
         raise FileNotFoundError(f"{source} has no config.json; point source_model_dir at an HF model directory")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{tag}"
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _build(source, quantized, qconfig, tmp, manifest_extra, max_shard_bytes)
-        if out_dir.exists():
-            if not overwrite:  # appeared while we were writing
-                raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        if out_dir.exists() and not overwrite:  # appeared while we were writing
+            raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

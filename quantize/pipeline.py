@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from quantize.config import QuantizeConfig
-from quantize.methods.types import LutQuant, UniformQuant
+from gq_kernels.format import QuantResult
+from gq_kernels.registry import get_format
+from gq_quantize.config import QuantizeConfig
+from gq_quantize.methods.guided import guided_quantize
+from gq_quantize.methods.objective import quadratic_objective
+from gq_quantize.methods.registry import get_method
+from gq_serve.util import atomic_write
 
 
 class QuantizeError(Exception):
@@ -67,71 +72,35 @@ def _run_dir(out_dir: Path, qconfig: QuantizeConfig, model_hash: str, data_hash:
     return out_dir.parent / f".{out_dir.name}.partial-{digest}"
 
 
-def _save_result(path: Path, result: LutQuant | UniformQuant, objective: float | None) -> None:
-    if isinstance(result, LutQuant):
-        tensors = {"codes": result.codes.contiguous(), "codebook": result.codebook.contiguous()}
-    else:
-        tensors = {"codes": result.codes.contiguous(), "scales": result.scales.contiguous(),
-                   "offsets": result.offsets.contiguous()}
-    meta = {"format": result.format, "bits": str(result.bits),
-            "group_size": str(getattr(result, "group_size", -1)),
-            "objective": json.dumps(objective)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+def _save_result(path: Path, result: QuantResult, objective: float | None) -> None:
+    """One finished layer of an unfinished run: the result's tensors, its scalar fields, objective."""
+    meta = {"format": result.format, "scalars": json.dumps(result.scalars()), "objective": json.dumps(objective)}
+    tensors = {k: v.contiguous() for k, v in result.tensors().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), fsync=False)
 
 
-def _load_result(path: Path) -> tuple[LutQuant | UniformQuant, float | None]:
-    from safetensors import safe_open
-
+def _load_result(path: Path) -> tuple[QuantResult, float | None]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
-    bits = int(meta["bits"])
-    if meta["format"] == "lut":
-        result = LutQuant(tensors["codes"], tensors["codebook"], bits)
-    else:
-        result = UniformQuant(tensors["codes"], tensors["scales"], tensors["offsets"], bits,
-                              int(meta["group_size"]))
-    return result, json.loads(meta["objective"])
+    result_cls = get_format(meta["format"]).Result
+    return result_cls(**load_file(str(path)), **json.loads(meta["scalars"])), json.loads(meta["objective"])
 
 
 def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tensor | None,
-                   fisher: torch.Tensor | None) -> LutQuant | UniformQuant:
+                   fisher: torch.Tensor | None) -> QuantResult:
     """Quantize one weight matrix with the configured method.
 
     Args:
         w: float32 [out, in].
-        hessian: float32 [g, in, in] (g = qconfig.groups when guided, else 1), or None for
-            methods that need none.
-        fisher: float32 [out, in] diagonal weight Fisher (SqueezeLLM weighting), or None.
+        hessian: float32 [g, in, in] (g = qconfig.hessian_groups()), or None for methods that need
+            none. A Hessian-based method runs once per output-channel group (GuidedQuant's
+            Algorithm 1; g = 1 is the plain method).
+        fisher: float32 [out, in] diagonal weight Fisher, or None.
     """
-    from quantize.methods.guided import guided_quantize
-    from quantize.methods.gptq import gptq
-    from quantize.methods.lnq import lnq
-    from quantize.methods.rtn import rtn
-    from quantize.methods.squeezellm import squeezellm
-
-    c = qconfig
-    if c.method == "rtn":
-        return rtn(w, c.bits, group_size=c.group_size, sym=c.sym)
-    if c.method == "squeezellm":
-        return squeezellm(w, fisher, c.bits, iters=c.kmeans_iters)
-    if c.method == "gptq":
-        return guided_quantize(gptq, w, hessian, bits=c.bits, group_size=c.group_size, sym=c.sym,
-                               damp=c.gptq_damp, block=c.gptq_block)
-    if c.method == "lnq":
-        return guided_quantize(lnq, w, hessian, bits=c.bits, T=c.lnq_iters, K=c.lnq_cd_sweeps,
-                               lam=c.lnq_lambda, fisher=fisher, kmeans_iters=c.kmeans_iters,
-                               track_objective=False)
-    raise QuantizeError(f"unknown method {c.method!r}")
-
-
-def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """sum_k tr((W_k - What_k) H_k (W_k - What_k)^T) over the g row blocks; hessian [g, in, in]."""
-    g = hessian.shape[0]
-    d = (w - w_hat).reshape(g, -1, w.shape[1])
-    return float(torch.einsum("gri,gij,grj->", d, hessian, d))
+    method = get_method(qconfig.method)
+    if "hessian" in qconfig.needs():
+        return guided_quantize(method.handler, w, hessian, fisher=fisher, cfg=qconfig.options)
+    return method.handler(w, None, fisher, qconfig.options)
 
 
 def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cache_root: Path,
@@ -145,9 +114,9 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize.calibration import CalibrationCache, model_hash, quantizable_linears
-    from quantize.data import calibration_windows, data_hash
-    from quantize.export import export_checkpoint
+    from gq_quantize.calibration import CalibrationCache, model_hash, quantizable_linears
+    from gq_quantize.data import calibration_windows, data_hash
+    from gq_quantize.export import export_checkpoint
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -169,23 +138,24 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     calib = qconfig.calibration
     t0 = time.perf_counter()
     cache, windows_hash = None, "none"  # RTN reads no calibration data
-    if qconfig.needs_hessian() or qconfig.needs_weight_fisher():
+    needs = qconfig.needs()
+    if needs:
         windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed,
                                       cache_root)
         windows_hash = data_hash(windows)
         cache = CalibrationCache.open_or_build(
-            cache_root, model, model_dir, windows, groups=qconfig.groups if qconfig.guided else 1,
-            need_guided=qconfig.guided, need_fisher=qconfig.needs_weight_fisher(), device=device,
-            progress=progress, need_hessians=qconfig.needs_hessian(), recalibrate=recalibrate)
+            cache_root, model, model_dir, windows, groups=qconfig.hessian_groups(),
+            need_guided=qconfig.guided, need_fisher="fisher" in needs, device=device,
+            progress=progress, need_hessians="hessian" in needs, recalibrate=recalibrate)
     timings["calibration_s"] = time.perf_counter() - t0
     # The cache already fingerprinted the model; hash it here only when no cache was needed.
     model_id = cache.manifest["model_hash"] if cache is not None else model_hash(model_dir, linears)
 
     run_dir = _run_dir(out_dir, qconfig, model_id, windows_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "quantize_config.json").write_text(qconfig.model_dump_json(indent=2))
+    atomic_write(run_dir / "quantize_config.json", qconfig.model_dump_json(indent=2))
 
-    results: dict[str, LutQuant | UniformQuant] = {}
+    results: dict[str, QuantResult] = {}
     objectives: dict[str, float | None] = {}
     resumed = 0
     t0 = time.perf_counter()
@@ -198,15 +168,14 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             resumed += 1
             continue
         w = lin.weight.detach().float()
-        hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if (
-            cache is not None and qconfig.needs_hessian()) else None
-        fisher = cache.weight_fisher(name) if (cache is not None and qconfig.needs_weight_fisher()) else None
+        hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if "hessian" in needs else None
+        fisher = cache.weight_fisher(name) if "fisher" in needs else None
         result = quantize_layer(w.to(device), qconfig, None if hessian is None else hessian.to(device),
                                 None if fisher is None else fisher.to(device))
-        result = _to_cpu(result)
+        result = result.to("cpu")
         objective = None
         if hessian is not None:
-            objective = layer_objective(w, result.dequantize(), hessian)
+            objective = quadratic_objective(w, result.dequantize(), hessian)
         _save_result(part, result, objective)
         results[name], objectives[name] = result, objective
     timings["quantize_s"] = time.perf_counter() - t0
@@ -227,9 +196,3 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             "layers": len(results), "layers_resumed": resumed,
             "objective_sum": sum(known) if known else None}
 
-
-def _to_cpu(result: LutQuant | UniformQuant) -> LutQuant | UniformQuant:
-    if isinstance(result, LutQuant):
-        return LutQuant(result.codes.cpu(), result.codebook.cpu(), result.bits, result.stats)
-    return UniformQuant(result.codes.cpu(), result.scales.cpu(), result.offsets.cpu(), result.bits,
-                        result.group_size, result.stats)

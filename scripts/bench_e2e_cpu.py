@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from gq_serve.bench import bench_offline  # noqa: E402
-from gq_serve.engine import load_model, load_tokenizer  # noqa: E402
-from quantize.assets import cache_root  # noqa: E402
+from gq_serve.checkpoint import load_model, load_tokenizer  # noqa: E402
+from gq_serve.util import cache_root  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 NEW_TOKENS = 100
 RUNS = 3
@@ -167,7 +166,7 @@ def worker_main(path: str, quantized: bool, eager: bool, out: str) -> None:
 
 # ============================================================================================ driver
 def model_paths(bits: list[int]) -> dict[str, Path]:
-    from quantize.assets import cache_root
+    from gq_serve.util import cache_root
 
     cache = cache_root()
     paths = {"fp16": cache / "models" / MODEL}

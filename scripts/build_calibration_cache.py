@@ -12,15 +12,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gq_serve.cli import resolve_model_path
-from quantize.assets import cache_root
-from quantize.calibration import CalibrationCache
-from quantize.data import calibration_windows
+from gq_serve.util import cache_root
+from gq_quantize.calibration import CalibrationCache
+from gq_quantize.data import calibration_windows
 
 
 def main() -> int:

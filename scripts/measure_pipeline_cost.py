@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from gq_serve.checkpoint import load_quantized_model  # noqa: E402
 from gq_serve.evaluate import perplexity  # noqa: E402
-from quantize.assets import prepare_assets  # noqa: E402
-from quantize.calibration import CalibrationCache  # noqa: E402
-from quantize.data import calibration_windows, eval_windows  # noqa: E402
+from gq_quantize.assets import prepare_assets  # noqa: E402
+from gq_quantize.calibration import CalibrationCache  # noqa: E402
+from gq_quantize.data import calibration_windows, eval_windows  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 

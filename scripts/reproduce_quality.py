@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from gq_serve.checkpoint import load_quantized_model  # noqa: E402
 from gq_serve.evaluate import perplexity  # noqa: E402
-from quantize.assets import cache_root  # noqa: E402
-from quantize.config import CalibrationConfig, QuantizeConfig  # noqa: E402
-from quantize.data import eval_windows  # noqa: E402
-from quantize.pipeline import quantize_model  # noqa: E402
+from gq_serve.util import cache_root  # noqa: E402
+from gq_quantize.config import CalibrationConfig, QuantizeConfig  # noqa: E402
+from gq_quantize.data import eval_windows  # noqa: E402
+from gq_quantize.pipeline import quantize_model  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 set -euo pipefail
 gq prepare >/dev/null
-python -m pytest -q -ra "$@"
+# The venv's pytest, not `python -m pytest`: the latter puts the checkout first on sys.path, where
+# the folders kernels/ and quantize/ would shadow other packages of those names (docs/internals.md).
+"$GQ_VENV/bin/pytest" -q -ra "$@"
 source scripts/setup-vllm.sh
 set -euo pipefail
-"$GQ_VLLM_VENV/bin/python" -m pytest -q -ra -m vllm tests/test_vllm_plugin.py
+"$GQ_VLLM_VENV/bin/pytest" -q -ra -m vllm tests/test_vllm_plugin.py tests/test_toy_format.py

@@ -25,7 +25,7 @@ SMOLLM2 = "models/SmolLM2-135M-Instruct"
 @pytest.fixture(scope="session")
 def gq_cache() -> Path:
     """The real asset cache (``$GQ_CACHE`` or ``~/.cache/gq-serve``); may be unprepared."""
-    from quantize.assets import cache_root
+    from gq_serve.util import cache_root
 
     return cache_root()
 
@@ -115,7 +115,7 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
     """(model, tokenizer) loaded once per session, fp32 on the CPU."""
-    from gq_serve.engine import load_model, load_tokenizer
+    from gq_serve.checkpoint import load_model, load_tokenizer
 
     return load_model(str(tiny_lm_dir), "cpu", "float32"), load_tokenizer(str(tiny_lm_dir))
 
@@ -184,7 +184,8 @@ def tiny_server(tiny_lm):
 @pytest.fixture(scope="session")
 def gated_server(tiny_lm_dir):
     """A second server with a queue of 1 over its own model copy whose forward a Gate controls."""
-    from gq_serve.engine import Engine, load_model, load_tokenizer
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
     from gq_serve.server import create_app
 
     model = load_model(str(tiny_lm_dir), "cpu", "float32")
@@ -195,6 +196,21 @@ def gated_server(tiny_lm_dir):
     yield srv
     gate.open.set()
     srv.stop()
+
+
+def greedy_tokens(model, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens of a plain HF model, one full forward per token (no cache, no EOS stop):
+    the reference every engine's greedy output is compared with."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
 
 
 # ============================================================================================

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantize import assets, data
-from quantize.assets import ASSETS, AssetError, detokenize_brown, detokenize_words, verify_asset, write_manifest
+from gq_quantize import assets, data
+from gq_quantize.assets import ASSETS, AssetError, detokenize_brown, detokenize_words, verify_asset, write_manifest
 
 
 class CharTokenizer:
@@ -241,10 +241,12 @@ def test_unknown_asset():
 
 
 def test_cache_root_env(monkeypatch, tmp_path):
+    from gq_serve.util import cache_root
+
     monkeypatch.setenv("GQ_CACHE", str(tmp_path))
-    assert assets.cache_root() == tmp_path
+    assert cache_root() == tmp_path
     monkeypatch.delenv("GQ_CACHE")
-    assert assets.cache_root() == Path.home() / ".cache" / "gq-serve"
+    assert cache_root() == Path.home() / ".cache" / "gq-serve"
 
 
 # ------------------------------------------------------------------------------- real model

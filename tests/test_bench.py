@@ -1,10 +1,10 @@
 """Benchmarks at toy scale: offline decode rows, online sweep JSON + PNG, CLI wiring."""
 
-import argparse
 import json
 
-from gq_serve.bench import add_bench_args, bench_offline
+from gq_serve.bench import bench_offline
 from gq_serve.bench_online import bench_online, plot_online
+from gq_serve.cli import build_parser
 
 
 def test_bench_offline_rows(tiny_lm):
@@ -33,8 +33,7 @@ def test_bench_online_writes_json_and_png(tiny_server, tmp_path):
 
 
 def test_bench_cli_online_and_errors_counted(tiny_server, tmp_path):
-    parser = argparse.ArgumentParser(prog="gq")
-    add_bench_args(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "sweep.json"
     args = parser.parse_args(["bench", "online", "--base-url", tiny_server.base_url + "/v1",
                               "--model", tiny_server.model_name, "--concurrency", "1,2",
@@ -46,8 +45,7 @@ def test_bench_cli_online_and_errors_counted(tiny_server, tmp_path):
 
 
 def test_bench_cli_offline(tiny_lm_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="gq")
-    add_bench_args(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "offline.json"
     args = parser.parse_args(["bench", "offline", f"tiny={tiny_lm_dir}", "--new-tokens", "4",
                               "--runs", "1", "--dtype", "float32", "-o", str(out)])

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,9 @@ ROW_KEYS = {"device", "format", "bits", "batch", "n", "k", "shape", "dtype", "gr
             "error"}
 
 
-def reference_ops():
-    """kernels.ops when present (on the CPU it runs the reference), else a stand-in with its signatures."""
-    try:
-        from kernels import ops
-
-        return ops
-    except ImportError:
-        from kernels.bcq import reference as bcq_ref
-        from kernels.lut import reference as lut_ref
-
-        return types.SimpleNamespace(lut_matmul=lut_ref.matmul, bcq_matmul=bcq_ref.matmul)
+def reference_call(spec, tensors, x):
+    """The format's reference kernel (packed tensors, dequantized per call)."""
+    return bk.kernel_call(spec, tensors, x, "reference")
 
 
 # --------------------------------------------------------------------------------- pure helpers
@@ -124,16 +115,16 @@ def test_script_entry_refuses_without_cuda():
     assert "no CUDA device" in r.stderr and "--allow-cpu" in r.stderr
 
 
-def _smoke(tmp_path, ops, extra=()):
+def _smoke(tmp_path, call, extra=()):
     out = tmp_path / "kernels.json"
     argv = ["--allow-cpu", "--shapes", "64x96,32x100", "--bits", "2", "3", "--batches", "1,3",
             "--iters", "2", "--warmup", "0", "--copy-mb", "4", "--group-size", "32", "--out", str(out), *extra]
-    return bk.main(argv, ops=ops), out
+    return bk.main(argv, call=call), out
 
 
 def test_allow_cpu_smoke_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc, out = _smoke(tmp_path, reference_ops())
+    rc, out = _smoke(tmp_path, reference_call)
     assert rc == 0
     doc = json.loads(out.read_text())
     assert set(doc) >= {"provenance", "copy_gbps", "rows", "settings", "conventions", "device"}
@@ -156,12 +147,13 @@ def test_allow_cpu_smoke_run(tmp_path, monkeypatch, capsys):
 
 def test_broken_kernel_is_not_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    good = reference_ops()
-    def crashing(*a):
-        raise RuntimeError("no kernel for this shape")
+    def broken(spec, tensors, x):
+        # lut: wrong sign (a fast wrong kernel); bcq: raises. Neither may produce a speed.
+        if spec.format == "bcq":
+            raise RuntimeError("no kernel for this shape")
+        fn, path = reference_call(spec, tensors, x)
+        return (lambda: -fn()), path
 
-    # lut: wrong sign (a fast wrong kernel); bcq: raises. Neither may produce a speed.
-    broken = types.SimpleNamespace(lut_matmul=lambda x, q, cb, k: -good.lut_matmul(x, q, cb, k), bcq_matmul=crashing)
     rc, out = _smoke(tmp_path, broken, extra=["--bits", "2", "--batches", "1"])
     assert rc == 1  # JSON written, exit status says it failed
     rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["rows"]

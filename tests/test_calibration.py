@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantize.calibration import (
+from gq_quantize.calibration import (
     GRAD_SCALE,
     CalibrationCache,
     CalibrationCacheError,
@@ -17,7 +17,7 @@ from quantize.calibration import (
     plain_update,
     quantizable_linears,
 )
-from quantize.calibration import hessians as hessians_mod
+from gq_quantize.calibration import hessians as hessians_mod
 
 VOCAB = 64
 

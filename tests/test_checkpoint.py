@@ -17,11 +17,12 @@ from gq_serve.checkpoint import (
 )
 from gq_serve.evaluate import perplexity
 from gq_serve.quant_linear import GQLinear
-from kernels.bcq import reference as bcq_ref
-from quantize import export as export_mod
-from quantize.config import QuantizeConfig
-from quantize.export import export_checkpoint
-from quantize.methods.types import LutQuant, UniformQuant
+from gq_kernels.bcq import reference as bcq_ref
+from gq_quantize import export as export_mod
+from gq_quantize.config import QuantizeConfig
+from gq_quantize.export import export_checkpoint
+from gq_kernels.bcq.format import UniformQuant
+from gq_kernels.lut.format import LutQuant
 
 VOCAB, HIDDEN, FFN = 96, 64, 80  # FFN 80: down_proj's input is not a multiple of 32
 
@@ -128,9 +129,9 @@ def test_loaded_logits_equal_dense_model_with_w_hat(exported, fp16_dir):
 def test_config_and_manifest(exported):
     ckpt, quantized, qconfig = exported
     qc = read_quantization_config(ckpt)
-    assert qc["quant_method"] == "guidedquant" and qc["format_version"] == 1
-    assert qc["format"] == qconfig.format and qc["bits"] == qconfig.bits
-    assert qc["modules_to_not_convert"] == ["lm_head"]
+    assert qc.quant_method == "guidedquant" and qc.format_version == 1
+    assert qc.format == qconfig.format and qc.bits == qconfig.bits
+    assert qc.modules_to_not_convert == ["lm_head"]
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (ckpt / "tokenizer.json").is_file() and (ckpt / "generation_config.json").is_file()
     manifest = json.loads((ckpt / "gq_manifest.json").read_text())

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from gq_serve.engine import ContextTooLong, Engine, QueueFull, load_model, load_tokenizer
+from gq_serve.checkpoint import load_model, load_tokenizer
+from gq_serve.engine import ContextTooLong, Engine, QueueFull
 from gq_serve.textstream import IncrementalDetokenizer, StopStringFilter
 
 
@@ -47,7 +48,7 @@ def test_seeded_sampling_reproducible(engine, tiny_lm):
     prompt = _ids(tokenizer)
 
     def run(seed):
-        return [e.token_id for e in engine.generate(prompt, 16, temperature=1.0, top_p=0.9, seed=seed,
+        return [e.token_id for e in engine.generate(prompt, max_tokens=16, temperature=1.0, top_p=0.9, seed=seed,
                                                      ignore_eos=True)]
 
     assert run(7) == run(7)
@@ -57,11 +58,11 @@ def test_seeded_sampling_reproducible(engine, tiny_lm):
 def test_stop_string_cuts_and_is_not_emitted(engine, tiny_lm):
     _, tokenizer = tiny_lm
     prompt = _ids(tokenizer)
-    full = "".join(e.text for e in engine.generate(prompt, 20, ignore_eos=True))
+    full = "".join(e.text for e in engine.generate(prompt, max_tokens=20, ignore_eos=True))
     words = full.split()
     stop = " " + words[len(words) // 2]
     expected = full[: full.find(stop)]
-    events = list(engine.generate(prompt, 20, stop=[stop], ignore_eos=True))
+    events = list(engine.generate(prompt, max_tokens=20, stop=[stop], ignore_eos=True))
     assert "".join(e.text for e in events) == expected
     assert events[-1].finish_reason == "stop"
 
@@ -140,11 +141,11 @@ def test_cancel_stops_generation(gated_engine):
 def test_worker_serves_threads_in_order(engine, tiny_lm):
     _, tokenizer = tiny_lm
     prompt = _ids(tokenizer)
-    expected = [e.token_id for e in engine.generate(prompt, 6, ignore_eos=True)]
+    expected = [e.token_id for e in engine.generate(prompt, max_tokens=6, ignore_eos=True)]
     results = [None] * 3
 
     def client(i):
-        results[i] = [e.token_id for e in engine.generate(prompt, 6, ignore_eos=True)]
+        results[i] = [e.token_id for e in engine.generate(prompt, max_tokens=6, ignore_eos=True)]
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.bcq import reference as bcq_ref
-from kernels.lut import reference as lut_ref
-from kernels.packing import pack_bitplanes, packed_words, unpack_bitplanes
+from gq_kernels.bcq import reference as bcq_ref
+from gq_kernels.lut import reference as lut_ref
+from gq_kernels.packing import pack_bitplanes, packed_words, unpack_bitplanes
 
 
 def _codes(out_f: int, in_f: int, bits: int, seed: int = 0) -> torch.Tensor:

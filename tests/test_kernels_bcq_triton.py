@@ -18,8 +18,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("set TRITON_INTERPRET=1", allow_module_level=True)
 
-from kernels.bcq import reference as ref  # noqa: E402
-from kernels.bcq import triton_kernels as tk  # noqa: E402
+from gq_kernels.bcq import reference as ref  # noqa: E402
+from gq_kernels.bcq import triton_kernels as tk  # noqa: E402
 
 # Non-gpu tests run where the kernels can: the interpreter on CPU tensors, else the GPU.
 DEVICE = "cpu" if INTERPRET else "cuda"

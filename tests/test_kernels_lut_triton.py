@@ -18,8 +18,8 @@ if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA: set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter",
                 allow_module_level=True)
 
-from kernels.lut import reference as ref  # noqa: E402
-from kernels.lut.triton_kernels import MAX_GEMV_ROWS, lut_dequantize, lut_gemv  # noqa: E402
+from gq_kernels.lut import reference as ref  # noqa: E402
+from gq_kernels.lut.triton_kernels import MAX_GEMV_ROWS, lut_dequantize, lut_gemv  # noqa: E402
 
 # ||y - y_ref|| / ||y_ref||: both sides use the same W_hat in the activation dtype and accumulate
 # in fp32, so they differ by summation order (~1e-6) plus each output's rounding to the dtype

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantize.methods.gptq import gptq
-from quantize.methods.guided import guided_quantize
-from quantize.methods.lnq import CD_VARIANTS, cd_sweeps, codebook_update, lnq, sort_codebook
-from quantize.methods.objective import quadratic_objective, quadratic_objective_rows
-from quantize.methods.rtn import rtn
-from quantize.methods.squeezellm import nearest_codes, squeezellm, weighted_kmeans
-from quantize.methods.types import LutQuant
+from gq_quantize.methods.gptq import gptq
+from gq_quantize.methods.guided import guided_quantize
+from gq_quantize.methods.lnq import CD_VARIANTS, cd_sweeps, codebook_update, lnq, sort_codebook
+from gq_quantize.methods.objective import quadratic_objective, quadratic_objective_rows
+from gq_quantize.methods.rtn import rtn
+from gq_quantize.methods.squeezellm import nearest_codes, squeezellm, weighted_kmeans
+from gq_kernels.lut.format import LutQuant
 
 
 def problem(out_f=16, in_f=24, seed=0, dtype=torch.float64, corr=0.9, n_tok=None):
@@ -61,7 +61,7 @@ def test_rtn_is_nearest_on_its_grid(group_size, sym):
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 7
     assert q.scales.dtype == torch.float16 and q.scales.shape == (8, 1 if group_size == -1 else -(-30 // group_size))
     # Every weight is within half a step of its level (plus fp16 slack at the clamped ends).
-    from kernels.bcq.reference import expand_groups
+    from gq_kernels.bcq.reference import expand_groups
 
     step = expand_groups(q.scales, 30, group_size)
     assert bool(((w - w_hat).abs() <= 0.5 * step + 2e-3 * w.abs().max()).all())
@@ -317,7 +317,7 @@ def test_guided_rejects_indivisible_groups():
 
 def test_lnq_guard_keeps_old_codebook_when_new_is_worse(monkeypatch):
     """fp16 rounding can make the exact codebook step a loss; such rows keep their codebook."""
-    import quantize.methods.lnq as lnq_mod
+    import gq_quantize.methods.lnq as lnq_mod
 
     w, H = problem(8, 16, seed=13)
     exact = lnq_mod.codebook_update

@@ -1,4 +1,5 @@
-"""torch.library operators and dispatcher (kernels/ops.py), and their use by GQLinear."""
+"""torch.library operators and per-call paths (kernels/{lut,bcq}/ops.py), the Triton kernel
+classes, and their use by GQLinear."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -6,9 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import ops
-from kernels.bcq import reference as bcq_ref
-from kernels.lut import reference as lut_ref
+from gq_kernels import kernel as kernel_mod
+from gq_kernels.bcq import ops as bcq_ops
+from gq_kernels.bcq import reference as bcq_ref
+from gq_kernels.format import LinearSpec
+from gq_kernels.lut import ops as lut_ops
+from gq_kernels.lut import reference as lut_ref
+from gq_kernels.registry import choose_kernel, get_format
 
 CUDA = torch.cuda.is_available()
 
@@ -71,41 +76,50 @@ def _fake(device: str, dtype=torch.float16, shape=(1, 4096)):
 
 
 def test_choose_path_rules(monkeypatch):
-    monkeypatch.setattr(ops, "triton_available", lambda: True)
-    assert ops.choose_path("lut", _fake("cpu")) == "reference"
-    assert ops.choose_path("lut", _fake("cuda")) == "gemv"
-    assert ops.choose_path("lut", _fake("cuda", torch.bfloat16, (2, 8, 4096))) == "gemv"  # 16 rows
-    assert ops.choose_path("lut", _fake("cuda", shape=(17, 4096))) == "dequant"  # prefill
-    assert ops.choose_path("lut", _fake("cuda", torch.float32)) == "dequant"
-    assert ops.choose_path("lut", _fake("cuda", shape=(0, 4096))) == "dequant"
-    assert ops.choose_path("bcq", _fake("cuda"), group_size=128) == "gemv"
-    assert ops.choose_path("bcq", _fake("cuda"), group_size=-1) == "gemv"
-    assert ops.choose_path("bcq", _fake("cuda"), group_size=6) == "dequant"  # tables span 4 columns
-    monkeypatch.setattr(ops, "triton_available", lambda: False)
-    assert ops.choose_path("lut", _fake("cuda")) == "reference"
+    monkeypatch.setattr(kernel_mod, "triton_available", lambda: True)
+    assert lut_ops.choose_path(_fake("cpu")) == "reference"
+    assert lut_ops.choose_path(_fake("cuda")) == "gemv"
+    assert lut_ops.choose_path(_fake("cuda", torch.bfloat16, (2, 8, 4096))) == "gemv"  # 16 rows
+    assert lut_ops.choose_path(_fake("cuda", shape=(17, 4096))) == "dequant"  # prefill
+    assert lut_ops.choose_path(_fake("cuda", torch.float32)) == "dequant"
+    assert lut_ops.choose_path(_fake("cuda", shape=(0, 4096))) == "dequant"
+    assert bcq_ops.choose_path(_fake("cuda"), group_size=128) == "gemv"
+    assert bcq_ops.choose_path(_fake("cuda"), group_size=-1) == "gemv"
+    assert bcq_ops.choose_path(_fake("cuda"), group_size=6) == "dequant"  # tables span 4 columns
+    monkeypatch.setattr(kernel_mod, "triton_available", lambda: False)
+    assert lut_ops.choose_path(_fake("cuda")) == "reference"
 
 
-def test_gqlinear_routes_cuda_to_the_ops():
-    from gq_serve import quant_linear
+def _spec(fmt, bits, n=24, k=40, **kw):
+    return LinearSpec(get_format(fmt).params(bits=bits, **kw), n, k)
 
-    assert quant_linear._KERNELS[("lut", "cuda")] is quant_linear._lut_cuda
-    assert quant_linear._KERNELS[("bcq", "cuda")] is quant_linear._bcq_cuda
+
+def test_gqlinear_routes_cuda_to_the_ops(monkeypatch):
+    """On CUDA with Triton each format gets its Triton kernel; elsewhere the dense reference."""
+    monkeypatch.setattr(kernel_mod, "triton_available", lambda: True)
+    assert type(choose_kernel(_spec("lut", 3), "cuda", torch.float16)) is lut_ops.LutTritonKernel
+    assert type(choose_kernel(_spec("bcq", 3, group_size=8), "cuda", torch.bfloat16)) is bcq_ops.BcqTritonKernel
+    assert choose_kernel(_spec("lut", 3), "cpu", torch.float32).name == "dense"
+    monkeypatch.setattr(kernel_mod, "triton_available", lambda: False)
+    assert choose_kernel(_spec("lut", 3), "cuda", torch.float16).name == "dense"
 
 
 def test_gqlinear_cuda_route_math_on_cpu_tensors():
-    """The CUDA route function (ops + bias) gives the cached-dense CPU forward's result."""
-    from gq_serve.quant_linear import GQLinear, _bcq_cuda, _lut_cuda
+    """The Triton kernel classes (ops + bias) give the cached-dense CPU forward's result."""
+    from gq_serve.quant_linear import GQLinear
 
-    lut = GQLinear(40, 24, "lut", 3, bias=True)
+    lut = GQLinear(40, 24, get_format("lut").params(bits=3), bias=True)
     lut.qweight.copy_(lut_weight(24, 40, 3)[0])
     lut.codebook.copy_(lut_weight(24, 40, 3)[1])
     lut.bias.data.normal_()
-    bcq = GQLinear(40, 24, "bcq", 2, group_size=8)
+    bcq = GQLinear(40, 24, get_format("bcq").params(bits=2, group_size=8))
     qw, s, o = bcq_weight(24, 40, 2, 8)
     bcq.qweight.copy_(qw), bcq.scales.copy_(s), bcq.offsets.copy_(o)
     x = torch.randn(3, 40)
-    torch.testing.assert_close(_lut_cuda(lut, x), lut(x))
-    torch.testing.assert_close(_bcq_cuda(bcq, x), bcq(x))
+    lut_k = lut_ops.LutTritonKernel(lut.spec, torch.device("cpu"), torch.float32)
+    bcq_k = bcq_ops.BcqTritonKernel(bcq.spec, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(lut_k.apply(lut.packed_tensors(), x, lut.bias), lut(x))
+    torch.testing.assert_close(bcq_k.apply(bcq.packed_tensors(), x, None), bcq(x))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -118,8 +132,8 @@ def test_gqlinear_cuda_route_math_on_cpu_tensors():
 def test_gpu_every_path_matches_reference(rows, dtype):
     n, k = 1536, 576
     x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    want_path = "dequant" if dtype == torch.float32 or rows > ops.GEMV_MAX_ROWS else "gemv"
-    assert ops.choose_path("lut", x) == want_path
+    want_path = "dequant" if dtype == torch.float32 or rows > lut_ops.GEMV_MAX_ROWS else "gemv"
+    assert lut_ops.choose_path(x) == want_path
     bound = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8, torch.float32: 1e-3}[dtype]
     for bits in (2, 3, 4):
         qw, cb = lut_weight(n, k, bits, "cuda", seed=bits)
@@ -143,7 +157,8 @@ def test_gpu_cuda_graph_capture_and_compile_through_gqlinear():
 
     layers = []
     for i, fmt in enumerate(("lut", "bcq")):
-        m = GQLinear(576, 576, fmt, 3, group_size=128 if fmt == "bcq" else -1, dtype=torch.float16, device="cuda")
+        params = get_format(fmt).params(bits=3, **({"group_size": 128} if fmt == "bcq" else {}))
+        m = GQLinear(576, 576, params, dtype=torch.float16, device="cuda")
         if fmt == "lut":
             m.qweight.copy_(lut_weight(576, 576, 3, "cuda", i)[0]); m.codebook.copy_(lut_weight(576, 576, 3, "cuda", i)[1])
         else:
@@ -158,4 +173,4 @@ def test_gpu_cuda_graph_capture_and_compile_through_gqlinear():
         for _ in range(3):  # warmup, record, replay
             y = compiled(x)
     torch.testing.assert_close(y, eager)
-    assert all(m._dense is None for m in layers)
+    assert all(m.kernel.name != "dense" and "weight" not in m._runtime for m in layers)

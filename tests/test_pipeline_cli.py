@@ -11,7 +11,7 @@ import torch
 
 from gq_serve.checkpoint import load_quantized_model
 from gq_serve.cli import main
-from quantize import pipeline
+from gq_quantize import pipeline
 
 from conftest import _TINY_WORDS
 

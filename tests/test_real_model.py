@@ -13,7 +13,7 @@ import torch
 from gq_serve.checkpoint import load_quantized_model
 from gq_serve.cli import main
 from gq_serve.evaluate import perplexity
-from quantize.data import eval_windows
+from gq_quantize.data import eval_windows
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

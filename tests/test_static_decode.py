@@ -4,15 +4,17 @@ across requests, stop/cancel, too-long requests, and the --decode option in engi
 On the CPU the static path runs eagerly (no CUDA graph); the `gpu` test checks the captured graph.
 """
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from gq_serve.bench import add_bench_args, bench_offline
-from gq_serve.decode import iter_tokens, resolve_decode_mode
-from gq_serve.engine import ContextTooLong, Engine, load_model, load_tokenizer
+from gq_serve.bench import bench_offline
+from gq_serve.checkpoint import load_model, load_tokenizer
+from gq_serve.cli import build_parser
+from gq_serve.decode import DynamicDecoder, resolve_decode_mode
+from gq_serve.engine import ContextTooLong, Engine
+from gq_serve.sampling import SamplingParams
 from gq_serve.static_decode import StaticDecoder, _decode_step, bucket_sizes
 
 # (prompt, max_new_tokens): two requests in the same 32-token bucket (the second, shorter one proves
@@ -20,9 +22,13 @@ from gq_serve.static_decode import StaticDecoder, _decode_step, bucket_sizes
 REQUESTS = [([1, 5, 6, 7, 8, 9], 20), ([3, 4], 17), ([3, 4, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], 40)]
 
 
+def run(decoder, prompt, n, temperature=0.0, top_p=1.0, **kw):
+    """decoder.iter_tokens for a request of n tokens (kw: generator, eos_ids, should_stop)."""
+    return decoder.iter_tokens(prompt, SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p), **kw)
+
+
 def dynamic(model, prompt, n, **kw):
-    with torch.inference_mode():
-        return list(iter_tokens(model, prompt, n, **kw))
+    return list(run(DynamicDecoder(model), prompt, n, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def test_greedy_matches_dynamic_across_requests(tiny_lm, decoder):
     for prompt, n in REQUESTS + REQUESTS[:1]:
         expected = dynamic(model, prompt, n)
         assert len(expected) == n
-        assert list(decoder.iter_tokens(prompt, n)) == expected, (prompt, n)
+        assert list(run(decoder, prompt, n)) == expected, (prompt, n)
     assert set(decoder._slots) == {32, 64}  # buckets built once, then reused
 
 
@@ -60,19 +66,19 @@ def test_request_grows_through_buckets(tiny_lm):
     dec = StaticDecoder(model, 128, min_bucket=16)
     prompt = [1, 5, 6, 7, 8, 9]
     expected = dynamic(model, prompt, 100)
-    assert list(dec.iter_tokens(prompt, 100)) == expected  # 105 entries: 16 -> 32 -> 64 -> 128
+    assert list(run(dec, prompt, 100)) == expected  # 105 entries: 16 -> 32 -> 64 -> 128
     assert set(dec._slots) == {16, 32, 64, 128}
     # a long prompt starts in a larger bucket; chat-style max_tokens (the rest of the context)
     # starts small all the same
-    assert list(dec.iter_tokens(list(range(3, 40)), 20)) == dynamic(model, list(range(3, 40)), 20)
-    assert list(dec.iter_tokens(prompt, 122))[:100] == expected
+    assert list(run(dec, list(range(3, 40)), 20)) == dynamic(model, list(range(3, 40)), 20)
+    assert list(run(dec, prompt, 122))[:100] == expected
 
 
 def test_seeded_sampling_matches_dynamic(tiny_lm, decoder):
     model, _ = tiny_lm
     for prompt, n in REQUESTS[:2]:
         expected = dynamic(model, prompt, n, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(5))
-        ours = list(decoder.iter_tokens(prompt, n, temperature=1.0, top_p=0.9,
+        ours = list(run(decoder, prompt, n, temperature=1.0, top_p=0.9,
                                         generator=torch.Generator().manual_seed(5)))
         assert ours == expected
         assert ours != dynamic(model, prompt, n)  # it did sample
@@ -84,7 +90,7 @@ def test_eos_and_should_stop(tiny_lm, decoder):
     full = dynamic(model, prompt, n)
     eos = full[4]
     cut = full[: full.index(eos) + 1]
-    assert list(decoder.iter_tokens(prompt, n, eos_ids=[eos])) == cut == dynamic(model, prompt, n, eos_ids=[eos])
+    assert list(run(decoder, prompt, n, eos_ids=[eos])) == cut == dynamic(model, prompt, n, eos_ids=[eos])
 
     calls = []
 
@@ -92,19 +98,19 @@ def test_eos_and_should_stop(tiny_lm, decoder):
         calls.append(1)
         return len(calls) > 5
 
-    assert list(decoder.iter_tokens(prompt, n, should_stop=stop_after_5)) == full[:5]
+    assert list(run(decoder, prompt, n, should_stop=stop_after_5)) == full[:5]
     assert len(calls) == 6  # checked before every forward, the prefill included
     # A consumer that walks away mid-request (the engine on cancel): the next request starts clean.
-    it = decoder.iter_tokens(prompt, n)
+    it = run(decoder, prompt, n)
     assert [next(it) for _ in range(3)] == full[:3]
     it.close()
-    assert list(decoder.iter_tokens(*REQUESTS[1])) == dynamic(model, *REQUESTS[1])
+    assert list(run(decoder, *REQUESTS[1])) == dynamic(model, *REQUESTS[1])
 
 
 def test_newer_request_invalidates_older_generator(decoder):
-    first = decoder.iter_tokens(*REQUESTS[0])
+    first = run(decoder, *REQUESTS[0])
     next(first)
-    second = decoder.iter_tokens(*REQUESTS[1])
+    second = run(decoder, *REQUESTS[1])
     next(second)
     with pytest.raises(RuntimeError, match="one request at a time"):
         next(first)
@@ -115,11 +121,11 @@ def test_too_long_falls_back_to_dynamic(tiny_lm):
     model, _ = tiny_lm
     small = StaticDecoder(model, 24, min_bucket=16)
     prompt = list(range(3, 15))  # 12 + 13 - 1 = 24 entries: fits; 12 + 14 - 1 = 25: does not
-    assert list(small.iter_tokens(prompt, 13)) == dynamic(model, prompt, 13) and small.fallbacks == 0
-    assert list(small.iter_tokens(prompt, 14)) == dynamic(model, prompt, 14) and small.fallbacks == 1
+    assert list(run(small, prompt, 13)) == dynamic(model, prompt, 13) and small.fallbacks == 0
+    assert list(run(small, prompt, 14)) == dynamic(model, prompt, 14) and small.fallbacks == 1
     assert set(small._slots) == {16, 24}
     with pytest.raises(ValueError, match="empty"):
-        next(small.iter_tokens([], 3))
+        next(run(small, [], 3))
 
 
 def test_failed_capture_degrades_and_still_decodes(tiny_lm, monkeypatch, caplog):
@@ -138,9 +144,9 @@ def test_failed_capture_degrades_and_still_decodes(tiny_lm, monkeypatch, caplog)
     dec.cuda_graph = dec.compile = True  # as on a GPU
     prompt, n = REQUESTS[0]
     with caplog.at_level("WARNING", logger="gq_serve.static_decode"):
-        assert list(dec.iter_tokens(prompt, n)) == dynamic(model, prompt, n)  # bucket 32
+        assert list(run(dec, prompt, n)) == dynamic(model, prompt, n)  # bucket 32
         assert dec.slot_mode(len(prompt), n) == "static+cuda_graph" and tried == [True, False]
-        assert list(dec.iter_tokens(prompt, 40)) == dynamic(model, prompt, 40)  # grows into 64
+        assert list(run(dec, prompt, 40)) == dynamic(model, prompt, 40)  # grows into 64
         assert dec.slot_mode(len(prompt), 40) == "static" and tried == [True, False, True, False]
     assert "compiled CUDA graph capture of the 64-token bucket failed" in caplog.text
 
@@ -148,9 +154,9 @@ def test_failed_capture_degrades_and_still_decodes(tiny_lm, monkeypatch, caplog)
 @pytest.fixture(scope="module")
 def quantized_dir(tiny_lm_dir, tmp_path_factory):
     """The tiny Llama with every linear but lm_head as a random 3-bit LUT (GQLinear) checkpoint."""
-    from quantize.config import QuantizeConfig
-    from quantize.export import export_checkpoint, linear_shapes
-    from quantize.methods.types import LutQuant
+    from gq_quantize.config import QuantizeConfig
+    from gq_quantize.export import export_checkpoint, linear_shapes
+    from gq_kernels.lut.format import LutQuant
 
     g = torch.Generator().manual_seed(0)
     quantized = {
@@ -170,7 +176,7 @@ def test_quantized_checkpoint_matches_dynamic(quantized_dir):
     assert any(isinstance(m, GQLinear) for m in model.modules())
     dec = StaticDecoder(model, 64, min_bucket=32)
     for prompt, n in REQUESTS[:2]:
-        assert list(dec.iter_tokens(prompt, n)) == dynamic(model, prompt, n)
+        assert list(run(dec, prompt, n)) == dynamic(model, prompt, n)
 
 
 def test_step_traces_as_one_graph_for_every_position(tiny_lm):
@@ -219,14 +225,14 @@ def test_engine_static_decode(tiny_lm):
         assert plain.decode == "dynamic" and plain.static_decoder is None
         assert static.static_decoder.max_len == static.max_model_len == 128
         for n, kw in ((16, {}), (9, {}), (12, {"temperature": 1.0, "top_p": 0.8, "seed": 3})):
-            ours = [e.token_id for e in static.generate(prompt, n, ignore_eos=True, **kw)]
-            ref = [e.token_id for e in plain.generate(prompt, n, ignore_eos=True, **kw)]
+            ours = [e.token_id for e in static.generate(prompt, max_tokens=n, ignore_eos=True, **kw)]
+            ref = [e.token_id for e in plain.generate(prompt, max_tokens=n, ignore_eos=True, **kw)]
             assert ours == ref and len(ours) == n
         assert static.static_decoder._request == 3  # the requests did go through the static decoder
         with pytest.raises(ContextTooLong, match="maximum context length is 128"):
             static.submit(list(range(3, 13)), max_tokens=119)
         # the longest admitted request still fits the static cache: no dynamic fallback
-        assert len(list(static.generate(list(range(3, 13)), 118, ignore_eos=True))) == 118
+        assert len(list(static.generate(list(range(3, 13)), max_tokens=118, ignore_eos=True))) == 118
         assert static.static_decoder.fallbacks == 0
     finally:
         static.shutdown()
@@ -242,8 +248,7 @@ def test_bench_offline_static(tiny_lm):
 
 
 def test_bench_cli_decode_flag(tiny_lm_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="gq")
-    add_bench_args(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "offline.json"
     args = parser.parse_args(["bench", "offline", f"tiny={tiny_lm_dir}", "--new-tokens", "4", "--runs", "1",
                               "--dtype", "float32", "--decode", "static", "-o", str(out)])
@@ -257,6 +262,7 @@ def test_bench_cli_decode_flag(tiny_lm_dir, tmp_path, capsys):
 def test_serve_decode_flag_reaches_engine(tiny_lm_dir, monkeypatch):
     import uvicorn
 
+    import gq_serve.engine as engine_mod
     import gq_serve.server as server
     from gq_serve.cli import main
 
@@ -269,7 +275,7 @@ def test_serve_decode_flag_reaches_engine(tiny_lm_dir, monkeypatch):
         def shutdown(self):
             made["shutdown"] = True
 
-    monkeypatch.setattr(server, "Engine", FakeEngine)
+    monkeypatch.setattr(engine_mod, "Engine", FakeEngine)
     monkeypatch.setattr(server, "create_app", lambda engine, name, api_key=None: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     main(["serve", str(tiny_lm_dir), "--decode", "static"])
@@ -290,21 +296,21 @@ def test_cuda_graph_matches_dynamic(tiny_lm_dir, compile_step, monkeypatch):
     assert dec.cuda_graph
     for prompt, n in REQUESTS + REQUESTS[:1]:
         expected = dynamic(model, prompt, n)
-        assert list(dec.iter_tokens(prompt, n)) == expected, (prompt, n)
+        assert list(run(dec, prompt, n)) == expected, (prompt, n)
         # the graph really ran: a failed capture degrades to "static" and must not pass this test
         mode = "static+cuda_graph+compile" if compile_step else "static+cuda_graph"
         assert dec.slot_mode(len(prompt), n) == mode
     seeded = dict(temperature=1.0, top_p=0.9)
-    ours = list(dec.iter_tokens(REQUESTS[1][0], 16, generator=torch.Generator("cuda").manual_seed(1), **seeded))
+    ours = list(run(dec, REQUESTS[1][0], 16, generator=torch.Generator("cuda").manual_seed(1), **seeded))
     ref = dynamic(model, REQUESTS[1][0], 16, generator=torch.Generator("cuda").manual_seed(1), **seeded)
     assert ours == ref
     if compile_step:
         return
-    monkeypatch.setenv("GQ_DECODE_COMPILE", "0")  # one more compile would only cost time here
-    engine = Engine(model, load_tokenizer(str(tiny_lm_dir)), device="cuda")  # auto -> static on CUDA
+    # auto -> static on CUDA; one more compile would only cost time here
+    engine = Engine(model, load_tokenizer(str(tiny_lm_dir)), device="cuda", compile=False)
     try:
         assert engine.decode == "static" and engine.static_decoder.mode == "static+cuda_graph"
-        ours = [e.token_id for e in engine.generate(REQUESTS[0][0], 20, ignore_eos=True)]
+        ours = [e.token_id for e in engine.generate(REQUESTS[0][0], max_tokens=20, ignore_eos=True)]
         assert ours == dynamic(model, REQUESTS[0][0], 20)
     finally:
         engine.shutdown()
@@ -317,5 +323,5 @@ def test_cuda_graph_quantized_matches_dynamic(quantized_dir):
     model = load_model(str(quantized_dir), "cuda", "float16")
     dec = StaticDecoder(model, 64, min_bucket=32, compile=False)
     for prompt, n in REQUESTS[:2]:
-        assert list(dec.iter_tokens(prompt, n)) == dynamic(model, prompt, n), (prompt, n)
+        assert list(run(dec, prompt, n)) == dynamic(model, prompt, n), (prompt, n)
         assert dec.slot_mode(len(prompt), n) == "static+cuda_graph"

@@ -71,7 +71,7 @@ def _build_tokenizer(out: Path) -> None:
 
 def _rtn_lut(w: torch.Tensor, bits: int):
     """Test-only quantizer: per-row uniform grid as a codebook (any codebook is valid ``lut``)."""
-    from quantize.methods.types import LutQuant
+    from gq_kernels.lut.format import LutQuant
 
     lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     codebook = (lo + (hi - lo) * torch.linspace(0, 1, 1 << bits)).half()
@@ -81,7 +81,7 @@ def _rtn_lut(w: torch.Tensor, bits: int):
 
 def _rtn_bcq(w: torch.Tensor, bits: int, group_size: int):
     """Test-only quantizer: asymmetric RTN per (row, group)."""
-    from quantize.methods.types import UniformQuant
+    from gq_kernels.bcq.format import UniformQuant
 
     out_f, in_f = w.shape
     n_g = -(-in_f // group_size)
@@ -95,12 +95,12 @@ def _rtn_bcq(w: torch.Tensor, bits: int, group_size: int):
     return UniformQuant(codes=codes, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
 
 
-def build_checkpoints(root: Path) -> dict[str, Path]:
-    """fp16 source model + lut 3-bit and bcq 4-bit checkpoints under ``root``."""
+def build_checkpoints(root: Path, formats: tuple[str, ...] = ("lut", "bcq")) -> dict[str, Path]:
+    """fp16 source model + lut 3-bit and bcq 4-bit checkpoints (those in ``formats``) under ``root``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantize.config import QuantizeConfig
-    from quantize.export import export_checkpoint
+    from gq_quantize.config import QuantizeConfig
+    from gq_quantize.export import export_checkpoint
 
     src = root / "fp16"
     torch.manual_seed(0)
@@ -127,41 +127,32 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     linears = {n: m.weight.detach().float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     linears.pop("lm_head")
     out = {"fp16": src}
-    out["lut"] = export_checkpoint(
-        src, {n: _rtn_lut(w, 3) for n, w in linears.items()}, QuantizeConfig(method="squeezellm", bits=3), root / "lut3"
-    )
-    out["bcq"] = export_checkpoint(
-        src,
-        {n: _rtn_bcq(w, 4, BCQ_GROUP) for n, w in linears.items()},
-        QuantizeConfig(method="rtn", bits=4, group_size=BCQ_GROUP),
-        root / "bcq4",
-    )
+    if "lut" in formats:
+        out["lut"] = export_checkpoint(src, {n: _rtn_lut(w, 3) for n, w in linears.items()},
+                                       QuantizeConfig(method="squeezellm", bits=3), root / "lut3")
+    if "bcq" in formats:
+        out["bcq"] = export_checkpoint(src, {n: _rtn_bcq(w, 4, BCQ_GROUP) for n, w in linears.items()},
+                                       QuantizeConfig(method="rtn", bits=4, group_size=BCQ_GROUP), root / "bcq4")
     return out
 
 
 def dequantized_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 state dict of ``ckpt`` with every quantized linear replaced by W_hat (kernels' reference)."""
+    """fp32 state dict of ``ckpt`` with every quantized linear replaced by W_hat (the format's reference)."""
     from safetensors.torch import load_file
 
-    from kernels.bcq import reference as bcq_ref
-    from kernels.lut import reference as lut_ref
+    from gq_serve.checkpoint import read_quantization_config
 
-    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    qc = read_quantization_config(ckpt)
+    fmt = qc.format_impl
     raw = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         raw.update(load_file(f))
-    state = {}
-    for name, t in raw.items():
-        if name.endswith(".qweight"):
-            mod = name[: -len(".qweight")]
-            in_f = _in_features(mod)
-            if qc["format"] == "lut":
-                w = lut_ref.dequantize_packed(t, raw[f"{mod}.codebook"], in_f)
-            else:
-                w = bcq_ref.dequantize_packed(t, raw[f"{mod}.scales"], raw[f"{mod}.offsets"], qc["group_size"], in_f)
-            state[f"{mod}.weight"] = w
-        elif not name.endswith((".codebook", ".scales", ".offsets")):
-            state[name] = t.float()
+    suffixes = tuple(fmt.tensors(qc.params, 1, 1))
+    modules = {n.rpartition(".")[0] for n in raw if n.endswith("." + suffixes[0])}
+    state = {n: t.float() for n, t in raw.items() if n.rpartition(".")[0] not in modules}
+    for mod in modules:
+        tensors = {s: raw[f"{mod}.{s}"] for s in suffixes}
+        state[f"{mod}.weight"] = fmt.dequantize(tensors, qc.params, _in_features(mod))
     return state
 
 
@@ -171,6 +162,7 @@ def _in_features(module: str) -> int:
 
 def reference_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> list[int]:
     """Greedy tokens of a plain fp32 transformers Llama holding the dequantized weights (no EOS stop)."""
+    from conftest import greedy_tokens  # here, not at the top: vLLM's workers import this module
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg_dict = json.loads((ckpt / "config.json").read_text())
@@ -179,14 +171,7 @@ def reference_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> li
     model = LlamaForCausalLM(cfg).float().eval()
     missing, unexpected = model.load_state_dict(dequantized_state(ckpt), strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
-    ids = torch.tensor([prompt_ids])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(ids).logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-    return out
+    return greedy_tokens(model, prompt_ids, n)
 
 
 # ============================================================================================ fixtures
@@ -280,7 +265,7 @@ def test_register_is_idempotent_and_config_validates():
     assert cls.get_name() == "guidedquant"
     good = {"quant_method": "guidedquant", "format": "bcq", "bits": 4, "format_version": 1, "group_size": 16}
     cfg = cls.from_config(dict(good, modules_to_not_convert=["lm_head"]))
-    assert (cfg.format, cfg.bits, cfg.group_size) == ("bcq", 4, 16)
+    assert (cfg.format, cfg.params.bits, cfg.params.group_size) == ("bcq", 4, 16)
     for bad, msg in [
         (dict(good, format_version=2), "format_version"),
         (dict(good, bits=5), "bits"),
@@ -301,7 +286,7 @@ def test_loader_refuses_bad_tensor_by_name():
     import gq_serve.vllm_plugin as plugin
 
     plugin.register()
-    from gq_serve.vllm_plugin.config import GuidedQuantLinearMethodBase as Base
+    from gq_serve.vllm_plugin.linear_method import GuidedQuantLinearMethod as Base
 
     layer = SimpleNamespace(prefix="model.layers.0.mlp.down_proj")
     calls = []
@@ -335,7 +320,7 @@ def test_launch_command_and_env(tmp_path):
     from gq_serve.vllm_launch import vllm_env, vllm_serve_command
 
     (tmp_path / "config.json").write_text("{}")
-    argv = vllm_serve_command(tmp_path, "127.0.0.1", 8123, "k", ["--dtype", "float32"])
+    argv = vllm_serve_command(tmp_path, "127.0.0.1", 8123, ["--dtype", "float32"])
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--quantization") + 1] == "guidedquant" and argv[-2:] == ["--dtype", "float32"]
     env = vllm_env(base={}, run_dir=tmp_path / "run")
@@ -344,18 +329,32 @@ def test_launch_command_and_env(tmp_path):
         assert env[k].startswith(str(tmp_path / "run"))
 
 
+def test_launch_keeps_the_key_out_of_argv_and_passes_the_kernel(tiny_ckpts, monkeypatch):
+    from gq_serve import vllm_launch
+
+    seen = {}
+    monkeypatch.setattr(vllm_launch, "check_vllm_installed", lambda: None)
+    monkeypatch.setattr(vllm_launch.os, "execve", lambda exe, argv, env: seen.update(argv=argv, env=env))
+    vllm_launch.vllm_serve_main(tiny_ckpts["bcq"], api_key="s3cret", kernel="reference")
+    assert "s3cret" not in " ".join(seen["argv"]) and seen["env"]["VLLM_API_KEY"] == "s3cret"
+    overrides = json.loads(seen["argv"][seen["argv"].index("--hf-overrides") + 1])
+    qc = overrides["quantization_config"]
+    assert qc["kernel"] == "reference" and qc["format"] == "bcq" and qc["group_size"] == BCQ_GROUP
+    with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+        vllm_launch.vllm_serve_command(tiny_ckpts["bcq"], kernel="fast")
+
+
 # ============================================================================================ offline LLM
-def _run_offline(ckpt: Path, tp: int, out_json: Path, run_dir: Path, extra_env: dict | None = None) -> dict:
+def _run_offline(ckpt: Path, tp: int, out_json: Path, run_dir: Path, kernel: str = "auto") -> dict:
     from gq_serve.vllm_launch import vllm_env
 
     env = vllm_env(run_dir=run_dir)
-    env.update(extra_env or {})
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships a function to the workers
     if tp > 1:
         env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     t0 = time.time()
     r = subprocess.run(
-        [sys.executable, __file__, "offline", str(ckpt), str(tp), str(out_json)],
+        [sys.executable, __file__, "offline", str(ckpt), str(tp), str(out_json), kernel],
         env=env, capture_output=True, text=True, timeout=900,
     )
     if r.returncode != 0:
@@ -410,13 +409,12 @@ def test_offline_llm_bcq_tensor_parallel_2(tiny_ckpts, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lut", "bcq"])
 def test_offline_llm_packed_path_tensor_parallel_2(tiny_ckpts, tmp_path, fmt):
-    """The GPU path's tensor handling, on the CPU: with GQ_VLLM_FORCE_PACKED=1 layers keep packed
-    tensors and ``apply`` calls kernels.ops (the reference on the CPU). Covers the rank-local
-    repacking of a mid-word split (lut down_proj: 88 columns per rank), group slicing of a
-    row-parallel rank (bcq o_proj) and the dense fallback of a mid-group split (bcq down_proj)."""
-    from gq_serve.vllm_plugin.config import FORCE_PACKED_ENV
-
-    res = _run_offline(tiny_ckpts[fmt], 2, tmp_path / "out.pt", tmp_path / "run", {FORCE_PACKED_ENV: "1"})
+    """The GPU path's tensor handling, on the CPU: with the ``reference`` kernel (asked for through
+    vLLM's hf_overrides, as `gq serve --engine vllm --kernel` does) layers keep packed tensors and
+    ``apply`` computes from them on every call. Covers the rank-local repacking of a mid-word split
+    (lut down_proj: 88 columns per rank), group slicing of a row-parallel rank (bcq o_proj) and the
+    dense fallback of a mid-group split (bcq down_proj)."""
+    res = _run_offline(tiny_ckpts[fmt], 2, tmp_path / "out.pt", tmp_path / "run", kernel="reference")
     for rank, layers in enumerate(res["packed"]):
         for name, is_packed in layers.items():
             # bcq rank 1's down_proj starts at column 88, inside a group of 16: the one dense fallback.
@@ -448,7 +446,8 @@ def test_completion_greedy_matches_transformers(client, vllm_server):
 def test_three_engines_agree_on_greedy_tokens(client, vllm_server):
     """vLLM with the plugin, our embedded engine (`--engine hf`) and plain transformers holding the
     dequantized weights produce the same first N_TOKENS greedy tokens from one checkpoint."""
-    from gq_serve.engine import Engine, load_model, load_tokenizer
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
 
     ckpt = vllm_server["ckpt"]
     r = client.completions.create(
@@ -507,7 +506,7 @@ def _grab_weights(model) -> dict:
     out = {}
     for n, m in model.named_modules():
         if n.endswith(names):
-            if m.gq_kernel:
+            if m.gq_kernel.name != "dense":
                 eye = torch.eye(m.gq_partition["in_pp"], dtype=torch.float32)
                 out[n] = m.quant_method.apply(m, eye).T.contiguous()
             else:
@@ -518,16 +517,19 @@ def _grab_weights(model) -> dict:
 def _grab_packed(model) -> dict:
     """Runs in each vLLM worker: which quantized layers kept packed weights (the kernel path)."""
     names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    return {n: bool(m.gq_kernel) for n, m in model.named_modules() if n.endswith(names)}
+    return {n: m.gq_kernel.name != "dense" for n, m in model.named_modules() if n.endswith(names)}
 
 
-def _offline_main(ckpt: str, tp: int, out: str) -> None:
+def _offline_main(ckpt: str, tp: int, out: str, kernel: str) -> None:
     """Offline vLLM run: greedy tokens + every rank's dense weights of the fused / row layers."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from gq_serve.vllm_launch import kernel_overrides
+
+    overrides = kernel_overrides(Path(ckpt), kernel) if kernel != "auto" else None
     llm = LLM(model=ckpt, quantization="guidedquant", dtype="float32", enforce_eager=True,
-              tensor_parallel_size=tp, max_model_len=256, max_num_seqs=4)
+              tensor_parallel_size=tp, max_model_len=256, max_num_seqs=4, hf_overrides=overrides)
     sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
     res = llm.generate([TokensPrompt(prompt_token_ids=PROMPT_IDS)], sp)
     tokens = list(res[0].outputs[0].token_ids)
@@ -543,5 +545,5 @@ def _offline_main(ckpt: str, tp: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "offline":
-        _offline_main(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) == 6 and sys.argv[1] == "offline":
+        _offline_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])

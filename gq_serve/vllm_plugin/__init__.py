@@ -8,7 +8,7 @@ working for users who serve with the transformers engine and never installed vLL
 """
 from __future__ import annotations
 
-QUANT_METHOD = "guidedquant"
+from gq_kernels.schema import QUANT_METHOD
 
 _registered = False
 

@@ -46,17 +46,12 @@ With ``q = sum_b 2^b beta_b`` (bit planes ``beta_b`` in {0, 1})::
    zero-fill). Every output element is written exactly once (rows >= N are clamped for loads and
    masked for stores).
 
-Per-weight cost (sm_90 SASS of the offline Triton 3.6 compile, group mode 1): per table lookup
-SHF + LOP3/SGXT (nibble, pre-scaled), LEA + LEA.HI.X (64-bit address; the chunk offset folds into
-the immediate), LDG and an FFMA / FADD per x row. Loop body per 128-column tile: 604 instructions
-at BLOCK_M = 1, 3 bits (~4.7 instr / weight; 96 gathers + 3 plane vectors + scales); 1225 at
-BLOCK_M = 4, 4 bits (~2.4 instr per weight and x row, LDG.128 gathers); 42 / 70 registers.
-Both the instructions and the bytes per weight scale with bits, so at batch 1 the H100 issue rate
-(132 SMs x 4 schedulers x ~1.75 GHz x 32 lanes ~ 29.6 T lane-instr/s; ~6.3 T weights/s at 3 bits)
-caps the kernel near ~70% of the HBM roofline (3.35 TB/s / (3/8 B) ~ 8.9 T weights/s at 3 bits)
-for 2, 3 and 4 bits alike: issue bound, not L1 bound. Batches 2..16 cost ~half the instructions
-per weight and x row, so they stay memory bound longer. The per-tile s / o
-loads are uncoalesced (one row per lane): ~2 x 16 L1 wavefronts per tile and warp vs. ~96 gathers.
+Per weight and table lookup the loop spends a nibble cut (SHF + LOP3/SGXT), a 64-bit gather
+address (LEA + LEA.HI.X; the chunk offset folds into the immediate), the gather and an FFMA / FADD
+per x row; instructions and bytes per weight both scale with bits, so at batch 1 the kernel is
+issue-bound at a fixed fraction of the memory roofline for every width. Static counts and that
+fraction: docs/results.md, "Static instruction counts". The per-tile s / o loads are uncoalesced
+(one row per lane), a small cost next to the gathers.
 
 What to tune on the GPU (``benchmarks/kernels.py``; nothing could be timed when this was written):
   * ``_TARGET_WARPS`` / SPLIT_K (occupancy vs. the reduce launch and its [SPLIT_K, M, N] traffic);
@@ -84,8 +79,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import packed_words
-from kernels.triton_common import cast_out, pick_column
+from gq_kernels.packing import packed_words
+from gq_kernels.triton_common import cast_out, pick_column
 
 SUPPORTED_BITS = (2, 3, 4)
 MAX_GEMV_ROWS = 16

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import pack_bitplanes, unpack_bitplanes
+from gq_kernels.packing import pack_bitplanes, unpack_bitplanes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

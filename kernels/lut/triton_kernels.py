@@ -44,36 +44,14 @@ wavefront per 32 weights), and the lanes split K.
    is shuffle-heavy (~15-22 instructions per weight) but shared by all x rows, which from 5 rows
    on beats repeating the lane kernel per 4 rows.
 
-Lane-instructions per weight at M = 1, and per weight and x row at M = 2..8, from the offline
-sm_90 SASS of the Triton 3.9 compile (``benchmarks/kernel_sass.py``: K-loop body, or the whole
-kernel when K is a single chunk; shapes 4096x4096 / 4096x11008). "Before" at M = 1 is the earlier
-tile kernel.
-
-    bits  budget  M=1 before  M=1 after    M=2 after/row  M=4 after/row  M=8 /row (dot)  lanes x2 at M=8
-    2     ~2.2    17.2        7.0 / 7.0    4.5 / 4.4      2.8 / 2.7      1.71            2.77
-    3     ~3.3    20.3        7.3 / 7.4    4.6 / 4.5      2.8 / 2.8      2.04            2.84
-    4     ~4.4    25.6        7.6 / 7.8    4.7 / 4.8      2.9 / 2.9      2.68            2.91
-
-Triton 3.6 (the version on this project's H100 machine) counts the same to within ~0.1: M = 1
-7.0 / 7.0, 7.3 / 7.3, 7.5 / 7.8; M = 2 per row 4.5 / 4.4, 4.6 / 4.5, 4.7 / 4.7 (2 / 3 / 4 bits,
-4096x4096 / 4096x11008). Before the flat slot axis (above) its 4096x11008 loop held 32 STS, 32
-LDS and 64 BAR per iteration and counted 11.3 / 11.7 / 12.2 at M = 1.
-
-(M = 8 keeps the earlier tl.dot kernel: it counts fewer per x row than two lane programs. For
-comparison the bcq kernel counts 3.3 / 5.0 / 6.2 at M = 1.)
-
-The budget is H100 issue rate / HBM rate: 29.6 T lane-instr/s vs 3.35 TB/s at bits/8 B per weight.
-After: ~2.4-3.3x fewer instructions than before at batch 1, still ~3x / 2.2x / 1.7x over the
-budget at 2 / 3 / 4 bits, so the batch-1 targets (>= 70% of copy bandwidth) are not expected.
-Where they go (2 bits, per weight): SHF 1, LEA 2, LDG 1.25, FFMA 1, LOP3 ~0.4, rest ~0.3
-(prologue, reduction). Passing an int32 offset from the codebook argument instead of a per-row
-pointer (hoping for one IMAD.WIDE) counted worse (7.7). What would close the gap, none of it expressible in portable
-Triton: a register LUT (the row's 4..16 codebook values packed in registers, selected with PRMT /
-byte permutes via inline PTX) would drop the address + LDG (3 of ~7); a 32-bit shared-memory
-address instead of a 64-bit global one would drop one LEA; multilinear x-tables (cb(v) as
-sum_S a_S prod_b beta_b, looked up in bcq-style 4-column partial-sum tables, 3 lookups per 4
-columns at 2 bits) need one-row-per-thread and cost ~4.7 by the bcq kernel's count, only
-better at 2 bits and not implemented here. Nothing here was timed on a GPU.
+Static instruction counts per weight (offline sm_90 SASS, ``benchmarks/kernel_sass.py``) and the
+issue budget they are compared with are in docs/results.md, "Static instruction counts". Per
+weight at batch 1 the loop spends a nibble shift, a 64-bit gather address (two LEA), a gather
+and an FFMA. What would remove most of that, none of it expressible in portable Triton: a register
+codebook (the row's 4..16 values packed in registers and selected with PRMT byte permutes via
+inline PTX) drops the address and the gather; a 32-bit shared-memory address instead of a 64-bit
+global one drops one LEA. Multilinear x-tables (bcq-style 4-column partial sums, 3 lookups per 4
+columns at 2 bits) need one row per thread and would only pay at 2 bits.
 
 Dequantize: the decode over a 2-D grid of tiles, storing W_hat in fp16/bf16/fp32, for prefill and
 large batches (dense matmul afterwards); bit-exact with the reference.
@@ -87,8 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.packing import packed_words
-from kernels.triton_common import bf16_rounded_bits, cast_out, pick_column
+from gq_kernels.packing import packed_words
+from gq_kernels.triton_common import bf16_rounded_bits, cast_out, pick_column
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MAX_GEMV_ROWS = 16

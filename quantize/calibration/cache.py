@@ -25,12 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -46,8 +44,8 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 from .hessians import LayerHessians, coarsen_groups, hessian_pass
 from .saliency import GRAD_SCALE, check_groups, quantizable_linears, saliency_for_windows
-from quantize.assets import sha256_file
-from quantize.data import data_hash
+from gq_serve.util import atomic_write, package_version, sha256_file
+from gq_quantize.data import data_hash
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_WINDOWS = 16  # saliency resume granularity; each chunk rewrites the Fisher sum
@@ -83,13 +81,6 @@ def model_hash(model_dir: Path | None, linears: dict[str, nn.Linear]) -> str:
             h.update(f"{p.name}:{p.stat().st_size}".encode())
     h.update(model_fingerprint(linears).encode())
     return h.hexdigest()
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version("gq-serve")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 # ---------------------------------------------------------------- device / dtype
@@ -220,7 +211,7 @@ class CalibrationCache:
     def _new_manifest(ident: dict, linears: dict[str, nn.Linear], num_layers: int) -> dict:
         return {
             "format_version": FORMAT_VERSION,
-            "package_version": _package_version(),
+            "package_version": package_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **ident,
             "dtype": "float32",
@@ -259,28 +250,14 @@ class CalibrationCache:
                 )
 
     def _write_manifest(self) -> None:
-        self._atomic_write(self.path / "manifest.json",
-                           lambda tmp: tmp.write_text(json.dumps(self._manifest, indent=1, sort_keys=True)))
+        atomic_write(self.path / "manifest.json", json.dumps(self._manifest, indent=1, sort_keys=True))
 
     # ---- files ----------------------------------------------------------------
-    @staticmethod
-    def _atomic_write(path: Path, write) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
     def _save(self, rel: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
         """Atomically write a safetensors file and record its checksum (manifest saved by caller)."""
         path = self.path / rel
         tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in tensors.items()}
-        self._atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self._manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         self._verified.add(rel)
 

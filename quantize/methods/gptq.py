@@ -6,11 +6,15 @@ quantized columns through the upper Cholesky factor of H^-1, with GPTQ's lazy bl
 """
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
-from .objective import quadratic_objective
-from .rtn import n_groups, quantize_to_grid, uniform_grid
-from .types import UniformQuant
+import torch
+from pydantic import Field
+
+from gq_kernels.bcq.format import UniformQuant
+from gq_quantize.methods.objective import quadratic_objective
+from gq_quantize.methods.registry import register_method
+from gq_quantize.methods.rtn import UniformGridOptions, n_groups, quantize_to_grid, uniform_grid
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -122,3 +126,18 @@ def gptq(
     q.stats["objective"] = quadratic_objective(w, q.dequantize(), H)
     q.stats["damp"] = used_damp
     return q
+
+
+class GPTQConfig(UniformGridOptions):
+    """GPTQ onto the uniform grid; with --guided, GuidedQuant's per-group Hessians."""
+
+    name: ClassVar[str] = "gptq"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
+    gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
+
+
+@register_method(GPTQConfig)
+def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, fisher, cfg: GPTQConfig) -> UniformQuant:
+    return gptq(w, hessian, cfg.bits, group_size=cfg.group_size, sym=cfg.sym, damp=cfg.gptq_damp,
+                block=cfg.gptq_block)

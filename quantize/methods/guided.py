@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from .objective import as_groups, check_groups
-from .types import LutQuant, UniformQuant
+from gq_kernels.format import QuantResult
+from gq_quantize.methods.objective import as_groups, check_groups
 
 # Keyword arguments holding one entry per output row: they are sliced along with w.
 ROW_ALIGNED_KWARGS = ("init", "fisher", "fisher_diag")
@@ -24,34 +24,23 @@ def accepts_grouped_hessian(quantizer: Callable) -> bool:
 
 
 def _slice_rows(value, r0: int, r1: int, out_f: int):
-    if isinstance(value, LutQuant):
-        return LutQuant(codes=value.codes[r0:r1], codebook=value.codebook[r0:r1], bits=value.bits)
+    if isinstance(value, QuantResult):
+        return value.slice_rows(r0, r1)
     if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == out_f:
         return value[r0:r1]
     return value
 
 
-def concat_results(parts: list[LutQuant | UniformQuant]) -> LutQuant | UniformQuant:
+def concat_results(parts: list[QuantResult]) -> QuantResult:
     """Stack per-group results along the output dimension.
 
     ``stats``: ``objective`` is the sum over groups; ``objective_history`` the element-wise sum
     when all groups recorded the same steps; the per-group stats are kept under ``group_stats``.
     """
     first = parts[0]
-    if isinstance(first, LutQuant):
-        res = LutQuant(
-            codes=torch.cat([p.codes for p in parts]), codebook=torch.cat([p.codebook for p in parts]), bits=first.bits
-        )
-    elif isinstance(first, UniformQuant):
-        res = UniformQuant(
-            codes=torch.cat([p.codes for p in parts]),
-            scales=torch.cat([p.scales for p in parts]),
-            offsets=torch.cat([p.offsets for p in parts]),
-            bits=first.bits,
-            group_size=first.group_size,
-        )
-    else:
+    if not isinstance(first, QuantResult):
         raise TypeError(f"unsupported quantizer result {type(first).__name__}")
+    res = type(first).concat(parts)
     if all("objective" in p.stats for p in parts):
         res.stats["objective"] = float(sum(p.stats["objective"] for p in parts))
     hists = [p.stats.get("objective_history") for p in parts]
@@ -64,7 +53,7 @@ def concat_results(parts: list[LutQuant | UniformQuant]) -> LutQuant | UniformQu
     return res
 
 
-def guided_quantize(quantizer: Callable, w: torch.Tensor, H_groups: torch.Tensor, **kw) -> LutQuant | UniformQuant:
+def guided_quantize(quantizer: Callable, w: torch.Tensor, H_groups: torch.Tensor, **kw) -> QuantResult:
     """Run ``quantizer(w_k, H_k, **kw)`` on every output-channel group and concatenate.
 
     Args:

@@ -26,13 +26,16 @@ which is the Hessian-weighted k-means that the layer objective implies when H is
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
+from pydantic import Field
 
-from .objective import as_groups, check_groups, quadratic_objective_rows
-from .squeezellm import weighted_kmeans
-from .types import LutQuant
+from gq_kernels.lut.format import LutQuant
+from gq_quantize.methods.base import MethodConfig
+from gq_quantize.methods.objective import as_groups, check_groups, quadratic_objective_rows
+from gq_quantize.methods.registry import register_method
+from gq_quantize.methods.squeezellm import weighted_kmeans
 
 CD_VARIANTS = ("naive", "closed_form", "precompute", "lazy")
 
@@ -380,5 +383,24 @@ def lnq(
     return q
 
 
+class LNQConfig(MethodConfig):
+    """LNQ (GuidedQuant paper, Algorithms 2-4); with --guided, LNQ + GuidedQuant."""
+
+    name: ClassVar[str] = "lnq"
+    format: ClassVar[str] = "lut"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian", "fisher"})
+    lnq_iters: int = Field(2, ge=1, description="LNQ T: alternations of codebook update and assignment")
+    lnq_cd_sweeps: int = Field(4, ge=1, description="LNQ K: coordinate-descent sweeps per assignment step")
+    lnq_lambda: float = Field(1e-7, ge=0.0, description="LNQ: ridge on the codebook least squares")
+    kmeans_iters: int = Field(50, ge=1, description="weighted k-means iterations (SqueezeLLM, LNQ's initialisation)")
+
+
+@register_method(LNQConfig)
+def quantize_lnq(w: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor | None, cfg: LNQConfig) -> LutQuant:
+    return lnq(w, hessian, cfg.bits, T=cfg.lnq_iters, K=cfg.lnq_cd_sweeps, lam=cfg.lnq_lambda, fisher=fisher,
+               kmeans_iters=cfg.kmeans_iters, track_objective=False)
+
+
 # LNQ handles [g, in, in] natively (all groups batched), so guided_quantize calls it once.
 lnq.accepts_grouped_hessian = True
+quantize_lnq.accepts_grouped_hessian = True

@@ -1,21 +1,27 @@
-"""Round-to-nearest onto a uniform min/max grid (``bcq`` format), per output channel or per group.
+"""RTN: round-to-nearest onto a uniform min/max grid (``bcq`` format), per output channel or per group.
 
-The grid helpers here are shared with GPTQ so both methods produce the same kind of grid.
+The grid helpers and the grid options are shared with GPTQ so both methods produce the same kind
+of grid.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+from pydantic import Field
 
-from .types import UniformQuant
+from gq_kernels.bcq.format import UniformQuant
+from gq_kernels.bcq.reference import n_groups
+from gq_quantize.methods.base import MethodConfig
+from gq_quantize.methods.registry import register_method
 
 
-def n_groups(in_features: int, group_size: int) -> int:
-    """Number of input groups per row: 1 for per-channel (``group_size == -1``)."""
-    if group_size == -1:
-        return 1
-    if group_size < 1:
-        raise ValueError(f"group_size must be -1 or >= 1, got {group_size}")
-    return -(-in_features // group_size)
+class UniformGridOptions(MethodConfig):
+    """The uniform grid of the ``bcq`` format (RTN, GPTQ)."""
+
+    format: ClassVar[str] = "bcq"
+    group_size: int = Field(-1, description="inputs per scale and offset; -1: one pair per output channel")
+    sym: bool = Field(False, description="symmetric grid around zero (uniform methods)")
 
 
 def uniform_grid(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +97,14 @@ def rtn(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False) -> 
     q = UniformQuant(codes=codes, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
     q.stats["sq_error"] = float(((q.dequantize().double() - w.double()) ** 2).sum())
     return q
+
+
+class RTNConfig(UniformGridOptions):
+    """Round to nearest: no calibration data."""
+
+    name: ClassVar[str] = "rtn"
+
+
+@register_method(RTNConfig)
+def quantize_rtn(w: torch.Tensor, hessian, fisher, cfg: RTNConfig) -> UniformQuant:
+    return rtn(w, cfg.bits, group_size=cfg.group_size, sym=cfg.sym)

@@ -6,9 +6,14 @@ gradients of the loss w.r.t. that weight) in SqueezeLLM. All rows are clustered 
 """
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
-from .types import LutQuant
+import torch
+from pydantic import Field
+
+from gq_kernels.lut.format import LutQuant
+from gq_quantize.methods.base import MethodConfig
+from gq_quantize.methods.registry import register_method
 
 
 def nearest_codes(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -160,3 +165,17 @@ def squeezellm(w: torch.Tensor, fisher_diag: torch.Tensor, bits: int, iters: int
         LutQuant as :func:`weighted_kmeans`.
     """
     return weighted_kmeans(w, fisher_diag, bits, iters=iters)
+
+
+class SqueezeLLMConfig(MethodConfig):
+    """Fisher-weighted per-row k-means (the dense part of SqueezeLLM)."""
+
+    name: ClassVar[str] = "squeezellm"
+    format: ClassVar[str] = "lut"
+    needs: ClassVar[frozenset[str]] = frozenset({"fisher"})
+    kmeans_iters: int = Field(50, ge=1, description="weighted k-means iterations (SqueezeLLM, LNQ's initialisation)")
+
+
+@register_method(SqueezeLLMConfig)
+def quantize_squeezellm(w: torch.Tensor, hessian, fisher: torch.Tensor, cfg: SqueezeLLMConfig) -> LutQuant:
+    return squeezellm(w, fisher, cfg.bits, iters=cfg.kmeans_iters)

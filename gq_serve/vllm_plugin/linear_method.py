@@ -1,0 +1,142 @@
+"""The vLLM linear method of every GuidedQuant format.
+
+Parameters are the format's checkpoint tensors (:meth:`gq_kernels.format.Format.tensors`), plain
+``torch.nn.Parameter``s tagged with ``set_weight_attrs`` (``output_dim``, ``input_dim``,
+``weight_loader``). That is the v1 loader protocol: vLLM hands v1 loaders to every linear method not
+on its internal ``WEIGHT_LOADER_V2_SUPPORTED`` list, and it is the same in vLLM 0.26 and 0.32,
+whereas the v2 parameter classes only load through layers that opted in. With it:
+  * column-parallel / fused (qkv_proj, gate_up_proj) layers narrow ``output_dim`` to the shard's
+    slot and the rank's rows: formats store output channels along a plain dimension, so that is a
+    slice;
+  * row-parallel layers narrow ``input_dim`` by the rank. That is only right when the rank's column
+    range falls on the unit boundaries of every input-indexed tensor (32-column words, groups);
+    otherwise no tensor gets ``input_dim`` (vLLM then loads them whole on every rank) and, after
+    loading, the format cuts the rank's columns out (``Format.slice_columns``), or, when it cannot
+    express them, the rank keeps a dense weight of its columns.
+After loading, the layer's kernel is chosen once (``gq_kernels.registry.choose_kernel``, the same
+choice ``GQLinear`` makes) and prepares what ``apply`` reads.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from gq_kernels.format import LinearSpec
+from gq_kernels.kernel import DenseKernel
+from gq_kernels.registry import choose_kernel, get_format
+
+log = logging.getLogger(__name__)
+
+
+class GuidedQuantLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config) -> None:
+        self.quant_config = quant_config
+
+    # Helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def checked_loader(layer, name: str, dtype: torch.dtype, fixed_dims: dict[int, int], inner):
+        """Wrap vLLM's loader so a wrong tensor is refused with its name, not a bare shape assert.
+
+        ``fixed_dims`` maps a dim to the size every on-disk tensor must have there (dims vLLM never
+        slices, e.g. the bit planes or the codebook width).
+        """
+
+        def load(param, loaded_weight, *args, **kwargs):
+            full = f"{layer.prefix}.{name}" if getattr(layer, "prefix", "") else name
+            if loaded_weight.dtype != dtype:
+                raise ValueError(f"guidedquant: {full} must be {dtype}, the checkpoint has {loaded_weight.dtype}")
+            bad = {d: n for d, n in fixed_dims.items() if loaded_weight.dim() <= d or loaded_weight.shape[d] != n}
+            if loaded_weight.dim() != param.dim() or bad:
+                raise ValueError(
+                    f"guidedquant: {full} has shape {tuple(loaded_weight.shape)}; expected {param.dim()} dims with "
+                    + ", ".join(f"dim {d} == {n}" for d, n in fixed_dims.items())
+                )
+            return inner(param, loaded_weight, *args, **kwargs)
+
+        return load
+
+    @staticmethod
+    def add_param(layer, name: str, data: torch.Tensor, attrs: dict) -> None:
+        p = torch.nn.Parameter(data, requires_grad=False)
+        set_weight_attrs(p, attrs)
+        layer.register_parameter(name, p)
+
+    # vLLM API ---------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        loader = extra_weight_attrs.pop("weight_loader")
+        fmt, params = get_format(self.quant_config.format), self.quant_config.params
+        out_pp = sum(output_partition_sizes)
+        in_pp = input_size_per_partition
+        row_parallel = in_pp != input_size
+        # LinearBase sets tp_rank before create_weights runs (0 for replicated / disable_tp layers).
+        in_start = getattr(layer, "tp_rank", 0) * in_pp if row_parallel else 0
+        on_disk = fmt.tensors(params, out_pp, input_size)  # this layer's rows, every column
+        shard = row_parallel and all(
+            s.in_dim is None or (in_start % s.in_unit == 0 and in_pp % s.in_unit == 0) for s in on_disk.values())
+        stored = fmt.tensors(params, out_pp, in_pp) if shard else on_disk
+        for name, spec in stored.items():
+            attrs = dict(extra_weight_attrs)
+            sliced = set()
+            if spec.out_dim is not None:
+                attrs["output_dim"] = spec.out_dim
+                sliced.add(spec.out_dim)
+            if shard and spec.in_dim is not None:
+                attrs["input_dim"] = spec.in_dim
+                sliced.add(spec.in_dim)
+            fixed = {d: n for d, n in enumerate(on_disk[name].shape) if d not in sliced}
+            attrs["weight_loader"] = self.checked_loader(layer, name, spec.dtype, fixed, loader)
+            self.add_param(layer, name, torch.empty(spec.shape, dtype=spec.dtype), attrs)
+        # What process_weights_after_loading needs; a plain attribute, not state vLLM would try to load.
+        layer.gq_partition = {
+            "in_start": in_start,  # first input column of this rank in the full matrix
+            "in_pp": in_pp,
+            "input_size": input_size,
+            "out_pp": out_pp,
+            "loaded_whole": row_parallel and not shard,  # every column loaded: cut this rank's out
+            "names": tuple(stored),
+            "params_dtype": params_dtype,
+        }
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        part = layer.gq_partition
+        fmt, qc = get_format(self.quant_config.format), self.quant_config
+        tensors = {name: getattr(layer, name).data for name in part["names"]}
+        device = next(iter(tensors.values())).device
+        dtype = part["params_dtype"]
+        spec = LinearSpec(qc.params, part["out_pp"], part["in_pp"])
+        local = tensors
+        if part["loaded_whole"]:
+            local = fmt.slice_columns(tensors, qc.params, part["input_size"], part["in_start"], part["in_pp"])
+        if local is None:
+            # The format has no packed form of this rank's columns: keep their dense weight.
+            lo = part["in_start"]
+            w = fmt.dequantize(tensors, qc.params, part["input_size"])[:, lo:lo + part["in_pp"]]
+            kernel = DenseKernel(spec, device, dtype)
+            # device= explicitly: a tensor made without it lands on the CPU and only fails on a GPU.
+            runtime = {"weight": w.to(device=device, dtype=dtype)}
+            log.info("guidedquant: %s keeps a dense weight (columns %d.. of a %s split)", getattr(layer, "prefix", ""),
+                     lo, fmt.name)
+        else:
+            kernel = choose_kernel(spec, device, dtype, prefer=qc.checkpoint.kernel)
+            runtime = kernel.prepare(local)
+        # The loaded tensors go; what apply reads is registered in their place.
+        for name in part["names"]:
+            delattr(layer, name)
+        for name, t in runtime.items():
+            layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+        layer.gq_kernel, layer.gq_runtime = kernel, tuple(runtime)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return layer.gq_kernel.apply({name: getattr(layer, name) for name in layer.gq_runtime}, x, bias)

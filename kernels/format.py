@@ -1,0 +1,210 @@
+"""What a checkpoint format is: its parameters, the tensors of one quantized linear, the result
+type its quantizers return, and its PyTorch reference (the specification every kernel reproduces).
+
+A format is one subclass of :class:`Format` in its own package (``lut/format.py``, ...), registered
+in :mod:`gq_kernels.registry`. Everything else (export, checkpoint validation, ``GQLinear``,
+transformers loading, the vLLM plugin, the kernels' choice) reads a format through this interface
+and never names one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, field_validator
+
+
+class FormatParams(BaseModel):
+    """Parameters shared by every quantized linear of a checkpoint (flat in ``quantization_config``).
+
+    Subclasses set ``format`` (the format they belong to) and ``supported_bits``, and add their
+    fields and validators.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format: ClassVar[str]
+    supported_bits: ClassVar[tuple[int, ...]]
+    bits: int
+
+    @field_validator("bits")
+    @classmethod
+    def _supported(cls, v: int) -> int:
+        if v not in cls.supported_bits:
+            raise ValueError(f"format {cls.format!r} supports bits {list(cls.supported_bits)}, got {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor of a quantized linear (the bias is not one: it stays a dense tensor).
+
+    ``out_dim``: the dimension indexed by output channel (None: the tensor is shared by all rows);
+    ``in_dim``: the dimension indexed by input columns in units of ``in_unit`` columns (None: not
+    split by column). Loaders slice along them for fused layers and tensor parallelism; an input
+    slice is valid on ``in_unit`` boundaries.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    out_dim: int | None = 0
+    in_dim: int | None = None
+    in_unit: int = 1
+
+
+@dataclass
+class QuantResult(ABC):
+    """Base of what a quantizer returns for one weight [out, in]: the format's unpacked tensors
+    (dataclass fields whose dim 0 is the output channel), its scalar parameters (the other fields),
+    and free-form ``stats`` for the manifest.
+
+    Rows of a result are independent, so slicing and concatenating along dim 0 (GuidedQuant's
+    output-channel groups) is generic.
+    """
+
+    format: ClassVar[str]
+    stats: dict = field(default_factory=dict, kw_only=True)
+
+    @abstractmethod
+    def params(self) -> FormatParams:
+        """The format parameters this result was quantized with."""
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """W_hat float32 [out, in]: bit for bit what a loaded checkpoint dequantizes to."""
+
+    @abstractmethod
+    def field_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Field name -> (shape, dtype) that a result for an [out, in] weight must have."""
+
+    # ------------------------------------------------------------------ generic row handling
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.name != "stats" and isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def scalars(self) -> dict:
+        """The non-tensor fields (bits, group size, ...) by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "stats" and not isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def slice_rows(self, r0: int, r1: int) -> "QuantResult":
+        """Output channels [r0, r1) as a result of the same type (no stats)."""
+        return dataclasses.replace(self, **{n: getattr(self, n)[r0:r1] for n in self._tensor_fields()}, stats={})
+
+    def to(self, device: torch.device | str) -> "QuantResult":
+        """The same result with its tensors on ``device`` (stats kept)."""
+        return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in self._tensor_fields()},
+                                   stats=self.stats)
+
+    @classmethod
+    def concat(cls, parts: list["QuantResult"]) -> "QuantResult":
+        """Stack results along the output channels; their scalar fields must agree (no stats)."""
+        first = parts[0]
+        for p in parts[1:]:
+            if type(p) is not type(first) or p.scalars() != first.scalars():
+                raise ValueError(f"cannot concatenate {type(p).__name__}{p.scalars()} with "
+                                 f"{type(first).__name__}{first.scalars()}")
+        return dataclasses.replace(first, **{n: torch.cat([getattr(p, n) for p in parts])
+                                             for n in first._tensor_fields()}, stats={})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (for storing an unfinished run's layers)."""
+        return {n: getattr(self, n) for n in self._tensor_fields()}
+
+    def check(self, name: str, params: FormatParams, out_features: int, in_features: int) -> None:
+        """Refuse a result that does not fit ``params`` or an [out, in] layer; errors name the field."""
+        if self.params() != params:
+            raise ValueError(f"{name}: quantized with {_describe(self.params())} but the config says {_describe(params)}")
+        for fname, (shape, dtype) in self.field_specs(out_features, in_features).items():
+            t = getattr(self, fname)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: {fname} must be {_dtype_name(dtype)} {list(shape)}, "
+                                 f"got {_dtype_name(t.dtype)} {list(t.shape)}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(params: FormatParams) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.model_dump().items())
+
+
+class Format(ABC):
+    """One checkpoint format. Subclasses set ``name``, ``Params`` and ``Result`` and implement the
+    layout (``tensors``), packing and the reference. Instances are stateless."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[FormatParams]]
+    Result: ClassVar[type[QuantResult]]
+
+    def params(self, **values) -> FormatParams:
+        """Validated parameters (a pydantic ValidationError names a bad field)."""
+        return self.Params(**values)
+
+    @abstractmethod
+    def tensors(self, params: FormatParams, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        """Checkpoint tensor suffix -> spec, for one quantized [out, in] linear."""
+
+    @abstractmethod
+    def pack(self, result: QuantResult) -> dict[str, torch.Tensor]:
+        """A quantizer result -> the checkpoint tensors (CPU, contiguous)."""
+
+    @abstractmethod
+    def unpack(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int) -> QuantResult:
+        """Inverse of :meth:`pack`."""
+
+    @abstractmethod
+    def dequantize(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int) -> torch.Tensor:
+        """The specification: W_hat float32 [out, in] from the checkpoint tensors."""
+
+    def matmul(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference ``x @ W_hat.to(x.dtype).T (+ bias)``; x [..., in] -> [..., out] in x's dtype."""
+        w = self.dequantize(tensors, params, in_features).to(x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    def slice_columns(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int,
+                      start: int, length: int) -> dict[str, torch.Tensor] | None:
+        """The tensors of a standalone linear holding input columns [start, start + length), for a
+        tensor-parallel rank whose column range does not fall on the tensors' unit boundaries; None
+        when the format cannot express that range (the loader then keeps a dense weight)."""
+        return None
+
+    def check_tensors(self, tensors: dict[str, torch.Tensor], params: FormatParams, out_features: int,
+                      in_features: int, prefix: str = "") -> None:
+        """Refuse missing, unexpected, mis-shaped or mis-typed tensors; the error names the tensor."""
+        want = self.tensors(params, out_features, in_features)
+        problems = [f"missing tensor '{prefix}{n}'" for n in want if n not in tensors]
+        problems += [f"unexpected tensor '{prefix}{n}'" for n in tensors if n not in want]
+        for n, spec in want.items():
+            t = tensors.get(n)
+            if t is None:
+                continue
+            if t.dtype != spec.dtype:
+                problems.append(f"{prefix}{n}: expected dtype {spec.dtype}, found {t.dtype}")
+            elif tuple(t.shape) != spec.shape:
+                problems.append(f"{prefix}{n}: expected shape {list(spec.shape)}, found {list(t.shape)}")
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One quantized linear as kernels see it: format parameters and its (local) shape."""
+
+    params: FormatParams
+    out_features: int
+    in_features: int
+
+    @property
+    def format(self) -> str:
+        return self.params.format
+
+    def tensors(self) -> dict[str, TensorSpec]:
+        from gq_kernels.registry import get_format
+
+        return get_format(self.format).tensors(self.params, self.out_features, self.in_features)

@@ -1,0 +1,73 @@
+"""What a quantization method is: one pydantic config class (its options, the format it produces,
+what calibration it needs) and one pure quantize function, registered together in
+:mod:`gq_quantize.methods.registry` (in the manner of torchao's config -> handler registry).
+
+The config's fields are the method's options end to end: the `gq quantize` flags are generated
+from them (``--<field-name>``), they are stored in the checkpoint's provenance, and the handler
+receives the validated instance.
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from gq_kernels.format import FormatParams, QuantResult
+from gq_kernels.registry import get_format
+
+# What a method may need from calibration: the layer Hessian X^T X ("hessian"; GuidedQuant then
+# swaps in the saliency-weighted per-group Hessians) and the diagonal weight Fisher ("fisher").
+NEEDS = frozenset({"hessian", "fisher"})
+
+
+class MethodConfig(BaseModel):
+    """Options of one method. Subclasses set ``name``, ``format``, ``needs`` and add fields; a
+    field shared by several methods (``group_size``, ``kmeans_iters``) must mean the same thing in
+    each, since they share one command-line flag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str]
+    format: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    bits: int
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        allowed = list(get_format(cls.format).Params.supported_bits)
+        if v not in allowed:
+            raise ValueError(f"--bits {v} is not supported by method {cls.name!r} (format {cls.format!r}); "
+                             f"choose one of {allowed}")
+        return v
+
+    @model_validator(mode="after")
+    def _format_params_valid(self) -> "MethodConfig":
+        self.format_params()  # the format refuses what it cannot store (e.g. group_size 0)
+        return self
+
+    def format_params(self) -> FormatParams:
+        """The format parameters of what this method produces (the fields both declare)."""
+        params_cls = get_format(self.format).Params
+        return params_cls(**{k: getattr(self, k) for k in params_cls.model_fields if k in type(self).model_fields})
+
+    @classmethod
+    def guidable(cls) -> bool:
+        """Whether GuidedQuant applies: the method minimises a Hessian-weighted objective."""
+        return "hessian" in cls.needs
+
+
+class Handler(Protocol):
+    """``handler(w [out, in] fp32, hessian [in, in] or None, fisher [out, in] or None, cfg) -> result``.
+
+    Pure: no I/O, no global state. A handler that takes all GuidedQuant groups at once (a hessian
+    [g, in, in]) sets ``accepts_grouped_hessian = True``; otherwise it is called per group.
+    """
+
+    def __call__(self, w: torch.Tensor, hessian: torch.Tensor | None, fisher: torch.Tensor | None,
+                 cfg: MethodConfig) -> QuantResult: ...
+
+
+HandlerFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", MethodConfig], QuantResult]
