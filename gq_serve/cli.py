@@ -258,6 +258,21 @@ def cmd_bench_online(args) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- plan
+def cmd_plan(args) -> int:
+    from gq_serve.plan import plan_rows, render_table
+    from gq_serve.util import write_json
+
+    rows = plan_rows(args.model, cards=args.card, formats=[args.format] if args.format else None,
+                     bits=[args.bits] if args.bits is not None else None, context=args.context,
+                     reserve_gib=args.reserve_gib)
+    print(render_table(rows), end="")
+    if args.json:
+        write_json(Path(args.json), rows)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=None,
@@ -334,6 +349,26 @@ def _add_bench_parser(sub) -> None:
     on.set_defaults(func=cmd_bench_online)
 
 
+def _add_plan_parser(sub) -> None:
+    from gq_serve.plan import BUNDLED_CARDS, BUNDLED_MODELS, DEFAULT_CONTEXT, DEFAULT_RESERVE_GIB
+
+    p = sub.add_parser("plan", help="what fits on a card: weights, KV cache, context x batch, decode bound "
+                                    "(computed from the config and datasheets, nothing measured)")
+    p.add_argument("model", help=f"a bundled model ({', '.join(BUNDLED_MODELS)}; any case) "
+                                 "or a path to a config.json or model directory")
+    p.add_argument("--card", action="extend", nargs="+", default=None, metavar="NAME",
+                   help=f"one or more cards (default: all): {', '.join(BUNDLED_CARDS)}")
+    p.add_argument("--format", default=None, help="only this format: fp16 or a registered quantization format")
+    p.add_argument("--bits", type=int, default=None, help="only this bit width (fp16 counts as 16)")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                   help="context (tokens) of the max-batch column and of the decode bound; capped at the "
+                        "model's max (default: %(default)s)")
+    p.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
+                   help="GiB kept free for the CUDA context and activations (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows (bytes, GiB, tok/s) here")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gq", description="GuidedQuant: quantize, evaluate and serve LLMs.")
     p.add_argument("--cache", help="cache directory (default: $GQ_CACHE or ~/.cache/gq-serve)")
@@ -380,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve_parser(sub)
     _add_bench_parser(sub)
+    _add_plan_parser(sub)
     return p
 
 
