@@ -1,4 +1,4 @@
-"""The `gq` command: prepare, quantize, eval, serve, bench.
+"""The `gq` command: prepare, quantize, eval, serve, bench, plan.
 
 All command-line code lives here; each subcommand imports its machinery lazily, so `gq --help`
 starts fast. The `gq quantize` options of the methods are generated from their config classes
