@@ -88,7 +88,7 @@ class QuantizeConfig(BaseModel):
         return type(self.options).format
 
     def format_params(self) -> FormatParams:
-        return self.options.format_params()
+        return self.options.format_params(groups=self.hessian_groups())
 
     def needs(self) -> frozenset[str]:
         """Calibration the run needs: a subset of {"hessian", "fisher"}."""

@@ -48,8 +48,10 @@ class MethodConfig(BaseModel):
         self.format_params()  # the format refuses what it cannot store (e.g. group_size 0)
         return self
 
-    def format_params(self) -> FormatParams:
-        """The format parameters of what this method produces (the fields both declare)."""
+    def format_params(self, groups: int = 1) -> FormatParams:
+        """The format parameters of what this method produces (the fields both declare) in a run
+        whose quantizer receives ``groups`` Hessians per layer (GuidedQuant's g; 1 otherwise). A
+        method whose format depends on g (e.g. one transform per group) overrides this."""
         params_cls = get_format(self.format).Params
         return params_cls(**{k: getattr(self, k) for k in params_cls.model_fields if k in type(self).model_fields})
 
