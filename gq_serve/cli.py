@@ -151,11 +151,11 @@ def cmd_eval(args) -> int:
 
 # --------------------------------------------------------------------------- serve
 def serve_hf(args) -> None:
-    """`gq serve --engine hf`: load the checkpoint and serve it with uvicorn until interrupted."""
-    import uvicorn
-
+    """`gq serve --engine hf`: load the checkpoint and serve it with uvicorn until a signal, then
+    drain (gq_serve.lifecycle) and exit 0."""
     from gq_serve.checkpoint import load_model, load_tokenizer
     from gq_serve.engine import Engine
+    from gq_serve.lifecycle import run_server
     from gq_serve.server import create_app
 
     logging.basicConfig(level=args.log_level.upper())
@@ -174,11 +174,8 @@ def serve_hf(args) -> None:
         log.info("kernels: %s", ", ".join(f"{k} ({n} layers)" for k, n in model.gq_kernels.items()))
     engine = Engine(model, load_tokenizer(ckpt), device=args.device, max_queue=args.max_queue,
                     max_model_len=args.max_model_len, decode=args.decode, compile=args.compile)
-    app = create_app(engine, name, api_key=args.api_key)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        engine.shutdown()
+    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    run_server(app, engine, args.host, args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
 
 
 def serve_vllm(args) -> None:
@@ -290,7 +287,14 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("GQ_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GQ_API_KEY, else no auth)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: dir name)")
-    p.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="--engine hf: requests waiting behind the running one; more are answered 429 "
+                        "with Retry-After (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                   help="--engine hf: larger request bodies are answered 413 (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=25.0,
+                   help="--engine hf: on SIGTERM/SIGINT, seconds to finish queued and running requests "
+                        "(new ones get 503) before cancelling them; then exit 0 (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context limit (default: config max_position_embeddings)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-from gq_serve.sampling import SamplingParams, sample_next
+from gq_serve.sampling import SamplingParams, sample_step
 
 DECODE_MODES = ("auto", "static", "dynamic")
 
@@ -65,21 +65,26 @@ class DynamicDecoder:
         Stops early after yielding an id in ``eos_ids``, or before a step when ``should_stop()`` is
         true (the cancellation flag: checked every step, so a cancelled request frees the worker
         within one forward). The forwards run under ``torch.inference_mode()``, entered per step
-        and never held across a ``yield``.
+        and never held across a ``yield``. When ``params`` asks for log-probabilities the ids are
+        :class:`gq_serve.sampling.SampledToken`s (ints carrying them).
         """
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
         eos = set(int(i) for i in eos_ids)
         cache = DynamicCache(config=getattr(self.model, "config", None))
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        for _ in range(params.max_tokens):
+        for step in range(params.max_tokens):
             if should_stop is not None and should_stop():
                 return
+            # The prefill keeps only the last position's logits, unless the request asked for the
+            # prompt's log-probabilities (echo): then every position's.
+            full = step == 0 and params.prompt_logprobs is not None
             with torch.inference_mode():
-                # logits_to_keep=1: the prefill only needs the last position's logits.
-                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=0 if full else 1)
                 cache = out.past_key_values
-                token = sample_next(out.logits[0, -1], params, generator)
+                token = sample_step(out.logits[0, -1], params, generator,
+                                    prompt_logits=out.logits[0] if full else None, prompt_ids=prompt_ids)
             yield token
             if token in eos:
                 return

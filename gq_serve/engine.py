@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from gq_serve.decode import make_decoder
-from gq_serve.sampling import SamplingParams
+from gq_serve.sampling import SamplingParams, TokenLogprob
 from gq_serve.textstream import IncrementalDetokenizer, StopStringFilter
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ class RequestHandle:
     completion_tokens: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    # With params.logprobs: one TokenLogprob per generated token, appended before its event is
+    # sent (event i's is logprobs[i]); with params.prompt_logprobs: one per prompt token after the
+    # first, set before the first event.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -173,6 +178,8 @@ class Engine:
         self.cancelled_total = 0  # requests that ended by cancellation (tests and metrics read it)
         self.completed_total = 0
         self._stopped = False
+        self._draining = False
+        self._in_flight = 0  # submitted and not yet finished (queued + running)
         # Called in the worker thread with each finished RequestHandle (the server's metrics).
         self._finish_listeners: list = []
         self._worker = threading.Thread(target=self._work, name="gq-engine", daemon=True)
@@ -228,21 +235,24 @@ class Engine:
         ``params`` (or, for scripts, its fields as keyword arguments: ``max_tokens=32``) says how
         to decode; ``loop``: the event loop of an async consumer.
         """
-        if self._stopped:
-            raise EngineStopped("the engine is shut down")
+        if self._stopped or self._draining:
+            raise EngineStopped("the engine is shut down" if self._stopped else
+                                "the engine is draining before shutdown and takes no new requests")
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
             raise TypeError(f"pass either params or sampling keyword arguments, not both ({sorted(sampling)})")
         self.check_context(len(prompt_ids), params.max_tokens)
         handle = RequestHandle(id=next(self._ids), prompt_ids=[int(t) for t in prompt_ids], params=params, loop=loop)
-        try:
-            self._queue.put_nowait(handle)
-        except queue.Full:
-            raise QueueFull(
-                f"the request queue is full ({self.max_queue} waiting): retry later, or start the "
-                f"server with a larger --max-queue"
-            ) from None
+        with self._lock:
+            try:
+                self._queue.put_nowait(handle)
+            except queue.Full:
+                raise QueueFull(
+                    f"the request queue is full ({self.max_queue} waiting): retry later, or start the "
+                    f"server with a larger --max-queue"
+                ) from None
+            self._in_flight += 1
         return handle
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -253,6 +263,26 @@ class Engine:
     def add_finish_listener(self, fn) -> None:
         """fn(handle) runs in the worker thread when a request ends (finished, cancelled, failed)."""
         self._finish_listeners.append(fn)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished yet (waiting or running)."""
+        return self._in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking new requests (submit raises EngineStopped) and wait up to ``timeout`` seconds
+        (None: forever) for the queued and running ones to finish. True when none is left."""
+        self._draining = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._in_flight:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped = True
@@ -266,6 +296,8 @@ class Engine:
             if waiting is not None:
                 waiting.cancel()
                 waiting._put(_DONE)
+                with self._lock:
+                    self._in_flight -= 1
         self._queue.put(None)
         self._worker.join(timeout)
 
@@ -303,6 +335,8 @@ class Engine:
                         except Exception:  # a metrics bug must not kill the worker
                             log.exception("finish listener failed")
                     handle._put(_DONE)
+                    with self._lock:
+                        self._in_flight -= 1
 
     def _run(self, h: RequestHandle) -> None:
         h.started_at = time.perf_counter()
@@ -319,6 +353,9 @@ class Engine:
             now = time.perf_counter()
             if h.first_token_at is None:
                 h.first_token_at = now
+                h.prompt_logprobs = getattr(token, "prompt", None)
+            if p.logprobs is not None:
+                h.logprobs.append(token.logprob)
             h.completion_tokens += 1
             if token in eos:
                 h.finish_reason = "stop"

@@ -61,7 +61,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from gq_serve.decode import DynamicDecoder
-from gq_serve.sampling import SamplingParams, sample_next
+from gq_serve.sampling import SamplingParams, sample_step
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ def _decode_step(model: torch.nn.Module, input_ids: torch.Tensor, cache: StaticC
     """
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
+
+
+def _prefill_all(model: torch.nn.Module, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    """The cached prefill keeping every position's logits [T, vocab] (prompt log-probabilities)."""
+    return model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0).logits[0]
 
 
 @dataclass
@@ -253,15 +258,21 @@ class StaticDecoder:
                 raise RuntimeError("StaticDecoder: a newer request reused the cache; this generator "
                                    "is no longer valid (the decoder serves one request at a time)")
             with torch.inference_mode():
+                prompt_logits = None
                 if step == 0:
-                    logits = self._forward(slot, prompt)
+                    if params.prompt_logprobs is not None:  # echo: every position's logits
+                        prompt_logits = _prefill_all(self.model, prompt, slot.cache)
+                        logits = prompt_logits[-1]
+                    else:
+                        logits = self._forward(slot, prompt)
                     filled = len(prompt_ids)
                 else:
                     if filled == slot.length:
                         slot = self._grow(slot, filled)
                     logits = self._step(slot, token)
                     filled += 1
-                token = sample_next(logits, params, generator)
+                token = sample_step(logits, params, generator, prompt_logits=prompt_logits,
+                                    prompt_ids=prompt_ids)
             yield token
             if token in eos:
                 return

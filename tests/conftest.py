@@ -213,6 +213,28 @@ def greedy_tokens(model, prompt_ids: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="session")
+def quantized_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny Llama with every linear but lm_head as a random 3-bit LUT (GQLinear) checkpoint."""
+    import json
+
+    import torch
+
+    from gq_kernels.lut.format import LutQuant
+    from gq_quantize.config import QuantizeConfig
+    from gq_quantize.export import export_checkpoint, linear_shapes
+
+    g = torch.Generator().manual_seed(0)
+    quantized = {
+        name: LutQuant(torch.randint(0, 8, (o, i), generator=g).to(torch.uint8),
+                       (torch.randn(o, 8, generator=g) * 0.2).half(), 3)
+        for name, (o, i, _) in linear_shapes(json.loads((tiny_lm_dir / "config.json").read_text())).items()
+        if name != "lm_head"
+    }
+    out = tmp_path_factory.mktemp("quantized") / "q"
+    return export_checkpoint(tiny_lm_dir, quantized, QuantizeConfig(method="squeezellm", bits=3), out)
+
+
 # ============================================================================================
 # (end of serving section)
 # ============================================================================================

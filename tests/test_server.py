@@ -126,11 +126,11 @@ def test_auth(tiny_server):
     [
         (dict(prompt="the " * 200), "prompt", r"maximum context length is 128"),
         (dict(max_tokens=125), "max_tokens", r"maximum context length is 128.*131 were requested.*125 for the completion"),
-        (dict(model="gpt-4"), "model", r"'gpt-4' does not exist.*'tiny-llama'"),
         (dict(n=2), "n", r"n=2 is not supported"),
         (dict(temperature=5.0), "temperature", r"temperature"),
         (dict(top_p=0.0), "top_p", r"top_p"),
-        (dict(logprobs=2), "logprobs", r"logprobs"),
+        (dict(logprobs=21), "logprobs", r"logprobs"),
+        (dict(seed=2**64), "seed", r"seed"),
         (dict(best_of=3), "best_of", r"best_of"),
         (dict(extra_body={"frobnicate": 1}), "frobnicate", r"unknown parameter"),
     ],
@@ -142,6 +142,14 @@ def test_bad_requests_are_400_naming_the_parameter(client, kwargs, param, patter
     assert exc.value.status_code == 400
     assert err["param"] == param
     assert re.search(pattern, err["message"]), err["message"]
+
+
+def test_unknown_model_is_404_naming_the_served_one(client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        _complete(client, model="gpt-4")
+    err = exc.value.body
+    assert err["param"] == "model" and err["code"] == "model_not_found"
+    assert re.search(r"'gpt-4' does not exist.*'tiny-llama'", err["message"])
 
 
 def test_chat_refuses_tools(client):

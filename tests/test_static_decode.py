@@ -151,24 +151,6 @@ def test_failed_capture_degrades_and_still_decodes(tiny_lm, monkeypatch, caplog)
     assert "compiled CUDA graph capture of the 64-token bucket failed" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def quantized_dir(tiny_lm_dir, tmp_path_factory):
-    """The tiny Llama with every linear but lm_head as a random 3-bit LUT (GQLinear) checkpoint."""
-    from gq_quantize.config import QuantizeConfig
-    from gq_quantize.export import export_checkpoint, linear_shapes
-    from gq_kernels.lut.format import LutQuant
-
-    g = torch.Generator().manual_seed(0)
-    quantized = {
-        name: LutQuant(torch.randint(0, 8, (o, i), generator=g).to(torch.uint8),
-                       (torch.randn(o, 8, generator=g) * 0.2).half(), 3)
-        for name, (o, i, _) in linear_shapes(json.loads((tiny_lm_dir / "config.json").read_text())).items()
-        if name != "lm_head"
-    }
-    out = tmp_path_factory.mktemp("quantized") / "q"
-    return export_checkpoint(tiny_lm_dir, quantized, QuantizeConfig(method="squeezellm", bits=3), out)
-
-
 def test_quantized_checkpoint_matches_dynamic(quantized_dir):
     from gq_serve.quant_linear import GQLinear
 
@@ -260,9 +242,8 @@ def test_bench_cli_decode_flag(tiny_lm_dir, tmp_path, capsys):
 
 
 def test_serve_decode_flag_reaches_engine(tiny_lm_dir, monkeypatch):
-    import uvicorn
-
     import gq_serve.engine as engine_mod
+    import gq_serve.lifecycle as lifecycle
     import gq_serve.server as server
     from gq_serve.cli import main
 
@@ -276,8 +257,8 @@ def test_serve_decode_flag_reaches_engine(tiny_lm_dir, monkeypatch):
             made["shutdown"] = True
 
     monkeypatch.setattr(engine_mod, "Engine", FakeEngine)
-    monkeypatch.setattr(server, "create_app", lambda engine, name, api_key=None: None)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(server, "create_app", lambda engine, name, **kw: None)
+    monkeypatch.setattr(lifecycle, "run_server", lambda app, engine, *a, **kw: engine.shutdown())
     main(["serve", str(tiny_lm_dir), "--decode", "static"])
     assert made["decode"] == "static" and made["shutdown"]
     main(["serve", str(tiny_lm_dir)])
