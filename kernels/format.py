@@ -140,6 +140,10 @@ class Format(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[FormatParams]]
     Result: ClassVar[type[QuantResult]]
+    # False when a range of output rows of a linear is not a linear of this format (e.g. a
+    # transform mixes all rows): loaders then keep each fused part's tensors whole and a tensor-
+    # parallel rank dequantizes its rows instead of slicing ``out_dim``.
+    independent_rows: ClassVar[bool] = True
 
     def params(self, **values) -> FormatParams:
         """Validated parameters (a pydantic ValidationError names a bad field)."""

@@ -18,6 +18,7 @@ from gq_kernels.kernel import LinearKernel
 _BUILTIN_FORMATS = {
     "lut": "gq_kernels.lut.format:LutFormat",
     "bcq": "gq_kernels.bcq.format:BcqFormat",
+    "trellis": "gq_kernels.trellis.format:TrellisFormat",
 }
 # Built-in kernels in order of preference; the generic ones (every format) come last.
 _BUILTIN_KERNELS = (

@@ -55,7 +55,7 @@ def test_v1_checkpoint_config_still_parses():
     ({"bits": 5}, "quantization_config.bits is 5"),
     ({"bits": True}, "quantization_config.bits"),
     ({"group_size": 128}, "quantization_config.group_size"),  # lut codebooks are per row
-    ({"format": "trellis"}, "not served"),
+    ({"format": "no-such-format"}, "not served"),
     ({"quant_method": "gptq"}, "quantization_config.quant_method"),
     ({"modules_to_not_convert": "lm_head"}, "quantization_config.modules_to_not_convert"),
     ({"kernel": 3}, "quantization_config.kernel"),
