@@ -306,3 +306,80 @@ def test_export_load_dequantize_is_the_quantizers_w_hat(tiny_lm_dir, tmp_path):
     assert set(layers) == set(results)
     for name, q in results.items():
         assert torch.equal(layers[name].dequantize(), q.dequantize()), name
+
+
+# ============================================================================ gq quantize -> serve
+@pytest.fixture(scope="module")
+def qtip_ckpt(tiny_lm_dir, tmp_path_factory):
+    import random
+
+    from conftest import _TINY_WORDS
+
+    from gq_serve.cli import main
+
+    root = tmp_path_factory.mktemp("qtip")
+    rng = random.Random(0)
+    corpus = root / "text.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
+    out = root / "ckpt"
+    assert main(["--cache", str(root / "cache"), "quantize", str(tiny_lm_dir), "--calib", str(corpus),
+                 "--n-samples", "4", "--seq-len", "16", "--out", str(out), "--quiet", "--method", "qtip",
+                 "--bits", "2", "--guided"]) == 0
+    return out, corpus, root / "cache"
+
+
+def _plain_with_w_hat(src, ckpt):
+    from transformers import AutoModelForCausalLM
+
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.quant_linear import GQLinear
+
+    quantized = load_quantized_model(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in quantized.named_modules():
+            if isinstance(m, GQLinear):
+                model.get_submodule(name).weight.copy_(m.dequantize())
+    return model
+
+
+def test_gq_quantize_qtip_then_eval_and_the_engine(qtip_ckpt, tiny_lm_dir, capsys):
+    import json
+
+    from conftest import greedy_tokens
+
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.cli import main
+    from gq_serve.engine import Engine
+
+    ckpt, corpus, cache = qtip_ckpt
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "trellis" and qc["method"] == "qtip" and qc["trellis_code"] == "hyb"
+    manifest = json.loads((ckpt / "gq_manifest.json").read_text())
+    layer = manifest["layers"]["model.layers.0.mlp.up_proj"]
+    assert layer["proxy_err"] > 0 and layer["time_viterbi_s"] > 0
+    capsys.readouterr()
+    assert main(["--cache", str(cache), "eval", str(ckpt), "--data", str(corpus), "--ctx", "16",
+                 "--max-tokens", "64", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["ppl"] > 1.0
+
+    prompt = [3, 5, 7, 11, 13, 17]
+    engine = Engine(load_model(ckpt), load_tokenizer(ckpt), "cpu")
+    try:
+        tokens = [e.token_id for e in engine.generate(prompt, max_tokens=10, ignore_eos=True)]
+    finally:
+        engine.shutdown()
+    assert tokens == greedy_tokens(_plain_with_w_hat(tiny_lm_dir, ckpt), prompt, 10)
+
+
+def test_transformers_loads_a_trellis_checkpoint(qtip_ckpt, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    import gq_serve  # noqa: F401  (registers guidedquant with transformers)
+
+    ckpt = qtip_ckpt[0]
+    via_hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    plain = _plain_with_w_hat(tiny_lm_dir, ckpt)
+    x = torch.tensor([[3, 5, 7, 11]])
+    with torch.inference_mode():
+        assert torch.equal(via_hf(x).logits, plain(x).logits)
