@@ -24,6 +24,7 @@ _BUILTIN_FORMATS = {
 _BUILTIN_KERNELS = (
     "gq_kernels.lut.ops:LutTritonKernel",
     "gq_kernels.bcq.ops:BcqTritonKernel",
+    "gq_kernels.trellis.ops:TrellisTritonKernel",
 )
 _GENERIC_KERNELS = (
     "gq_kernels.kernel:DenseKernel",

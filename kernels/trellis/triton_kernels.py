@@ -1,0 +1,157 @@
+"""Triton kernels for the ``trellis`` format: decode-and-multiply GEMV (1..8 activation rows) and
+dequantize (prefill), both decoding the trellis states on the fly.
+
+Format (:mod:`.reference` is the specification): ``trellis`` int16 [(m/16)(n/16), 16 BITS], one
+circular bitstream of 256 BITS bits per 16x16 tile; state t of a tile is the 16-bit window at bit
+offset t * KV (KV = BITS * V) and holds values t*V .. t*V+V-1 of the tile in row-major order.
+
+Both kernels work in the rotated basis and in code units: they compute ``x~ @ W_code^T`` (GEMV) or
+W_code (dequantize); the input transform ``x~ = (x * SU) R_n``, the output transform ``R_m^T`` and
+``SV * Wscale`` are applied around them by :mod:`.ops`.
+
+Decode of one weight (position p = 16 r + c of tile T): state index p // V, bit offset o = (p // V) KV,
+word w = o // 16 and the next word (wrapping inside the tile: tail-biting), window
+``((u[w] << 16 | u[w + 1]) >> (16 - o % 16)) & 0xFFFF`` (int32 arithmetic: the sign bits that an
+arithmetic shift brings in never reach the 16 kept bits), then the code:
+``hyb``: h = s (s + 1) mod 2^32, v = tlut[(h >> 6) & 511][p % 2], the first component negated when
+bit 15 of h is set; ``1mad``: byte sum of 34038481 s + 76625530; ``3inst``: two fp16 halves of
+(89226354 s + 64248484) & 0x8FFF8FFF ^ 0x3B603B60 added in fp16.
+
+GEMV: program = 16 output rows (one row of tiles) x one of SPLIT column ranges; per step it decodes
+a [16, 16 TPI] block (TPI tiles side by side) and accumulates ``x~[:, cols] * w`` for BLOCK_M <= 8
+rows of x in fp32; partial sums [SPLIT, M, m] are added in a fixed order afterwards (deterministic).
+
+Only plain portable Triton (no inline PTX, no Hopper-only features): sm_80 and newer. The wrappers
+run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CODE_IDS = {"hyb": 0, "1mad": 1, "3inst": 2}
+
+
+@triton.jit
+def _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS: tl.constexpr, V: tl.constexpr,
+                  CODE: tl.constexpr, TPI: tl.constexpr):
+    """Decoded values [16, 16 * TPI] (fp32) of tiles (row_tile, ct0 .. ct0 + TPI - 1)."""
+    KV: tl.constexpr = BITS * V
+    W: tl.constexpr = 16 * BITS
+    r = tl.arange(0, 16)[:, None]
+    j = tl.arange(0, 16 * TPI)[None, :]
+    tile = row_tile * NT + ct0 + j // 16
+    p = 16 * r + j % 16
+    off = (p // V) * KV
+    w0 = off // 16
+    sh = off % 16
+    w1 = (w0 + 1) % W
+    base = words_ptr + tile.to(tl.int64) * W
+    a = tl.load(base + w0).to(tl.int32) & 0xFFFF
+    b = tl.load(base + w1).to(tl.int32) & 0xFFFF
+    s = (((a << 16) | b) >> (16 - sh)) & 0xFFFF
+    if CODE == 0:
+        h = s * (s + 1)
+        idx = (h >> 6) & 511
+        comp = p % 2
+        v = tl.load(tlut_ptr + idx * 2 + comp).to(tl.float32)
+        flip = (((h >> 15) & 1) == 1) & (comp == 0)
+        v = tl.where(flip, -v, v)
+    elif CODE == 1:
+        x = s * 34038481 + 76625530
+        bsum = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + ((x >> 24) & 255)
+        v = (bsum - 510).to(tl.float32) / 147.800537109375
+    else:
+        x = s * 89226354 + 64248484
+        y = (x & -1879076865) ^ 996162400  # 0x8FFF8FFF, 0x3B603B60 as int32
+        hi = ((y >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        lo = (y & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        v = (hi + lo).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _trellis_gemv_kernel(x_ptr, words_ptr, tlut_ptr, part_ptr, M, N_OUT, NT, TILES_PER_SPLIT,
+                         BITS: tl.constexpr, V: tl.constexpr, CODE: tl.constexpr, TPI: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    row_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    K = NT * 16
+    rm = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, 16 * TPI)
+    acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    t_begin = split * TILES_PER_SPLIT
+    t_end = tl.minimum(t_begin + TILES_PER_SPLIT, NT)
+    for ct0 in range(t_begin, t_end, TPI):
+        w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)  # [16, 16 TPI]
+        c = ct0 * 16 + cols
+        xm = (rm[:, None] < M) & (c[None, :] < t_end * 16)
+        xv = tl.load(x_ptr + rm[:, None] * K + c[None, :], mask=xm, other=0.0)  # [BLOCK_M, 16 TPI]
+        acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+    rows = row_tile * 16 + tl.arange(0, 16)
+    out = part_ptr + split * M * N_OUT + rm[:, None] * N_OUT + rows[None, :]
+    tl.store(out, acc, mask=rm[:, None] < M)
+
+
+@triton.jit
+def _trellis_dequant_kernel(words_ptr, tlut_ptr, out_ptr, NT, BITS: tl.constexpr, V: tl.constexpr,
+                            CODE: tl.constexpr, TPI: tl.constexpr):
+    row_tile = tl.program_id(0)
+    ct0 = tl.program_id(1) * TPI
+    w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)
+    r = row_tile * 16 + tl.arange(0, 16)[:, None]
+    c = ct0 * 16 + tl.arange(0, 16 * TPI)[None, :]
+    tl.store(out_ptr + r.to(tl.int64) * (NT * 16) + c, w.to(out_ptr.dtype.element_ty))
+
+
+def _tpi(nt: int) -> int:
+    for t in (4, 2, 1):
+        if nt % t == 0:
+            return t
+    return 1
+
+
+def _tlut_arg(tlut: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if tlut is None or tlut.numel() == 0:
+        return torch.zeros(2, dtype=torch.float16, device=like.device)
+    return tlut.contiguous()
+
+
+def trellis_dequantize_code(trellis: torch.Tensor, tlut: torch.Tensor | None, m: int, n: int, bits: int, code: str,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W_code [m, n] (rotated basis, code units) in ``dtype``: equals reference.decode_weight exactly
+    in fp32 (every code value is computed exactly as the reference does)."""
+    V = 2 if code == "hyb" else 1
+    nt = n // 16
+    tpi = _tpi(nt)
+    out = torch.empty(m, n, dtype=dtype, device=trellis.device)
+    _trellis_dequant_kernel[(m // 16, nt // tpi)](trellis, _tlut_arg(tlut, trellis), out, nt, BITS=bits, V=V,
+                                                   CODE=CODE_IDS[code], TPI=tpi)
+    return out
+
+
+def _splits(m: int, nt: int, tpi: int) -> int:
+    """Column ranges per row of tiles: enough programs to fill a GPU (~4 per SM of a large card)."""
+    want = max(1, 512 // max(1, m // 16))
+    return max(1, min(want, nt // tpi))
+
+
+def trellis_gemv_code(x_rot: torch.Tensor, trellis: torch.Tensor, tlut: torch.Tensor | None, m: int, bits: int,
+                      code: str) -> torch.Tensor:
+    """``x~ @ W_code^T`` for x~ fp32 [M, n], 1 <= M <= 8: fp32 [M, m]."""
+    M, n = x_rot.shape
+    if not 1 <= M <= 8:
+        raise ValueError(f"the trellis GEMV serves 1..8 rows, got {M}")
+    V = 2 if code == "hyb" else 1
+    nt = n // 16
+    tpi = _tpi(nt)
+    split = _splits(m, nt, tpi)
+    tiles_per_split = -(-(nt // tpi) // split) * tpi
+    split = -(-nt // tiles_per_split)
+    part = torch.empty(split, M, m, dtype=torch.float32, device=x_rot.device)
+    block_m = 1 if M == 1 else (2 if M == 2 else (4 if M <= 4 else 8))
+    _trellis_gemv_kernel[(m // 16, split)](x_rot.contiguous(), trellis, _tlut_arg(tlut, trellis), part, M, m, nt,
+                                           tiles_per_split, BITS=bits, V=V, CODE=CODE_IDS[code], TPI=tpi,
+                                           BLOCK_M=block_m)
+    return part.sum(0) if split > 1 else part[0]
