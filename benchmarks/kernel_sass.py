@@ -183,10 +183,37 @@ def bcq_cases(arch, shapes, ms, bits_list, dtype="fp16", group_size=128):
                            weights_per_warp=weights_per_warp, block_m=m / triton.cdiv(m, cfg["BLOCK_M"]))
 
 
+# ------------------------------------------------------------------------------------------ trellis
+def trellis_cases(arch, shapes, ms, bits_list, dtype="fp16", code="hyb"):
+    """The trellis GEMV (HYB by default): n x k = out x in; x arrives in fp32 after the input Hadamard."""
+    import gq_kernels.trellis.triton_kernels as T
+    for n, k in shapes:
+        if n % 16 or k % 16:
+            continue
+        nt = k // 16
+        tpi = T._tpi(nt)
+        for m in ms:
+            if not 1 <= m <= 8:
+                continue
+            block_m = 1 if m == 1 else (2 if m == 2 else (4 if m <= 4 else 8))
+            for bits in bits_list:
+                if bits not in (2, 3, 4):
+                    continue
+                sig = {"x_ptr": "*fp32", "words_ptr": "*i16", "tlut_ptr": "*i32", "part_ptr": "*fp32", "M": "i32",
+                       "N_OUT": "i32", "NT": "i32", "TILES_PER_SPLIT": "i32", "BITS": "constexpr", "V": "constexpr",
+                       "CODE": "constexpr", "TPI": "constexpr", "BLOCK_M": "constexpr"}
+                consts = dict(BITS=bits, V=2 if code == "hyb" else 1, CODE=T.CODE_IDS[code], TPI=tpi, BLOCK_M=block_m)
+                aligned = ["x_ptr", "words_ptr", "tlut_ptr", "part_ptr", "N_OUT"] + (["NT"] if nt % 16 == 0 else [])
+                c = compile_kernel(T._trellis_gemv_kernel, sig, consts, aligned, arch, num_warps=4)
+                # One loop iteration: a [16, 16 * TPI] block of weights shared by the program's 4 warps.
+                yield dict(kernel="trellis", n=n, k=k, m=m, bits=bits, cfg=dict(consts, num_warps=4), compiled=c,
+                           weights_per_warp=16 * 16 * tpi // 4, block_m=m)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90", help="comma-separated SM versions, e.g. 80,86,89,90,120")
-    ap.add_argument("--kernels", default="lut,bcq", help="comma-separated: lut, bcq")
+    ap.add_argument("--kernels", default="lut,bcq", help="comma-separated: lut, bcq, trellis")
     ap.add_argument("--shapes", default="4096x4096", help="NxK list, or 'llama' for the Llama-2-7B shapes + 576x1536")
     ap.add_argument("--m", default="1,8", help="comma-separated x row counts")
     ap.add_argument("--bits", default="2,3,4", help="comma-separated bit widths")
@@ -202,7 +229,7 @@ def main(argv=None) -> int:
         shapes = SHAPES if args.shapes == "llama" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         ms = [int(v) for v in args.m.split(",")]
         bits_list = [int(v) for v in args.bits.split(",")]
-    gens = {"lut": lut_cases, "bcq": bcq_cases}
+    gens = {"lut": lut_cases, "bcq": bcq_cases, "trellis": trellis_cases}
     rows, failures, seen = [], 0, set()
     for arch in [int(a) for a in args.arch.split(",")]:
         for name in args.kernels.split(","):

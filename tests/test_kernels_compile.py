@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = "80,86,89,90,120"  # RTX 30 / 40 / 50 class and A100 / H100
 
 
-@pytest.mark.parametrize("kernels,bits", [("lut", "2,3,4,8"), ("bcq", "2,3,4")])
+@pytest.mark.parametrize("kernels,bits", [("lut", "2,3,4,8"), ("bcq", "2,3,4"), ("trellis", "2,3,4")])
 def test_gemv_kernels_compile_for_every_arch_without_spills(kernels, bits):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(

@@ -19,7 +19,9 @@ bit 15 of h is set; ``1mad``: byte sum of 34038481 s + 76625530; ``3inst``: two 
 
 GEMV: program = 16 output rows (one row of tiles) x one of SPLIT column ranges; per step it decodes
 a [16, 16 TPI] block (TPI tiles side by side) and accumulates ``x~[:, cols] * w`` for BLOCK_M <= 8
-rows of x in fp32; partial sums [SPLIT, M, m] are added in a fixed order afterwards (deterministic).
+rows of x element-wise in fp32 registers ([BLOCK_M, 16, 16 TPI]: no cross-lane reduction inside
+the loop, one after it); partial sums [SPLIT, M, m] are added in a fixed order afterwards
+(deterministic).
 
 Only plain portable Triton (no inline PTX, no Hopper-only features): sm_80 and newer. The wrappers
 run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -36,7 +38,7 @@ CODE_IDS = {"hyb": 0, "1mad": 1, "3inst": 2}
 @triton.jit
 def _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS: tl.constexpr, V: tl.constexpr,
                   CODE: tl.constexpr, TPI: tl.constexpr):
-    """Decoded values [16, 16 * TPI] (fp32) of tiles (row_tile, ct0 .. ct0 + TPI - 1)."""
+    """Decoded values [16, 16 * TPI] (fp32) of tiles (row_tile, ct0 .. ct0 + TPI - 1); V=1 codes."""
     KV: tl.constexpr = BITS * V
     W: tl.constexpr = 16 * BITS
     r = tl.arange(0, 16)[:, None]
@@ -51,14 +53,7 @@ def _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS: tl.constexpr, V:
     a = tl.load(base + w0).to(tl.int32) & 0xFFFF
     b = tl.load(base + w1).to(tl.int32) & 0xFFFF
     s = (((a << 16) | b) >> (16 - sh)) & 0xFFFF
-    if CODE == 0:
-        h = s * (s + 1)
-        idx = (h >> 6) & 511
-        comp = p % 2
-        v = tl.load(tlut_ptr + idx * 2 + comp).to(tl.float32)
-        flip = (((h >> 15) & 1) == 1) & (comp == 0)
-        v = tl.where(flip, -v, v)
-    elif CODE == 1:
+    if CODE == 1:
         x = s * 34038481 + 76625530
         bsum = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + ((x >> 24) & 255)
         v = (bsum - 510).to(tl.float32) / 147.800537109375
@@ -72,6 +67,32 @@ def _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS: tl.constexpr, V:
 
 
 @triton.jit
+def _decode_pairs_hyb(words_ptr, tlut32_ptr, row_tile, ct0, NT, BITS: tl.constexpr, TPI: tl.constexpr):
+    """HYB (V=2): the two values [16, 8 * TPI] each (columns 2q and 2q + 1 of state q) of tiles
+    (row_tile, ct0 ..): one window, one product and one 32-bit LUT load per state; the first value's
+    sign flipped with an XOR of its fp16 sign bit."""
+    KV: tl.constexpr = 2 * BITS
+    W: tl.constexpr = 16 * BITS
+    r = tl.arange(0, 16)[:, None]
+    j = tl.arange(0, 8 * TPI)[None, :]
+    tile = row_tile * NT + ct0 + j // 8
+    off = (8 * r + j % 8) * KV
+    w0 = off // 16
+    sh = off % 16
+    w1 = (w0 + 1) % W
+    base = words_ptr + tile.to(tl.int64) * W
+    a = tl.load(base + w0).to(tl.int32) & 0xFFFF
+    b = tl.load(base + w1).to(tl.int32) & 0xFFFF
+    s = (((a << 16) | b) >> (16 - sh)) & 0xFFFF
+    h = s * (s + 1)
+    pair = tl.load(tlut32_ptr + ((h >> 6) & 511))  # int32: fp16 value 0 in the low half, value 1 high
+    lo = (pair & 0xFFFF) ^ (h & 0x8000)
+    v0 = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    v1 = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v0, v1
+
+
+@triton.jit
 def _trellis_gemv_kernel(x_ptr, words_ptr, tlut_ptr, part_ptr, M, N_OUT, NT, TILES_PER_SPLIT,
                          BITS: tl.constexpr, V: tl.constexpr, CODE: tl.constexpr, TPI: tl.constexpr,
                          BLOCK_M: tl.constexpr):
@@ -80,18 +101,29 @@ def _trellis_gemv_kernel(x_ptr, words_ptr, tlut_ptr, part_ptr, M, N_OUT, NT, TIL
     K = NT * 16
     rm = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, 16 * TPI)
-    acc = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    # Per-thread partial products; the cross-lane reduction happens once, after the loop.
+    acc = tl.zeros((BLOCK_M, 16, 16 * TPI if CODE != 0 else 1), dtype=tl.float32)
     t_begin = split * TILES_PER_SPLIT
     t_end = tl.minimum(t_begin + TILES_PER_SPLIT, NT)
-    for ct0 in range(t_begin, t_end, TPI):
-        w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)  # [16, 16 TPI]
-        c = ct0 * 16 + cols
-        xm = (rm[:, None] < M) & (c[None, :] < t_end * 16)
-        xv = tl.load(x_ptr + rm[:, None] * K + c[None, :], mask=xm, other=0.0)  # [BLOCK_M, 16 TPI]
-        acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+    if CODE == 0:
+        acc2 = tl.zeros((BLOCK_M, 16, 8 * TPI), dtype=tl.float32)
+        for ct0 in range(t_begin, t_end, TPI):
+            v0, v1 = _decode_pairs_hyb(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, TPI)  # [16, 8 TPI] each
+            c = ct0 * 16 + cols
+            xv = tl.load(x_ptr + rm[:, None] * K + c[None, :], mask=rm[:, None] < M, other=0.0)
+            xe, xo = tl.split(tl.reshape(xv, (BLOCK_M, 8 * TPI, 2)))
+            acc2 += xe[:, None, :] * v0[None, :, :] + xo[:, None, :] * v1[None, :, :]
+        res = tl.sum(acc2, axis=2)
+    else:
+        for ct0 in range(t_begin, t_end, TPI):
+            w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)  # [16, 16 TPI]
+            c = ct0 * 16 + cols
+            xv = tl.load(x_ptr + rm[:, None] * K + c[None, :], mask=rm[:, None] < M, other=0.0)
+            acc += xv[:, None, :] * w[None, :, :]
+        res = tl.sum(acc, axis=2)
     rows = row_tile * 16 + tl.arange(0, 16)
     out = part_ptr + split * M * N_OUT + rm[:, None] * N_OUT + rows[None, :]
-    tl.store(out, acc, mask=rm[:, None] < M)
+    tl.store(out, res, mask=rm[:, None] < M)
 
 
 @triton.jit
@@ -99,10 +131,17 @@ def _trellis_dequant_kernel(words_ptr, tlut_ptr, out_ptr, NT, BITS: tl.constexpr
                             CODE: tl.constexpr, TPI: tl.constexpr):
     row_tile = tl.program_id(0)
     ct0 = tl.program_id(1) * TPI
-    w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)
     r = row_tile * 16 + tl.arange(0, 16)[:, None]
-    c = ct0 * 16 + tl.arange(0, 16 * TPI)[None, :]
-    tl.store(out_ptr + r.to(tl.int64) * (NT * 16) + c, w.to(out_ptr.dtype.element_ty))
+    if CODE == 0:
+        v0, v1 = _decode_pairs_hyb(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, TPI)
+        c = ct0 * 16 + 2 * tl.arange(0, 8 * TPI)[None, :]
+        ptr = out_ptr + r.to(tl.int64) * (NT * 16) + c
+        tl.store(ptr, v0.to(out_ptr.dtype.element_ty))
+        tl.store(ptr + 1, v1.to(out_ptr.dtype.element_ty))
+    else:
+        w = _decode_block(words_ptr, tlut_ptr, row_tile, ct0, NT, BITS, V, CODE, TPI)
+        c = ct0 * 16 + tl.arange(0, 16 * TPI)[None, :]
+        tl.store(out_ptr + r.to(tl.int64) * (NT * 16) + c, w.to(out_ptr.dtype.element_ty))
 
 
 def _tpi(nt: int) -> int:
@@ -113,9 +152,10 @@ def _tpi(nt: int) -> int:
 
 
 def _tlut_arg(tlut: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """HYB: the LUT as int32 [512] (one load per state: value 0 in the low half, little endian)."""
     if tlut is None or tlut.numel() == 0:
-        return torch.zeros(2, dtype=torch.float16, device=like.device)
-    return tlut.contiguous()
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    return tlut.contiguous().view(torch.int32).reshape(-1)
 
 
 def trellis_dequantize_code(trellis: torch.Tensor, tlut: torch.Tensor | None, m: int, n: int, bits: int, code: str,
