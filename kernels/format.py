@@ -171,6 +171,17 @@ class Format(ABC):
         w = self.dequantize(tensors, params, in_features).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
+    def check_shape(self, params: FormatParams, out_features: int, in_features: int) -> None:
+        """Raise ValueError (saying why) when this format cannot hold an [out, in] linear."""
+
+    def infer_out_features(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int) -> int:
+        """Output channels of a linear from its tensors (for loaders that load a fused part whole):
+        the size of ``out_dim`` of a tensor that has one; formats without override it."""
+        for name, spec in self.tensors(params, 1, in_features).items():
+            if spec.out_dim is not None and name in tensors:
+                return int(tensors[name].shape[spec.out_dim])
+        raise NotImplementedError(f"format {self.name!r} cannot tell a linear's output size from its tensors")
+
     def slice_columns(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int,
                       start: int, length: int) -> dict[str, torch.Tensor] | None:
         """The tensors of a standalone linear holding input columns [start, start + length), for a

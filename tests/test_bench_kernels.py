@@ -117,7 +117,7 @@ def test_script_entry_refuses_without_cuda():
 
 def _smoke(tmp_path, call, extra=()):
     out = tmp_path / "kernels.json"
-    argv = ["--allow-cpu", "--shapes", "64x96,32x100", "--bits", "2", "3", "--batches", "1,3",
+    argv = ["--allow-cpu", "--formats", "lut,bcq", "--shapes", "64x96,32x100", "--bits", "2", "3", "--batches", "1,3",
             "--iters", "2", "--warmup", "0", "--copy-mb", "4", "--group-size", "32", "--out", str(out), *extra]
     return bk.main(argv, call=call), out
 
@@ -189,3 +189,17 @@ def test_kernels_table_sample():
     assert "| lut | 3 | qkvo |" in md and md.endswith("<!-- END kernels -->\ny")
     assert "<!-- BEGIN kernels -->\n<!-- END kernels -->" in (ROOT / "docs" / "results.md").read_text() or \
         (ROOT / "docs" / "results" / "kernels.json").exists()
+
+
+def test_trellis_smoke_skips_shapes_it_cannot_hold(tmp_path, monkeypatch, capsys):
+    """trellis rows through the same harness (the reference call on the CPU); 32x100 is not made of
+    16x16 tiles: skipped with the reason, not a failed kernel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "kernels.json"
+    argv = ["--allow-cpu", "--formats", "trellis", "--shapes", "64x96,32x100", "--bits", "2", "--batches", "1,3",
+            "--iters", "2", "--warmup", "0", "--copy-mb", "4", "--out", str(out)]
+    assert bk.main(argv, call=reference_call) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["format"] == "trellis" and r["check_ok"] and (r["n"], r["k"]) == (64, 96)
+                                  for r in rows)
+    assert "32x100): skipped, the format cannot hold it (trellis needs in_features to be a multiple of 16" in capsys.readouterr().out

@@ -139,6 +139,14 @@ class TrellisFormat(Format):
         return ref.matmul(x, tensors["trellis"], tensors["SU"], tensors["SV"], tensors["Wscale"], tensors.get("tlut"),
                           params.trellis_code, params.bits, params.out_rht_blocks, bias)
 
+    def check_shape(self, params, out_features, in_features):
+        check_shape(params, out_features, in_features)
+
+    def infer_out_features(self, tensors, params, in_features):
+        if "SV" not in tensors:
+            raise ValueError("trellis: missing tensor 'SV' (the output signs give the layer's size)")
+        return int(tensors["SV"].shape[0])
+
     def check_tensors(self, tensors, params: TrellisParams, out_features, in_features, prefix=""):
         """Shapes and dtypes (the generic check), then the layer's size, then the values a decoder
         relies on: signs are +-1, Wscale and the LUT are finite."""
