@@ -40,17 +40,23 @@ def test_stage_smoke_passes_and_its_files_come_back(stage, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / stage / "result.json").read_text())
     assert res["result"] == "pass" and res["smoke"] is True and res["commit"] == "abc123"
-    assert res["wall_s"] < gc.STAGES[stage].budget_s / 4  # tiny shapes: far inside the device budget
+    # Tiny shapes on the CPU: inside the device budget (vLLM's engine start-up dominates its smoke).
+    assert res["wall_s"] < gc.STAGES[stage].budget_s / (1 if stage == "vllm" else 4)
     assert gc.check_out_limits(out) == []
     assert (out / stage / "log.txt").read_text().startswith(f"[gpu_check] stage {stage}")
     if stage == "correct":
         assert res["summary"]["collected"] > 100 and res["summary"]["errors"] == 0  # every gpu test collected
     if stage == "kernels":
-        assert res["summary"]["rows"] == 2 * 2 * 2 and res["summary"]["failed_checks"] == 0
+        # bits x batches x the Triton-served formats (lut, bcq, trellis)
+        assert res["summary"]["rows"] == 2 * 2 * 3 and res["summary"]["failed_checks"] == 0
     if stage == "e2e":
         rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
         assert [r["variant"] for r in rows] == ["dense", "lut:2", "bcq:4"]
         assert all(r["pct_of_bw_limit"] > 0 and r["bytes_per_token"] > 0 for r in rows)
+    if stage == "qtip":
+        rows = json.loads((out / "qtip" / "qtip_cost.json").read_text())["rows"]
+        assert [r["kind"] for r in rows] == ["viterbi", "layer"] and rows[0]["tiles_per_s"] > 0
+        assert rows[1]["time_viterbi_s"] > 0 and rows[1]["shape"] == "32x64"
     if stage == "vllm":
         rows = json.loads((out / "vllm" / "vllm.json").read_text())["rows"]
         assert [(r["variant"], r["batch"]) for r in rows] == [("fp16", 1), ("fp16", 2), ("lut:3", 1), ("lut:3", 2)]
