@@ -10,4 +10,8 @@ packages = [name for name in PACKAGES]
 for name, folder in PACKAGES.items():
     packages += [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=PACKAGES)
+# The CPU kernels' C++ sources, compiled on first use (gq_kernels/cpu/build.py): a data-only package.
+packages.append("gq_kernels.cpu.csrc")
+PACKAGE_DATA = {"gq_kernels.cpu.csrc": ["*.h", "*.cpp"]}
+
+setup(packages=packages, package_dir=PACKAGES, package_data=PACKAGE_DATA)

@@ -3,8 +3,10 @@
 Its buffers are the format's checkpoint tensors (names equal the checkpoint's suffixes, so
 ``state_dict`` keys match the file); the bias stays a dense parameter. ``forward`` runs the kernel
 :func:`gq_kernels.registry.choose_kernel` picks for the activation's device and dtype (once, then
-cached): on a GPU the packed-weight Triton kernels, elsewhere ``dense`` (dequantize once, dense
-matmul). The same kernels serve the vLLM plugin.
+cached): on a GPU the packed-weight Triton kernels, on the CPU the packed-weight CPU kernels
+(``gq_kernels.cpu``: they read these buffers in place, and above 8 rows dequantize one bounded tile
+at a time), and ``dense`` (dequantize once, dense matmul) where neither serves. The same kernels
+serve the vLLM plugin.
 """
 from __future__ import annotations
 

@@ -25,6 +25,13 @@ _BUILTIN_KERNELS = (
     "gq_kernels.lut.ops:LutTritonKernel",
     "gq_kernels.bcq.ops:BcqTritonKernel",
     "gq_kernels.trellis.ops:TrellisTritonKernel",
+    # CPU: each format's variants, best first; a variant the CPU cannot run says which flags it lacks.
+    "gq_kernels.lut.cpu:LutCpuAvx512Kernel",
+    "gq_kernels.lut.cpu:LutCpuAvx2Kernel",
+    "gq_kernels.lut.cpu:LutCpuPortableKernel",
+    "gq_kernels.bcq.cpu:BcqCpuAvx512Kernel",
+    "gq_kernels.bcq.cpu:BcqCpuAvx2Kernel",
+    "gq_kernels.bcq.cpu:BcqCpuPortableKernel",
 )
 _GENERIC_KERNELS = (
     "gq_kernels.kernel:DenseKernel",

@@ -10,6 +10,7 @@ import torch
 from gq_kernels import kernel as kernel_mod
 from gq_kernels.bcq import ops as bcq_ops
 from gq_kernels.bcq import reference as bcq_ref
+from gq_kernels.cpu import build as cpu_build
 from gq_kernels.format import LinearSpec
 from gq_kernels.lut import ops as lut_ops
 from gq_kernels.lut import reference as lut_ref
@@ -95,11 +96,13 @@ def _spec(fmt, bits, n=24, k=40, **kw):
 
 
 def test_gqlinear_routes_cuda_to_the_ops(monkeypatch):
-    """On CUDA with Triton each format gets its Triton kernel; elsewhere the dense reference."""
+    """On CUDA with Triton each format gets its Triton kernel; on the CPU its packed CPU kernel
+    (dense when the CPU kernels' extension cannot be built); on CUDA without Triton the dense one."""
     monkeypatch.setattr(kernel_mod, "triton_available", lambda: True)
     assert type(choose_kernel(_spec("lut", 3), "cuda", torch.float16)) is lut_ops.LutTritonKernel
     assert type(choose_kernel(_spec("bcq", 3, group_size=8), "cuda", torch.bfloat16)) is bcq_ops.BcqTritonKernel
-    assert choose_kernel(_spec("lut", 3), "cpu", torch.float32).name == "dense"
+    cpu_ok = cpu_build.status()[0]
+    assert choose_kernel(_spec("lut", 3), "cpu", torch.float32).name.startswith("lut-cpu-" if cpu_ok else "dense")
     monkeypatch.setattr(kernel_mod, "triton_available", lambda: False)
     assert choose_kernel(_spec("lut", 3), "cuda", torch.float16).name == "dense"
 

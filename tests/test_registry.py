@@ -93,7 +93,7 @@ def _spec(fmt="lut", n=24, k=40, **kw):
 
 def test_kernel_choice_on_the_cpu_and_by_name():
     assert kernel_names()[-2:] == ["dense", "reference"]  # generic kernels last
-    assert isinstance(choose_kernel(_spec(), "cpu", torch.float32), DenseKernel)
+    assert isinstance(choose_kernel(_spec(bits=8), "cpu", torch.float32), DenseKernel)  # no packed CPU kernel at 8 bits
     assert isinstance(choose_kernel(_spec(), "cpu", torch.float32, prefer="reference"), ReferenceKernel)
     with pytest.raises(ValueError, match="unknown kernel 'fast'.*'dense'"):
         choose_kernel(_spec(), "cpu", torch.float32, prefer="fast")
@@ -123,7 +123,7 @@ def test_kernels_compute_the_reference_and_prepare_once():
         k = choose_kernel(spec, "cpu", torch.float32, prefer=name)
         runtime = k.prepare(tensors)
         assert torch.equal(k.apply(runtime, x), want), name
-    assert set(choose_kernel(spec, "cpu", torch.float32).prepare(tensors)) == {"weight"}
+    assert set(choose_kernel(spec, "cpu", torch.float32, prefer="dense").prepare(tensors)) == {"weight"}
 
 
 def test_gqlinear_chooses_once_per_device_and_dtype(monkeypatch):
@@ -132,7 +132,7 @@ def test_gqlinear_chooses_once_per_device_and_dtype(monkeypatch):
     calls = []
     real = DenseKernel.prepare
     monkeypatch.setattr(DenseKernel, "prepare", lambda self, t: calls.append(self.dtype) or real(self, t))
-    layer = GQLinear(40, 24, get_format("lut").params(bits=2))
+    layer = GQLinear(40, 24, get_format("lut").params(bits=8))  # 8 bits: dense serves on the CPU
     x = torch.randn(2, 40)
     layer(x), layer(x), layer(x.bfloat16()), layer(x.bfloat16())
     assert calls == [torch.float32, torch.bfloat16] and layer.kernel.name == "dense"
@@ -156,7 +156,7 @@ def test_a_new_kernel_class_plugs_in():
     assert kernel_names().index("test-only-never-auto") < kernel_names().index("dense")
     k = choose_kernel(_spec(), "cpu", torch.float32, prefer="test-only-never-auto")
     assert torch.equal(k.apply({}, torch.ones(1, 40)), torch.full((1, 1), 2.0))
-    assert choose_kernel(_spec(), "cpu", torch.float32).name == "dense"  # not auto: never chosen unasked
+    assert choose_kernel(_spec(), "cpu", torch.float32).name != "test-only-never-auto"  # not auto: never chosen unasked
 
 
 # ----------------------------------------------------------------------------- methods + CLI flags

@@ -1,0 +1,58 @@
+// Bit-plane weights on the CPU: the problem description shared by the ISA variants
+// (bitplane_isa.cpp, compiled once per instruction set) and the torch operators (ops.cpp).
+//
+// Weights are codes in bit planes (gq_kernels/packing.py): qweight int32 [bits, n, words], plane b
+// holding bit b of the codes of 32 consecutive input columns per word, column c in word c / 32 at
+// bit c % 32. A code becomes a weight value through a decoder:
+//   * kTable:  one table of 2^bits fp32 values per output row (table [n, 2^bits]);
+//   * kAffine: per output row and group of group_size input columns an fp16 scale s and offset o,
+//              value = round(fl(fl(s * code) + o)) (fp32 multiply, then fp32 add, no FMA).
+// Values are rounded to the activation dtype (kBf16, kFp16) because the reference multiplies
+// x by W_hat.to(x.dtype); a kTable table comes already rounded.
+// This header has no torch dependency: the ISA objects compile without torch's headers.
+#pragma once
+
+#include <cstdint>
+
+namespace gq_cpu {
+
+enum Decoder : int32_t { kTable = 0, kAffine = 1 };
+enum Rounding : int32_t { kNone = 0, kBf16 = 1, kFp16 = 2 };
+
+// The widest table a variant keeps in registers: 16 fp32 values (4-bit codes).
+constexpr int kMaxBits = 4;
+// Activation rows one pass of the GEMV serves (one accumulator per row and lane group).
+constexpr int kMaxRows = 8;
+
+struct Problem {
+  // Activations: m rows of k fp32 values, row r at x + r * x_stride.
+  const float* x;
+  int64_t x_stride;
+  int64_t m;
+  int64_t k;  // input columns
+  int64_t n;  // output rows
+  // Codes: int32 [bits, n, words], words = ceil(k / 32), contiguous.
+  const int32_t* qweight;
+  int32_t bits;
+  int64_t words;
+  int32_t decoder;   // Decoder
+  int32_t rounding;  // Rounding (kAffine only)
+  const float* table;                                   // kTable: [n, 1 << bits]
+  const uint16_t* scales;                               // kAffine: fp16 bits [n, groups]
+  const uint16_t* offsets;                              // kAffine: fp16 bits [n, groups]
+  int64_t groups;
+  int64_t group_size;  // columns per group; k when the format stores one pair per row
+  // Output (GEMV): m rows of n fp32 values, row r at y + r * y_stride.
+  float* y;
+  int64_t y_stride;
+};
+
+}  // namespace gq_cpu
+
+// One set of entry points per variant; gq_cpu_<isa>_... with isa in {portable, avx2, avx512}.
+//   gemv:    y[r, i] = sum_c x[r, c] * W[i, c] for output rows i in [n0, n1), every row r < m <= 8.
+//   dequant: out[(i - n0) * out_stride + c] = W[i, c] for i in [n0, n1), c < k.
+#define GQ_CPU_DECLARE(isa)                                                                  \
+  extern "C" void gq_cpu_##isa##_gemv(const gq_cpu::Problem* p, int64_t n0, int64_t n1);     \
+  extern "C" void gq_cpu_##isa##_dequant(const gq_cpu::Problem* p, int64_t n0, int64_t n1, \
+                                          float* out, int64_t out_stride);

@@ -1,0 +1,247 @@
+// torch operators over the bit-plane kernels (bitplane_isa.cpp), one library for every variant:
+//
+//   gq_cpu::bitplane_matmul(x, qweight, table?, scales?, offsets?, group_size, in_features, isa)
+//       x [..., K] (fp32 / bf16 / fp16) -> [..., N] in x's dtype: x @ W_hat.to(x.dtype).T
+//   gq_cpu::bitplane_dequantize(qweight, table?, scales?, offsets?, group_size, in_features,
+//                               rounding, isa) -> W fp32 [N, K]
+//   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
+//       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
+//   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
+//
+// A decoder is either `table` (fp32 [N, 2^bits], one table per output row, already rounded to
+// x's dtype) or `scales` + `offsets` (fp16 [N, G], w = s * q + o per group of group_size columns,
+// group_size -1 for one pair per row). Up to kMaxRows activation rows run the GEMV, which reads
+// only the packed codes; more rows dequantize tile by tile (at most kTileBytes of fp32 weights at a
+// time) into one buffer and multiply each tile with at::mm. Output rows are split over torch's
+// intra-op threads (at::parallel_for: torch.set_num_threads / gq serve --threads).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "bitplane.h"
+
+GQ_CPU_DECLARE(portable)
+#if defined(GQ_WITH_X86)
+GQ_CPU_DECLARE(avx2)
+GQ_CPU_DECLARE(avx512)
+#endif
+
+namespace {
+
+using GemvFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t);
+using DequantFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t, float*, int64_t);
+
+constexpr int64_t kTileBytes = int64_t{4} << 20;  // bound of the dequantized tile above kMaxRows
+constexpr int64_t kGrainWeights = int64_t{1} << 15;  // weights per task at least (tiny layers: one thread)
+
+struct Variant {
+  GemvFn gemv;
+  DequantFn dequant;
+};
+
+Variant variant(int64_t isa) {
+  if (isa == 0) return {gq_cpu_portable_gemv, gq_cpu_portable_dequant};
+#if defined(GQ_WITH_X86)
+  if (isa == 1) {
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                "gq_cpu: the avx2 variant needs AVX2 and FMA, which this CPU lacks");
+    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant};
+  }
+  if (isa == 2) {
+    TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
+                "gq_cpu: the avx512 variant needs AVX-512 F/BW/VL/DQ, which this CPU lacks");
+    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant};
+  }
+#endif
+  TORCH_CHECK(false, "gq_cpu: variant ", isa, " is not built into this library");
+}
+
+std::vector<int64_t> built_variants() {
+#if defined(GQ_WITH_X86)
+  return {0, 1, 2};
+#else
+  return {0};
+#endif
+}
+
+// The weights' description (everything but activations and output), checked.
+gq_cpu::Problem describe(const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                         int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kInt && qweight.dim() == 3 &&
+                  qweight.is_contiguous(),
+              "gq_cpu: qweight must be a contiguous CPU int32 [bits, N, words] tensor, got ", qweight.scalar_type(),
+              " ", qweight.sizes());
+  const int64_t bits = qweight.size(0), n = qweight.size(1), words = qweight.size(2);
+  TORCH_CHECK(bits >= 1 && bits <= gq_cpu::kMaxBits, "gq_cpu: serves 1..", gq_cpu::kMaxBits, " bits, got ", bits);
+  TORCH_CHECK(in_features >= 0 && words == (in_features + 31) / 32, "gq_cpu: qweight has ", words,
+              " words per row, in_features=", in_features, " needs ", (in_features + 31) / 32);
+  gq_cpu::Problem p{};
+  p.k = in_features;
+  p.n = n;
+  p.qweight = qweight.data_ptr<int32_t>();
+  p.bits = static_cast<int32_t>(bits);
+  p.words = words;
+  if (table.has_value()) {
+    TORCH_CHECK(!scales.has_value() && !offsets.has_value(), "gq_cpu: give a table or scales + offsets, not both");
+    const at::Tensor& t = *table;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                    t.size(0) == n && t.size(1) == (int64_t{1} << bits),
+                "gq_cpu: table must be contiguous fp32 [N=", n, ", 2^bits=", int64_t{1} << bits, "], got ",
+                t.scalar_type(), " ", t.sizes());
+    p.decoder = gq_cpu::kTable;
+    p.table = t.data_ptr<float>();
+  } else {
+    TORCH_CHECK(scales.has_value() && offsets.has_value(), "gq_cpu: give a table or scales + offsets");
+    const int64_t gs = group_size == -1 ? std::max<int64_t>(in_features, 1) : group_size;
+    TORCH_CHECK(gs >= 1, "gq_cpu: group_size must be -1 or >= 1, got ", group_size);
+    const int64_t groups = group_size == -1 ? 1 : (in_features + gs - 1) / gs;
+    for (const at::Tensor* t : {&*scales, &*offsets}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == n && t->size(1) == groups,
+                  "gq_cpu: scales and offsets must be contiguous fp16 [N=", n, ", groups=", groups, "], got ",
+                  t->scalar_type(), " ", t->sizes());
+    }
+    p.decoder = gq_cpu::kAffine;
+    p.scales = reinterpret_cast<const uint16_t*>(scales->data_ptr<at::Half>());
+    p.offsets = reinterpret_cast<const uint16_t*>(offsets->data_ptr<at::Half>());
+    p.groups = groups;
+    p.group_size = gs;
+  }
+  return p;
+}
+
+int32_t rounding_for(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return gq_cpu::kNone;
+    case at::kBFloat16: return gq_cpu::kBf16;
+    case at::kHalf: return gq_cpu::kFp16;
+    default: TORCH_CHECK(false, "gq_cpu: activations must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(k, 1)); }
+
+// x2: fp32 [m, k] contiguous; out: fp32 [m, n] contiguous. Writes every element of out.
+void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::Tensor& out) {
+  const int64_t k = p.k, n = p.n, m = x2.size(0);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    out.zero_();
+  } else if (m <= gq_cpu::kMaxRows) {
+    p.x = x2.data_ptr<float>();
+    p.x_stride = k;
+    p.m = m;
+    p.y = out.data_ptr<float>();
+    p.y_stride = n;
+    at::parallel_for(0, n, grain_rows(k), [&](int64_t n0, int64_t n1) { v.gemv(&p, n0, n1); });
+  } else {
+    // Tile by tile: at most kTileBytes of fp32 weights exist at a time, never the whole matrix.
+    int64_t tile = std::max<int64_t>(16, kTileBytes / (4 * k));
+    tile = std::min(tile, n);
+    at::Tensor buf = at::empty({tile, k}, x2.options());
+    float* b = buf.data_ptr<float>();
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t t = std::min(tile, n - t0);
+      at::parallel_for(t0, t0 + t, grain_rows(k),
+                       [&](int64_t n0, int64_t n1) { v.dequant(&p, n0, n1, b + (n0 - t0) * k, k); });
+      out.narrow(1, t0, t).copy_(at::mm(x2, buf.narrow(0, 0, t).t()));
+    }
+  }
+}
+
+// x [..., K] -> fp32 [rows, K] contiguous (a view when x already is one).
+at::Tensor rows_fp32(const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.device().is_cpu(), "gq_cpu: x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "gq_cpu: x must be [..., ", in_features, "], got ",
+              x.sizes());
+  return x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+}
+
+at::Tensor bitplane_matmul(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                           const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                           int64_t group_size, int64_t in_features, int64_t isa) {
+  const at::ScalarType dtype = x.scalar_type();
+  gq_cpu::Problem p = describe(qweight, table, scales, offsets, group_size, in_features);
+  p.rounding = rounding_for(dtype);
+  const Variant v = variant(isa);
+  const at::Tensor x2 = rows_fp32(x, in_features);
+  at::Tensor out = at::empty({x2.size(0), p.n}, x2.options());
+  matmul_into(x2, p, v, out);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = p.n;
+  return (dtype == at::kFloat ? out : out.to(dtype)).view(shape);
+}
+
+// The same into a given fp32 [rows, N] output (tests poison it to see that every element is written).
+void bitplane_matmul_out(const at::Tensor& x, const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                         int64_t group_size, int64_t in_features, int64_t isa, at::Tensor& out) {
+  gq_cpu::Problem p = describe(qweight, table, scales, offsets, group_size, in_features);
+  p.rounding = rounding_for(x.scalar_type());
+  const Variant v = variant(isa);
+  const at::Tensor x2 = rows_fp32(x, in_features);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x2.size(0) &&
+                  out.size(1) == p.n,
+              "gq_cpu: out must be contiguous fp32 [", x2.size(0), ", ", p.n, "], got ", out.scalar_type(), " ",
+              out.sizes());
+  matmul_into(x2, p, v, out);
+}
+
+void bitplane_dequantize_out(const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                             const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                             int64_t group_size, int64_t in_features, int64_t rounding, int64_t isa, at::Tensor& out) {
+  gq_cpu::Problem p = describe(qweight, table, scales, offsets, group_size, in_features);
+  TORCH_CHECK(rounding >= gq_cpu::kNone && rounding <= gq_cpu::kFp16, "gq_cpu: rounding must be 0, 1 or 2");
+  p.rounding = static_cast<int32_t>(rounding);
+  const Variant v = variant(isa);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == p.n &&
+                  out.size(1) == in_features,
+              "gq_cpu: out must be contiguous fp32 [", p.n, ", ", in_features, "], got ", out.scalar_type(), " ",
+              out.sizes());
+  if (p.n > 0 && in_features > 0) {
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, p.n, grain_rows(in_features),
+                     [&](int64_t n0, int64_t n1) { v.dequant(&p, n0, n1, o + n0 * in_features, in_features); });
+  }
+}
+
+at::Tensor bitplane_dequantize(const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                               const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                               int64_t group_size, int64_t in_features, int64_t rounding, int64_t isa) {
+  at::Tensor out = at::empty({qweight.dim() == 3 ? qweight.size(1) : 0, in_features},
+                             qweight.options().dtype(at::kFloat));
+  bitplane_dequantize_out(qweight, table, scales, offsets, group_size, in_features, rounding, isa, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gq_cpu, m) {
+  m.def(
+      "bitplane_matmul(Tensor x, Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
+      "int group_size, int in_features, int isa) -> Tensor");
+  m.def(
+      "bitplane_dequantize(Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
+      "int group_size, int in_features, int rounding, int isa) -> Tensor");
+  m.def(
+      "bitplane_matmul_out(Tensor x, Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
+      "int group_size, int in_features, int isa, Tensor(a!) out) -> ()");
+  m.def(
+      "bitplane_dequantize_out(Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
+      "int group_size, int in_features, int rounding, int isa, Tensor(a!) out) -> ()");
+  m.def("built_variants() -> int[]", &built_variants);
+}
+
+TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
+  m.impl("bitplane_matmul", &bitplane_matmul);
+  m.impl("bitplane_dequantize", &bitplane_dequantize);
+  m.impl("bitplane_matmul_out", &bitplane_matmul_out);
+  m.impl("bitplane_dequantize_out", &bitplane_dequantize_out);
+}

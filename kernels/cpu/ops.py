@@ -1,0 +1,16 @@
+"""Python side of the extension's operators (``csrc/ops.cpp``): fake implementations, so that
+``torch.compile`` (vLLM's compiled mode, the static decoder) treats each call as one opaque node.
+Imported by :func:`gq_kernels.cpu.build.load` right after the library is loaded."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("gq_cpu::bitplane_matmul")
+def _(x, qweight, table, scales, offsets, group_size, in_features, isa):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+@torch.library.register_fake("gq_cpu::bitplane_dequantize")
+def _(qweight, table, scales, offsets, group_size, in_features, rounding, isa):
+    return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.float32)
