@@ -236,8 +236,12 @@ def copy_bandwidth(device: torch.device, mib: int, iters: int = 10) -> float:
 # problems
 # ------------------------------------------------------------------------------------------------
 def random_tensors(spec: LinearSpec, g: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random checkpoint tensors of the layer: integer tensors uniform over their dtype's bits (any
-    bit pattern is a valid packed code), float tensors (codebooks, scales) ~ N(0, 0.02^2)."""
+    """Random checkpoint tensors of the layer: the format's own example when it has one (trellis:
+    +-1 signs), else integer tensors uniform over their dtype's bits (any bit pattern is a valid
+    packed code) and float tensors (codebooks, scales) ~ N(0, 0.02^2)."""
+    example = get_format(spec.format).example_tensors(spec.params, spec.out_features, spec.in_features, g)
+    if example is not None:
+        return {k: v.to(device) for k, v in example.items()}
     out = {}
     for name, ts in spec.tensors().items():
         if ts.dtype.is_floating_point:

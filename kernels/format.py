@@ -171,6 +171,12 @@ class Format(ABC):
         w = self.dequantize(tensors, params, in_features).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
+    def example_tensors(self, params: FormatParams, out_features: int, in_features: int,
+                        generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+        """Random valid tensors of an [out, in] linear with realistic magnitudes, for benchmarks; None
+        (the default) when any bit pattern of the integer tensors with N(0, 0.02^2) float tensors is."""
+        return None
+
     def check_shape(self, params: FormatParams, out_features: int, in_features: int) -> None:
         """Raise ValueError (saying why) when this format cannot hold an [out, in] linear."""
 

@@ -15,6 +15,7 @@ Stages (docs/gpu.md says what each measures, its budget and the device-tool call
               dense fp16 vs lut 2/3/4 and bcq 4, batch 1, CUDA graphs -> e2e rows with pct_of_bw_limit
     vllm      benchmarks/vllm_random.py: vLLM 0.26 + our plugin on the same shape, fp16 vs lut 3-bit vs
               vLLM's GPTQ 4-bit, batch 1/8/32 -> e2e rows with engine "vllm"
+    qtip      benchmarks/qtip_cost.py: QTIP's Viterbi on CUDA (tiles/s) and one 4096x11008 layer -> qtip_cost_gpu.json
 
 `run` writes DIR/<stage>/result.json (stage, result, commit, device, date, wall time, summary) and
 DIR/<stage>/log.txt beside the stage's own files: at most 8 files, 2 folders down (what the device
@@ -71,6 +72,8 @@ STAGES = {s.name: s for s in (
                       "vs lut 2/3/4 and bcq 4, batch 1, 100 tokens, static cache + CUDA graph"),
     Stage("vllm", 480, "benchmarks/vllm_random.py: vLLM 0.26 + our plugin on the same shape, fp16 vs lut 3-bit "
                        "vs vLLM's GPTQ 4-bit (g128), batch 1/8/32, CUDA graphs (vLLM carried in pieces)"),
+    Stage("qtip", 420, "benchmarks/qtip_cost.py: QTIP's tail-biting Viterbi on CUDA (tiles/s per code and "
+                       "bits) and one 4096x11008 layer quantized end to end, wall time per stage"),
 )}
 VLLM_PIECES = ".vllm-gpu-p"  # ../shared/tools/vllm-gpu/prepare.sh writes .vllm-gpu-p0..pN and .vllm-gpu-tool
 
@@ -220,7 +223,23 @@ def stage_vllm(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, 
     return ("timeout" if timed_out else "pass" if rc == 0 else "fail"), summary
 
 
-RUNNERS = {"correct": stage_correct, "kernels": stage_kernels, "e2e": stage_e2e, "vllm": stage_vllm}
+def stage_qtip(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, dict]:
+    argv = [sys.executable, "benchmarks/qtip_cost.py", "--out", str(out / "qtip_cost.json")]
+    if smoke:
+        argv += ["--device", "cpu", "--codes", "hyb", "--bits", "2", "--tiles", "4", "--layer", "32x64"]
+    else:
+        argv += ["--device", "cuda", "--tiles", "256", "--layer", "4096x11008"]
+    rc, timed_out = run_logged(argv, out / "log.txt", env, timeout)
+    summary: dict = {}
+    if (out / "qtip_cost.json").exists():
+        for r in json.loads((out / "qtip_cost.json").read_text())["rows"]:
+            key = f"{r['code']} {r['bits']}-bit" if r["kind"] == "viterbi" else f"layer {r['shape']}"
+            summary[key] = {k: r[k] for k in ("tiles_per_s", "rel_mse", "wall_s") if k in r}
+    return ("timeout" if timed_out else "pass" if rc == 0 else "fail"), summary
+
+
+RUNNERS = {"correct": stage_correct, "kernels": stage_kernels, "e2e": stage_e2e, "vllm": stage_vllm,
+           "qtip": stage_qtip}
 
 
 def _has(module: str) -> bool:
@@ -428,6 +447,8 @@ def merge(src: Path, results: Path = RESULTS) -> list[str]:
                 shutil.copyfile(out / name, results / name)
         elif stage in ("e2e", "vllm"):
             merge_e2e_rows(json.loads((out / f"{stage}.json").read_text())["rows"], results / "e2e.json")
+        elif stage == "qtip":
+            shutil.copyfile(out / "qtip_cost.json", results / "qtip_cost_gpu.json")
     tmp = status_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status, indent=1) + "\n")
     tmp.replace(status_path)

@@ -139,6 +139,20 @@ class TrellisFormat(Format):
         return ref.matmul(x, tensors["trellis"], tensors["SU"], tensors["SV"], tensors["Wscale"], tensors.get("tlut"),
                           params.trellis_code, params.bits, params.out_rht_blocks, bias)
 
+    def example_tensors(self, params, out_features, in_features, generator):
+        """Random streams (every one is a valid circular chain), +-1 signs, Wscale 0.02, the default LUT."""
+        from gq_kernels.trellis.codes import default_tlut
+        from gq_kernels.trellis.hadamard import random_signs
+
+        tiles = (out_features // ref.TILE) * (in_features // ref.TILE)
+        dev = generator.device
+        words = torch.randint(-32768, 32768, (tiles, ref.words_per_tile(params.bits)), generator=generator, device=dev)
+        out = {"trellis": words.to(torch.int16), "SU": random_signs(in_features, generator).half(),
+               "SV": random_signs(out_features, generator).half(), "Wscale": torch.tensor([0.02], device=dev)}
+        if params.trellis_code == "hyb":
+            out["tlut"] = default_tlut().to(dev)
+        return out
+
     def check_shape(self, params, out_features, in_features):
         check_shape(params, out_features, in_features)
 

@@ -188,7 +188,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def random_signs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """i.i.d. +-1 (float32) of length n."""
-    return torch.randint(0, 2, (n,), generator=generator).float().mul_(2).sub_(1)
+    device = generator.device if generator is not None else None
+    return torch.randint(0, 2, (n,), generator=generator, device=device).float().mul_(2).sub_(1)
 
 
 def rotate_weight(w: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, out_blocks: int = 1) -> torch.Tensor:
