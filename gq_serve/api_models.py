@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from gq_serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -34,6 +34,21 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 MAX_STOP = 4
 INT64 = (-(2**63), 2**63 - 1)
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 16.0 is the integer 16 (JSON Schema agrees), 16.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _int(**bounds: int) -> Any:
+    """An integer field: strict (no "16", no true) but 16.0 is 16; ``bounds``: ge / le."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+JsonInt = _int()
 
 
 def _same(value: Any, ok: Any) -> bool:
@@ -68,7 +83,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"up to {MAX_STOP} strings; the text ends before the first one")
-    seed: int | None = Field(None, ge=INT64[0], le=INT64[1],
+    seed: _int(ge=INT64[0], le=INT64[1]) | None = Field(None,
                              description="reproducible sampling, whatever else the server runs")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -123,11 +138,11 @@ _PROMPT_DOC = ("a string, a list of token ids, or a batch: a list of strings or 
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(description=_PROMPT_DOC)
-    max_tokens: int | None = Field(16, ge=1, description="OpenAI's default for /v1/completions: 16")
+    prompt: str | list[JsonInt] | list[str] | list[list[JsonInt]] = Field(description=_PROMPT_DOC)
+    max_tokens: _int(ge=1) | None = Field(16, description="OpenAI's default for /v1/completions: 16")
     echo: bool = Field(False, description="return the prompt before the completion (with logprobs: "
                                           "the prompt tokens' log-probabilities too)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None,
                                  description="log-probability of each token and the k most likely "
                                              "alternatives")
     best_of: _only(1, description="only 1") = None
@@ -154,10 +169,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="None: the rest of the context window")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: _int(ge=1) | None = Field(None, description="None: the rest of the context window")
+    max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = Field(False, description="log-probability of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None,
                                      description="with logprobs: the k most likely alternatives")
     tools: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
                                           "description": "no tool calling: only []"})] = None

@@ -131,13 +131,20 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """Pick the next token from a [vocab] logits row."""
     if params.temperature <= 0.0:
         return int(torch.argmax(logits).item())
-    # Sampling in fp32: fp16/bf16 softmax over a large vocab loses the tail mass.
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # Sampling in fp64 (fp16/bf16 softmax over a large vocab loses the tail mass), shifted so the
+    # largest logit is 0: any temperature > 0, down to 5e-324, then sends the others to -inf
+    # (probability 0) instead of overflowing to inf or dividing 0 by a temperature rounded to 0
+    # (NaN probabilities).
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, sorted_idx = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
         drop = (cumulative - sorted_probs) >= params.top_p
+        # The most likely token always stays: a top_p below fp32's smallest value (5e-324) rounds
+        # to 0 in the comparison and would otherwise drop every token.
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(sorted_idx[choice].item())

@@ -215,18 +215,28 @@ def _error_responses(*statuses: int) -> dict:
     return out
 
 
-def _generation_responses(model_cls) -> dict:
+def _sse_event(chunk: str) -> dict:
+    """The schema of one server-sent event of a stream: a chunk (or, if the server fails mid-stream,
+    an error body) as JSON, and `[DONE]` last."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
+
+
+def _generation_responses(model_cls, chunk: str) -> dict:
     ok = {"model": model_cls, "description": "the completion; with `stream: true` a text/event-stream "
-                                             "of chunks of the same shape, then `data: [DONE]`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+                                             f"of {chunk} events, then `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": _sse_event(chunk)}}}
     return {200: ok, **_error_responses(400, 401, 404, 413, 429, 500, 503)}
 
 
-def _request_schemas() -> dict[str, dict]:
-    """The request models' JSON schemas, their nested models lifted into components."""
+def _model_schemas(models, mode: str) -> dict[str, dict]:
+    """JSON schemas of pydantic models, their nested models lifted into components."""
     out: dict[str, dict] = {}
-    for cls in (CompletionRequest, ChatCompletionRequest):
-        schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+    for cls in models:
+        schema = cls.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
         out.update(schema.pop("$defs", {}))
         out[cls.__name__] = schema
     return out
@@ -480,7 +490,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                   text_offset=offsets)
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses=_generation_responses(CompletionResponse), openapi_extra=_body("CompletionRequest"))
+              responses=_generation_responses(CompletionResponse, "CompletionResponse"), openapi_extra=_body("CompletionRequest"))
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         prompts = completion_prompts(req)
@@ -559,7 +569,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return ChatLogprobs(content=content)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses=_generation_responses(ChatCompletionResponse),
+              responses=_generation_responses(ChatCompletionResponse, "ChatCompletionChunk"),
               openapi_extra=_body("ChatCompletionRequest"))
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
@@ -622,7 +632,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                              routes=app.routes)
         components = schema.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        schemas.update(_request_schemas())
+        for name, sch in _model_schemas([ChatCompletionChunk], "serialization").items():
+            schemas.setdefault(name, sch)
+        schemas.update(_model_schemas([CompletionRequest, ChatCompletionRequest], "validation"))
         # This server's facts: the one model id it serves, its vocabulary's token ids.
         for name in ("CompletionRequest", "ChatCompletionRequest"):
             schemas[name]["properties"]["model"]["enum"] = [model_name]
