@@ -6,10 +6,18 @@ its parameters and the dense linears (``modules_to_not_convert``, exact module n
 layer. Any missing, unexpected, mis-shaped or mis-typed tensor is refused with a ValueError that
 names it. Model loading for every entry point (engine, server, eval, bench) and the dtype rules
 live here.
+
+Integrity: a checkpoint's ``gq_manifest.json`` holds the sha256 of every file and of every tensor's
+bytes. Loading checks each tensor's hash as it is read (the bytes are in memory anyway: about
+0.1 s per 100 MB), every other listed file in full (config, tokenizer: small) and that config.json
+agrees with the manifest; a mismatch is refused naming the file and the tensor
+(:class:`CheckpointIntegrityError`). ``gq verify`` also hashes the weight files whole;
+:func:`verify_files` does that with a cache keyed by path, size and mtime (the vLLM launcher).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,7 +26,9 @@ from torch import nn
 
 from gq_kernels.schema import QuantizationConfig, parse_quantization_config
 from gq_serve.quant_linear import GQLinear, select_kernels
-from gq_serve.util import sha256_file
+from gq_serve.util import cache_root, sha256_file, tensor_sha256, write_json
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "gq_manifest.json"
@@ -83,13 +93,101 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
     return files
 
 
-def verify_checkpoint_files(ckpt_dir: Path) -> None:
-    """Compare every file's sha256 with gq_manifest.json; raise ValueError naming a corrupt file."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest = json.loads((ckpt_dir / MANIFEST_NAME).read_text())
-    for name, want in manifest["files"].items():
-        if sha256_file(ckpt_dir / name) != want:
-            raise ValueError(f"{ckpt_dir / name}: sha256 differs from {MANIFEST_NAME}; the file is corrupt or edited")
+class CheckpointIntegrityError(ValueError):
+    """The checkpoint's files do not match its manifest (corrupt, truncated, missing or edited)."""
+
+    def __init__(self, ckpt_dir: Path, problems: list[str]) -> None:
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        super().__init__(
+            f"{ckpt_dir}: the checkpoint does not match its {MANIFEST_NAME} ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems[:_MAX_LISTED]) + more
+            + "\nThe files are corrupt, truncated or edited: copy or export the checkpoint again "
+              "(`gq verify` checks a checkpoint without loading it for serving)."
+        )
+        self.problems = problems
+
+
+def read_manifest(ckpt_dir: Path) -> dict | None:
+    """``gq_manifest.json`` (None when the directory has none); ValueError if it is unreadable."""
+    path = Path(ckpt_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointIntegrityError(Path(ckpt_dir), [f"{MANIFEST_NAME} is not valid JSON ({exc})"]) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) \
+            or not isinstance(manifest.get("tensors", {}), dict):
+        raise CheckpointIntegrityError(Path(ckpt_dir), [f"{MANIFEST_NAME} has no 'files' checksums"])
+    return manifest
+
+
+def config_manifest_problems(config: dict, manifest: dict) -> list[str]:
+    """Where config.json's quantization_config disagrees with the manifest's record of the export."""
+    qc, recorded = config.get("quantization_config") or {}, manifest.get("quantization") or {}
+    problems = []
+    for key in sorted(set(qc) & set(recorded) - {"quant_method"}):
+        if qc[key] != recorded[key] and not isinstance(qc[key], (dict, list)):
+            problems.append(f"config.json quantization_config.{key} is {qc[key]!r} but {MANIFEST_NAME} "
+                            f"recorded {recorded[key]!r} (config.json was edited or belongs to another checkpoint)")
+    return problems
+
+
+def small_file_problems(ckpt_dir: Path, manifest: dict) -> list[str]:
+    """Missing listed files, and sha256 mismatches of the listed files that are not safetensors
+    (config, tokenizer, index: small; weight files are checked per tensor as they load)."""
+    problems = []
+    for name, want in sorted(manifest["files"].items()):
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            problems.append(f"{name} is missing (listed in {MANIFEST_NAME})")
+        elif not name.endswith(".safetensors") and sha256_file(path) != want:
+            problems.append(f"{name}: sha256 differs from {MANIFEST_NAME}")
+    return problems
+
+
+_VERIFY_CACHE = "verified-files.json"
+
+
+def verify_files(ckpt_dir: Path, use_cache: bool = True) -> list[str]:
+    """sha256 of every file the manifest lists, compared whole; problems (empty: all match).
+
+    ``use_cache``: a file whose (path, size, mtime) is recorded in ``$GQ_CACHE/verified-files.json``
+    with the same hash is not read again, so restarts cost nothing. Directories without a manifest
+    (plain HF models) have nothing to verify.
+    """
+    ckpt_dir = Path(ckpt_dir).resolve()
+    manifest = read_manifest(ckpt_dir)
+    if manifest is None:
+        return []
+    cache_path = cache_root() / _VERIFY_CACHE
+    cache: dict = {}
+    if use_cache:
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    problems, changed = [], False
+    for name, want in sorted(manifest["files"].items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing (listed in {MANIFEST_NAME})")
+            continue
+        st = path.stat()
+        key, stamp = str(path), [st.st_size, st.st_mtime_ns, want]
+        if use_cache and cache.get(key) == stamp:
+            continue
+        if sha256_file(path) != want:
+            problems.append(f"{name}: sha256 differs from {MANIFEST_NAME}")
+        elif use_cache:
+            cache[key], changed = stamp, True
+    problems += config_manifest_problems(_config_json(ckpt_dir), manifest)
+    if changed:
+        try:
+            write_json(cache_path, cache)
+        except OSError:  # a read-only cache only costs the next start a re-hash
+            pass
+    return problems
 
 
 def quantize_linears(model: nn.Module, qc: QuantizationConfig, dtype: torch.dtype,
@@ -120,12 +218,16 @@ def _alias_groups(model: nn.Module) -> dict[str, frozenset[str]]:
     return {name: frozenset(by_id[id(t)]) for name, t in sd.items()}
 
 
-def load_state_checked(model: nn.Module, files: list[Path]) -> None:
+def load_state_checked(model: nn.Module, files: list[Path], checksums: dict[str, str] | None = None) -> None:
     """Copy every tensor of ``files`` into ``model`` after checking name, shape and dtype.
 
     Quantized buffers (the format's tensors) must match dtype exactly; dense
     tensors must be floating point and are cast to the model's dtype. Raises ValueError listing
     every missing / unexpected / mismatched tensor with expected vs found.
+
+    ``checksums`` (the manifest's per-tensor sha256): each tensor's bytes are hashed as read. A
+    mismatch or an unreadable file raises :class:`CheckpointIntegrityError` naming file and tensor
+    (with the other problems after it: they follow from it).
     """
     targets = model.state_dict(keep_vars=True)
     quant_keys = {
@@ -133,14 +235,30 @@ def load_state_checked(model: nn.Module, files: list[Path]) -> None:
     }
     aliases = _alias_groups(model)
     problems: list[str] = []
+    integrity: list[str] = []
     loaded: set[str] = set()
     for path in files:
-        with safe_open(path, framework="pt") as fh:
+        try:
+            opened = safe_open(path, framework="pt")  # reads and parses the header
+        except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error type
+            integrity.append(f"{path.name} cannot be read as safetensors ({exc}): truncated or corrupt")
+            continue
+        with opened as fh:
             for name in fh.keys():
                 if name not in targets:
                     problems.append(f"unexpected tensor {name!r} in {path.name}")
                     continue
-                t = fh.get_tensor(name)
+                try:
+                    t = fh.get_tensor(name)
+                except Exception as exc:  # noqa: BLE001 -- a header pointing past the end of the file
+                    integrity.append(f"{path.name}: tensor {name} cannot be read ({exc}): truncated or corrupt")
+                    continue
+                if checksums is not None:
+                    want = checksums.get(name)
+                    if want is None:
+                        integrity.append(f"{path.name}: tensor {name} is not in {MANIFEST_NAME}")
+                    elif tensor_sha256(t) != want:
+                        integrity.append(f"{path.name}: tensor {name}: sha256 differs from {MANIFEST_NAME}")
                 dst = targets[name]
                 if tuple(t.shape) != tuple(dst.shape):
                     problems.append(f"{name}: expected shape {list(dst.shape)}, found {list(t.shape)} in {path.name}")
@@ -156,6 +274,8 @@ def load_state_checked(model: nn.Module, files: list[Path]) -> None:
                 loaded.add(name)
     missing = sorted(n for n in targets if not (aliases[n] & loaded))
     problems += [f"missing tensor {n!r} ({'packed' if n in quant_keys else 'dense'})" for n in missing]
+    if integrity:  # corrupt bytes explain whatever else went wrong: one error, those first
+        raise CheckpointIntegrityError(Path(files[0]).parent, integrity + problems)
     if problems:
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise ValueError(
@@ -183,7 +303,16 @@ def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dty
         model.gq_quantization_config, model.gq_kernels = None, {}
         return model.to(device).eval()
 
+    manifest = read_manifest(ckpt_dir)
     qc = read_quantization_config(ckpt_dir)
+    integrity = []
+    if manifest is not None:
+        integrity += small_file_problems(ckpt_dir, manifest)
+        integrity += config_manifest_problems(_config_json(ckpt_dir), manifest)
+        if integrity:  # before building anything: a missing or edited file explains what would fail
+            raise CheckpointIntegrityError(ckpt_dir, integrity)
+    else:
+        log.warning("%s has no %s: its files cannot be verified", ckpt_dir, MANIFEST_NAME)
     config = AutoConfig.from_pretrained(ckpt_dir)
     # transformers must not see our method: the layers are swapped here, not by its quantizer.
     if hasattr(config, "quantization_config"):
@@ -196,7 +325,8 @@ def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dty
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # init_weights (skipped above) is also what ties lm_head to the embeddings
     quantize_linears(model, qc, dtype, kernel=kernel)
-    load_state_checked(model, weight_files(ckpt_dir))
+    checksums = manifest.get("tensors") if manifest is not None else None
+    load_state_checked(model, weight_files(ckpt_dir), checksums or None)
     model = model.to(device).eval()
     model.gq_quantization_config = qc
     model.gq_kernels = select_kernels(model, device, dtype)
@@ -214,3 +344,12 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def verify_checkpoint_files(ckpt_dir: Path) -> None:
+    """Every listed file's sha256, read whole now (no cache); raise CheckpointIntegrityError."""
+    problems = verify_files(ckpt_dir, use_cache=False)
+    if read_manifest(ckpt_dir) is None:
+        problems = [f"no {MANIFEST_NAME}: nothing to verify against"]
+    if problems:
+        raise CheckpointIntegrityError(Path(ckpt_dir), problems)

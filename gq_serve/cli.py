@@ -149,6 +149,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- verify
+def cmd_verify(args) -> int:
+    """Every file's and tensor's sha256 against gq_manifest.json, config vs manifest, then the
+    model built from config.json with every tensor checked; problems listed, exit 1."""
+    from gq_serve.checkpoint import (
+        CheckpointIntegrityError,
+        load_quantized_model,
+        read_manifest,
+        verify_files,
+    )
+
+    ckpt = resolve_model_path(args.checkpoint, _cache_root(args))
+    if not (ckpt / "config.json").is_file():
+        raise CliError(f"{ckpt} is not a model directory (no config.json)")
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        raise CliError(f"{ckpt} has no gq_manifest.json: nothing to verify against (only checkpoints "
+                       f"written by `gq quantize` carry checksums)")
+    problems = verify_files(ckpt, use_cache=False)
+    if not problems:
+        try:
+            load_quantized_model(ckpt)  # structure + per-tensor hashes as the server loads it
+        except CheckpointIntegrityError as exc:
+            problems = exc.problems
+        except ValueError as exc:  # the tensors do not fit the model config.json describes
+            problems = [str(exc)]
+    report = {"checkpoint": str(ckpt), "ok": not problems, "files": len(manifest["files"]),
+              "tensors": len(manifest.get("tensors", {})), "problems": problems}
+    if args.json:
+        _print_json(report)
+    elif problems:
+        print(f"gq verify: {ckpt}: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+    else:
+        print(f"gq verify: {ckpt}: OK ({report['files']} files, {report['tensors']} tensors match "
+              f"gq_manifest.json; the model loads)")
+    return 0 if not problems else 1
+
+
 # --------------------------------------------------------------------------- serve
 def serve_hf(args) -> None:
     """`gq serve --engine hf`: load the checkpoint and serve it with uvicorn until a signal, then
@@ -416,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", help="also write the rows to this file")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("verify", help="check a checkpoint's files and tensors against its gq_manifest.json")
+    sv.add_argument("checkpoint", help="checkpoint directory (or a prepared model alias)")
+    sv.add_argument("--json", action="store_true", help="print the report as JSON")
+    sv.set_defaults(func=cmd_verify)
 
     _add_serve_parser(sub)
     _add_bench_parser(sub)

@@ -69,7 +69,8 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     tokens = n_windows * (ctx - 1)
     nll = total.item() / tokens
     return {
-        "ppl": math.exp(nll),
+        # exp overflows a float past nll ~709 (a broken model): report inf, not a math range error
+        "ppl": math.exp(nll) if nll < 709 else (nll if math.isnan(nll) else math.inf),
         "nll": nll,
         "tokens": tokens,
         "windows": n_windows,

@@ -42,6 +42,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tensor_sha256(t) -> str:
+    """Hex sha256 of a CPU tensor's raw little-endian bytes (hashes the buffer in place, no copy):
+    the per-tensor checksum of ``gq_manifest.json``."""
+    import torch
+
+    return hashlib.sha256(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -186,6 +186,13 @@ def vllm_serve_main(
     and no idle Python parent is left holding memory.
     """
     check_vllm_installed()
+    # vLLM reads the weights itself: verify the files against the manifest first (hashed once,
+    # then cached by path, size and mtime), so a corrupt checkpoint is refused by name, not served.
+    from gq_serve.checkpoint import CheckpointIntegrityError, verify_files
+
+    problems = verify_files(Path(ckpt))
+    if problems:
+        raise CheckpointIntegrityError(Path(ckpt), problems)
     argv = vllm_serve_command(ckpt, host, port, extra_args, kernel=kernel)
     env = vllm_env()
     if api_key:

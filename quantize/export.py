@@ -15,7 +15,6 @@ end; on any error the temp dir is removed and an existing ``out_dir`` is left un
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -31,7 +30,15 @@ from gq_kernels.format import FormatParams, QuantResult
 from gq_kernels.registry import get_format
 from gq_kernels.schema import QuantizationConfig
 from gq_quantize.config import QuantizeConfig
-from gq_serve.util import atomic_write, package_version, publish_mode, replace_dir, sha256_file, write_json
+from gq_serve.util import (
+    atomic_write,
+    package_version,
+    publish_mode,
+    replace_dir,
+    sha256_file,
+    tensor_sha256,
+    write_json,
+)
 
 MANIFEST_NAME = "gq_manifest.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -120,11 +127,6 @@ def _tensor_stream(
         yield name, items[name]
 
 
-def _tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a CPU tensor's raw little-endian bytes (hashes the buffer in place, no copy)."""
-    return hashlib.sha256(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())).hexdigest()
-
-
 def _write_shards(tmp: Path, stream, max_shard_bytes: int) -> tuple[dict[str, str], dict[str, str]]:
     """Write tensors into shards of at most ``max_shard_bytes`` (a bigger single tensor gets its own).
 
@@ -149,7 +151,7 @@ def _write_shards(tmp: Path, stream, max_shard_bytes: int) -> tuple[dict[str, st
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
-        checksums[name] = _tensor_sha256(t)
+        checksums[name] = tensor_sha256(t)
         current[name] = t
         size += nbytes
     flush()
