@@ -111,6 +111,7 @@ def cmd_quantize(args) -> int:
     try:
         qconfig = QuantizeConfig(
             method=args.method, bits=args.bits, guided=args.guided, groups=args.groups,
+            sequential=args.sequential,
             calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
                                           seed=args.seed),
             **options,
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--bits", type=int, required=True)
     sq.add_argument("--guided", action="store_true", help="GuidedQuant: end-loss-weighted Hessians")
     sq.add_argument("--groups", type=int, default=1, help="GuidedQuant output-channel groups g")
+    sq.add_argument("--sequential", action="store_true",
+                    help="sequential calibration: each layer's Hessians from the already quantized layers "
+                         "before it, as GPTQ does (Hessian methods; the saliency stays the unquantized model's)")
     sq.add_argument("--calib", default="sotu", help="calibration corpus (sotu, brown:calib, a path, hf:NAME...)")
     sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)

@@ -36,6 +36,10 @@ class QuantizeConfig(BaseModel):
     guided: bool = False  # GuidedQuant: per-group saliency-weighted Hessians
     groups: int = Field(1, ge=1)  # g: output-channel groups for GuidedQuant
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    # Sequential calibration: each decoder layer's Hessians from the outputs of the already
+    # quantized layers before it (and, inside a layer, of its already quantized linears), as GPTQ
+    # does; off: every Hessian from the unquantized model (one cache serves every method).
+    sequential: bool = False
     options: SerializeAsAny[MethodConfig] | None = None
 
     @model_validator(mode="before")
@@ -75,6 +79,10 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"--guided needs a Hessian-based method ({', '.join(guidable)}); {self.method!r} has none")
         if self.groups > 1 and not self.guided:
             raise ValueError("--groups > 1 only makes sense with --guided")
+        if self.sequential and "hessian" not in type(self.options).needs:
+            seq = [n for n in method_names() if "hessian" in get_method(n).config.needs]
+            raise ValueError(f"--sequential changes the layer Hessians, which {self.method!r} does not use; "
+                             f"it applies to {', '.join(seq)}")
         return self
 
     # ---------------------------------------------------------------- views
@@ -100,6 +108,7 @@ class QuantizeConfig(BaseModel):
 
     def flat(self) -> dict[str, Any]:
         """Common fields and the method's options in one flat dict (calibration nested)."""
-        out = {"method": self.method, **self.options.model_dump(), "guided": self.guided, "groups": self.groups}
+        out = {"method": self.method, **self.options.model_dump(), "guided": self.guided, "groups": self.groups,
+               "sequential": self.sequential}
         out["calibration"] = self.calibration.model_dump()
         return out

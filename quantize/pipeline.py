@@ -103,6 +103,121 @@ def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tens
     return method.handler(w, None, fisher, qconfig.options)
 
 
+def _stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, device) -> list[list[str]]:
+    """The layer's linears in groups that can be quantized together, in the order they run.
+
+    Linears fed the very same input tensor form one group (q/k/v, gate/up); the groups come in
+    execution order (q/k/v, o, gate/up, down in a Llama or Gemma layer): GPTQ's "true sequential"
+    order, found by running one window rather than from module names.
+    """
+    from gq_quantize.calibration.hessians import layer_linears
+
+    order: list[tuple[str, int]] = []
+    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: order.append((n, id(inp[0]))))
+               for n, m in layer_linears(layer, prefix).items()]
+    try:
+        with torch.no_grad():
+            layer(inputs[:1].to(device=device, dtype=call.dtype), **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last = None
+    for name, key in order:
+        if key != last:
+            stages.append([])
+            last = key
+        if name not in stages[-1]:
+            stages[-1].append(name)
+    names = [n for st in stages for n in st]
+    if sorted(names) != sorted(layer_linears(layer, prefix)) or len(set(names)) != len(names):
+        raise RuntimeError(f"the linears of {prefix} do not run exactly once per forward; "
+                           "sequential calibration cannot order them")
+    return stages
+
+
+def apply_quantized(lin: torch.nn.Linear, result: QuantResult) -> None:
+    """Replace the weights of ``lin`` by the quantizer's W_hat (what a loaded checkpoint computes)."""
+    with torch.no_grad():
+        lin.weight.copy_(result.dequantize().to(lin.weight.device, lin.weight.dtype))
+
+
+def _coarse_saliency(cache, name: str, groups: int) -> torch.Tensor:
+    """The cached token saliency [N, G] of ``name`` averaged to ``groups`` groups: [N, groups]."""
+    s = cache.saliency(name)
+    return s.reshape(s.shape[0], groups, s.shape[1] // groups).mean(dim=-1)
+
+
+def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Tensor, run_dir: Path,
+                        results: dict[str, QuantResult], objectives: dict[str, float | None], device: str,
+                        progress: bool) -> int:
+    """Quantize every decoder linear in order, each from Hessians of the already quantized model.
+
+    Layer by layer, the calibration windows run through the model; inside a layer, the linears go
+    in groups (:func:`_stages`): a group's Hessians are taken from a forward pass of the layer in
+    which every earlier group already holds its quantized weights W_hat, the group is quantized,
+    and its weights are replaced by W_hat. The layer's outputs with all of its weights quantized
+    are the next layer's inputs. GuidedQuant's saliency and the Fisher stay those of the
+    unquantized model (from ``cache``). Resumable: finished linears are files in ``run_dir`` and
+    the next layer's inputs are saved after every layer. Fills ``results`` / ``objectives``
+    (objective: the quadratic objective under the Hessian the quantizer used); returns the
+    number of linears loaded from an earlier run.
+    """
+    from gq_quantize.calibration.hessians import (capture_layer_calls, decoder_layers, layer_linears,
+                                                   layer_outputs, run_layer)
+
+    needs = qconfig.needs()
+    layers, prefix = decoder_layers(model)
+    first, calls = capture_layer_calls(model, windows, device)
+    state_path = run_dir / "sequential.json"
+    start = json.loads(state_path.read_text())["next_layer"] if state_path.exists() else 0
+    inputs = first if start == 0 else load_file(str(run_dir / f"inputs_layer_{start:02d}.safetensors"))["hidden"]
+    del first
+    resumed = 0
+    bar = tqdm(range(len(layers)), desc=f"quantize {qconfig.method} {qconfig.bits}-bit (sequential)",
+               unit="layer", disable=not progress, file=sys.stderr)
+    for idx in bar:
+        layer, lp = layers[idx], f"{prefix}.{idx}"
+        lins = layer_linears(layer, lp)
+        if idx < start:  # quantized by an earlier run; its outputs are already in ``inputs``
+            for name in lins:
+                results[name], objectives[name] = _load_result(run_dir / f"{name}.safetensors")
+                resumed += 1
+            continue
+        for stage in _stages(layer, lp, inputs, calls[idx][0], device):
+            todo = [n for n in stage if not (run_dir / f"{n}.safetensors").exists()]
+            for name in stage:
+                if name not in todo:
+                    results[name], objectives[name] = _load_result(run_dir / f"{name}.safetensors")
+                    resumed += 1
+            if todo:
+                sal = ({n: _coarse_saliency(cache, n, qconfig.groups) for n in todo} if qconfig.guided else None)
+                hess, _ = run_layer(layer, lp, inputs, calls[idx], sal, device, only=set(todo), outputs=False)
+                del sal
+                for name in todo:
+                    if qconfig.guided:
+                        hessian = hess.guided[name]
+                    else:
+                        hessian = hess.plain[hess.plain_owner[name]].unsqueeze(0)
+                    w = lins[name].weight.detach().float().cpu()
+                    fisher = cache.weight_fisher(name) if "fisher" in needs else None
+                    result = quantize_layer(w.to(device), qconfig, hessian.to(device),
+                                            None if fisher is None else fisher.to(device)).to("cpu")
+                    objective = quadratic_objective(w, result.dequantize(), hessian)
+                    _save_result(run_dir / f"{name}.safetensors", result, objective)
+                    results[name], objectives[name] = result, objective
+                del hess
+            for name in stage:  # later groups and layers see the quantized weights
+                apply_quantized(lins[name], results[name])
+        inputs = layer_outputs(layer, inputs, calls[idx], device)
+        if idx + 1 < len(layers):
+            nxt = run_dir / f"inputs_layer_{idx + 1:02d}.safetensors"
+            atomic_write(nxt, lambda tmp, t=inputs: save_file({"hidden": t.contiguous()}, str(tmp)), fsync=False)
+            atomic_write(state_path, json.dumps({"next_layer": idx + 1}), fsync=False)
+            (run_dir / f"inputs_layer_{idx:02d}.safetensors").unlink(missing_ok=True)
+    return resumed
+
+
 def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cache_root: Path,
                    overwrite: bool = False, device: str = "cpu", progress: bool = True,
                    recalibrate: bool = False) -> dict:
@@ -143,10 +258,15 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed,
                                       cache_root)
         windows_hash = data_hash(windows)
+    # Sequential GPTQ without GuidedQuant takes nothing from the cache (its Hessians are its own).
+    if needs and not (qconfig.sequential and not qconfig.guided and needs == {"hessian"}):
+        # Sequential calibration computes its own Hessians; it needs the cache only for the
+        # saliency (GuidedQuant) and the Fisher, both from the unquantized model.
         cache = CalibrationCache.open_or_build(
             cache_root, model, model_dir, windows, groups=qconfig.hessian_groups(),
             need_guided=qconfig.guided, need_fisher="fisher" in needs, device=device,
-            progress=progress, need_hessians="hessian" in needs, recalibrate=recalibrate)
+            progress=progress, need_hessians="hessian" in needs and not qconfig.sequential,
+            recalibrate=recalibrate)
     timings["calibration_s"] = time.perf_counter() - t0
     # The cache already fingerprinted the model; hash it here only when no cache was needed.
     model_id = cache.manifest["model_hash"] if cache is not None else model_hash(model_dir, linears)
@@ -159,7 +279,11 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     objectives: dict[str, float | None] = {}
     resumed = 0
     t0 = time.perf_counter()
-    bar = tqdm(linears.items(), desc=f"quantize {qconfig.method} {qconfig.bits}-bit", unit="layer",
+    if qconfig.sequential:
+        resumed = quantize_sequential(model, qconfig, cache, windows, run_dir, results, objectives, device,
+                                      progress)
+    bar = tqdm(linears.items() if not qconfig.sequential else [],
+               desc=f"quantize {qconfig.method} {qconfig.bits}-bit", unit="layer",
                disable=not progress, file=sys.stderr)
     for name, lin in bar:
         part = run_dir / f"{name}.safetensors"
@@ -184,7 +308,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     del model
     extra = {
         "calibration": {"data": calib.data, "n_samples": calib.n_samples, "seq_len": calib.seq_len,
-                        "seed": calib.seed, "data_hash": windows_hash, "model_hash": model_id},
+                        "seed": calib.seed, "data_hash": windows_hash, "model_hash": model_id,
+                        "sequential": qconfig.sequential},
         "objectives": objectives,
         "timings": timings,
     }

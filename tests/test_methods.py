@@ -98,6 +98,85 @@ def test_gptq_dead_input_and_blocks():
     assert q.stats["objective"] < quadratic_objective(w, rtn(w, 4, group_size=16).dequantize(), H)
 
 
+def _act_problem():
+    """A Hessian whose diagonal is far from sorted, so act-order really reorders the columns."""
+    w, H = problem(12, 40, corr=1.5, dtype=torch.float32)
+    scale = torch.rand(40, generator=torch.Generator().manual_seed(5)) * 3 + 0.1
+    return w, H * scale[:, None] * scale[None, :]
+
+
+def test_gptq_act_order_is_gptq_on_permuted_columns():
+    """Per channel, act-order is plain GPTQ on the columns sorted by decreasing diag(H), with the
+    codes put back in the original order: the stored tensors need no permutation index."""
+    w, H = _act_problem()
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    assert not torch.equal(perm, torch.arange(40))
+    a = gptq(w, H, 3, act_order=True, block=16)
+    b = gptq(w[:, perm], H[perm][:, perm], 3, block=16)
+    assert torch.equal(a.codes[:, perm], b.codes)
+    assert torch.equal(a.scales, b.scales) and torch.equal(a.offsets, b.offsets)
+    assert a.stats["objective"] == pytest.approx(quadratic_objective(w, a.dequantize(), H), rel=1e-12)
+
+
+def test_gptq_static_groups_use_the_original_groups_grids():
+    """Static groups: each contiguous group's grid is RTN's grid of the original weights, with and
+    without act-order, and the result survives the bcq format's pack / unpack bit for bit."""
+    from gq_kernels.registry import get_format
+
+    w, H = _act_problem()
+    ref = rtn(w, 3, group_size=8)
+    fmt = get_format("bcq")
+    for act in (False, True):
+        q = gptq(w, H, 3, group_size=8, static_groups=True, act_order=act, block=16)
+        assert torch.equal(q.scales, ref.scales) and torch.equal(q.offsets, ref.offsets)
+        back = fmt.unpack(fmt.pack(q), q.params(), w.shape[1])
+        assert torch.equal(back.dequantize(), q.dequantize())
+        assert q.stats["objective"] < quadratic_objective(w, ref.dequantize(), H)
+    dynamic = gptq(w, H, 3, group_size=8, block=16)
+    assert not torch.equal(dynamic.scales, ref.scales)  # without static groups the grids move
+
+
+def test_gptq_act_order_with_groups_needs_static_groups():
+    from gq_quantize.methods.gptq import GPTQConfig
+
+    w, H = _act_problem()
+    with pytest.raises(ValueError, match="static groups"):
+        gptq(w, H, 3, group_size=8, act_order=True)
+    with pytest.raises(ValueError, match="--gptq-static-groups"):
+        GPTQConfig(bits=3, group_size=8, gptq_act_order=True)
+    GPTQConfig(bits=3, group_size=8, gptq_act_order=True, gptq_static_groups=True)
+    GPTQConfig(bits=3, gptq_act_order=True)  # per channel: nothing to keep static
+
+
+def test_grid_search_clips_outliers_and_never_rounds_worse():
+    from gq_quantize.methods.rtn import GRID_SEARCH_NORM, searched_grid, uniform_grid
+
+    w, H = problem(16, 64, dtype=torch.float32)
+    w[0, 5] = 12.0  # an outlier stretches row 0's min/max grid
+    plain, searched = rtn(w, 3), rtn(w, 3, grid_search=True)
+
+    def err(q):
+        return ((q.dequantize() - w).abs() ** GRID_SEARCH_NORM).sum(1)
+
+    assert bool((err(searched) <= err(plain) * (1 + 1e-6)).all())
+    assert float(searched.scales[0]) < float(plain.scales[0])  # row 0's range was shrunk
+    for sym in (False, True):
+        s, _ = searched_grid(w, 3, sym)
+        s0, _ = uniform_grid(w, 3, sym)
+        assert bool((s.float() <= s0.float()).all())
+    # GPTQ with H = I has no error to feed back: the searched grid gives RTN's codes.
+    a, b = gptq(w, torch.eye(64), 3, grid_search=True), rtn(w, 3, grid_search=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert gptq(w, H, 3, grid_search=True).stats["objective"] < gptq(w, H, 3).stats["objective"]
+
+
+def test_gptq_act_order_helps_when_the_diagonal_is_spread():
+    w, H = _act_problem()
+    plain = gptq(w, H, 3, block=16).stats["objective"]
+    act = gptq(w, H, 3, act_order=True, block=16).stats["objective"]
+    assert act < plain
+
+
 # ----------------------------------------------------------------------------- k-means
 
 

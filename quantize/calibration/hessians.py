@@ -55,32 +55,54 @@ def coarsen_groups(h: torch.Tensor, groups: int) -> torch.Tensor:
 # ---------------------------------------------------------------- layer inputs
 @dataclass
 class LayerCall:
-    """How the model called decoder layer 0 for one window: (hidden_states, other kwargs)."""
+    """How the model called one decoder layer for one window: the keyword arguments besides the
+    hidden states (attention mask, rotary embeddings, ...), and the hidden states' dtype."""
 
-    hidden: torch.Tensor  # [1, seq_len, hidden] on the compute device
     kwargs: dict
+    dtype: torch.dtype
 
 
-def capture_layer0_calls(model: nn.Module, windows: torch.Tensor, device) -> list[LayerCall]:
-    """Run the model up to decoder layer 0 for every window and record the layer's call arguments.
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """(the decoder layers, their module name): ``model.model.layers`` in every transformers causal LM
+    this project supports (Llama, Gemma 3, Qwen2, ...)."""
+    layers = model.model.layers
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    return layers, prefix
 
-    Robust to how a transformers version builds position embeddings / masks: whatever
-    ``LlamaModel.forward`` passes to the layer (in 5.17: attention_mask, position_embeddings,
-    position_ids, past_key_values, use_cache) is captured verbatim by a pre-hook that then raises to
-    skip the rest of the model.
+
+def capture_layer_calls(model: nn.Module, windows: torch.Tensor, device) -> tuple[torch.Tensor, list[list[LayerCall]]]:
+    """Run the model's embedding and mask set-up for every window and record how it calls each layer.
+
+    Returns (inputs float32 [n, seq_len, hidden] on the CPU: layer 0's hidden states, and
+    calls[layer][window]). Nothing is assumed about the arguments: whatever the model's forward
+    passes to each layer (in transformers 5.17 the attention mask and rotary embeddings, which
+    differ between layers in models that mix sliding-window and global attention, such as
+    Gemma 3) is kept verbatim. The layers themselves do not run: each is replaced for the
+    capture by a stub that records its call and hands the hidden states on unchanged, and the
+    final norm raises to skip the LM head. Tensors shared between layers (one mask per attention
+    type) are stored once.
     """
-    layer0 = model.model.layers[0]
-    calls: list[LayerCall] = []
+    layers, _ = decoder_layers(model)
+    calls: list[list[LayerCall]] = [[] for _ in layers]
+    first: list[torch.Tensor] = []
 
-    def pre_hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if len(args) > 1:
-            raise RuntimeError("decoder layer called with extra positional arguments; not supported")
-        calls.append(LayerCall(hidden.detach(), kwargs))
-        raise _StopForward
+    def stub_for(idx: int):
+        def stub(*args, **kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise RuntimeError("decoder layer called with extra positional arguments; not supported")
+            if idx == 0:
+                first.append(hidden.detach().float().cpu())
+            calls[idx].append(LayerCall(kwargs, hidden.dtype))
+            if idx == len(layers) - 1:
+                raise _StopForward
+            return hidden
+        return stub
 
-    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. a hook library's wrapper
+    for idx, layer in enumerate(layers):
+        layer.forward = stub_for(idx)  # instance attribute: nn.Module.__call__ picks it up
     try:
         with torch.no_grad():
             for w in range(windows.shape[0]):
@@ -89,10 +111,14 @@ def capture_layer0_calls(model: nn.Module, windows: torch.Tensor, device) -> lis
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
-    if len(calls) != windows.shape[0]:
-        raise RuntimeError("decoder layer 0 was not called once per window")
-    return calls
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+    if any(len(c) != windows.shape[0] for c in calls):
+        raise RuntimeError("a decoder layer was not called once per window")
+    return torch.cat(first, dim=0), calls
 
 
 def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
@@ -123,20 +149,28 @@ def run_layer(
     saliency: dict[str, torch.Tensor] | None,
     device,
     progress_bar=None,
-) -> tuple[LayerHessians, torch.Tensor]:
+    only: set[str] | None = None,
+    outputs: bool = True,
+) -> tuple[LayerHessians, torch.Tensor | None]:
     """Feed every window through one decoder layer, accumulating its linears' Hessians.
 
     inputs:   float [n, seq_len, hidden] (CPU or device): this layer's input hidden states.
-    calls:    per-window kwargs captured at layer 0 (masks / rotary embeddings are layer-independent).
+    calls:    this layer's call arguments per window (see :func:`capture_layer_calls`).
     saliency: linear name -> float32 [n * seq_len, g] (window-major), or None for plain only.
-    Returns (hessians normalized by N = n * seq_len, outputs float [n, seq_len, hidden] on CPU).
+    only:     accumulate Hessians of these linears only (default: every linear of the layer).
+    outputs:  return the layer's outputs; when False, each window's forward stops as soon as
+              every linear in ``only`` has seen its input (sequential calibration runs the layer
+              once per group of linears and needs the outputs only at the end).
+    Returns (hessians normalized by N = n * seq_len, outputs float [n, seq_len, hidden] on CPU or None).
     """
     linears = layer_linears(layer, prefix)
+    if only is not None:
+        linears = {k: v for k, v in linears.items() if k in only}
     n, seq_len = inputs.shape[0], inputs.shape[1]
     plain: dict[str, torch.Tensor] = {}
     guided: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
-    window = {"idx": 0, "seen": {}}  # seen: id(input tensor) -> owner name, reset per window
+    window = {"idx": 0, "seen": {}, "fired": set()}  # seen: id(input tensor) -> owner name, reset per window
 
     def make_hook(name: str):
         def hook(_mod, inp, _out):
@@ -155,18 +189,25 @@ def run_layer(
                 s = saliency[name][w * seq_len : (w + 1) * seq_len].to(x2.device)
                 upd = guided_update(x2, s)
                 guided[name] = upd if name not in guided else guided[name].add_(upd)
+            window["fired"].add(name)
+            if not outputs and len(window["fired"]) == len(linears):
+                raise _StopForward
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-    outputs = torch.empty(inputs.shape, dtype=torch.float32)
+    out_all = torch.empty(inputs.shape, dtype=torch.float32) if outputs else None
     try:
         with torch.no_grad():
             for w in range(n):
-                window["idx"], window["seen"] = w, {}
-                hidden = inputs[w : w + 1].to(device=device, dtype=calls[w].hidden.dtype)
-                out = layer(hidden, **calls[w].kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                outputs[w] = out[0].float().cpu()
+                window["idx"], window["seen"], window["fired"] = w, {}, set()
+                hidden = inputs[w : w + 1].to(device=device, dtype=calls[w].dtype)
+                try:
+                    out = layer(hidden, **calls[w].kwargs)
+                except _StopForward:
+                    out = None
+                if outputs:
+                    out = out[0] if isinstance(out, tuple) else out
+                    out_all[w] = out[0].float().cpu()
                 if progress_bar is not None:
                     progress_bar.update(1)
     finally:
@@ -176,7 +217,18 @@ def run_layer(
     tokens = float(n * seq_len)
     plain = {k: (v / tokens).cpu() for k, v in plain.items()}
     guided = {k: (v / tokens).cpu() for k, v in guided.items()}
-    return LayerHessians(plain, owner, guided), outputs
+    return LayerHessians(plain, owner, guided), out_all
+
+
+def layer_outputs(layer: nn.Module, inputs: torch.Tensor, calls: list[LayerCall], device) -> torch.Tensor:
+    """The layer's outputs for every window: float32 [n, seq_len, hidden] on the CPU."""
+    out_all = torch.empty(inputs.shape, dtype=torch.float32)
+    with torch.no_grad():
+        for w in range(inputs.shape[0]):
+            out = layer(inputs[w : w + 1].to(device=device, dtype=calls[w].dtype), **calls[w].kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            out_all[w] = out[0].float().cpu()
+    return out_all
 
 
 def hessian_pass(
@@ -197,21 +249,19 @@ def hessian_pass(
     Resume with start_layer > 0 and start_inputs = the saved inputs of that layer.
     Only the current layer's inputs/outputs are held: the loop rebinds ``inputs`` each layer.
     """
-    layers = model.model.layers
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
-    calls = capture_layer0_calls(model, windows, device)
+    layers, prefix = decoder_layers(model)
+    first, calls = capture_layer_calls(model, windows, device)
     if start_layer == 0:
-        inputs = torch.cat([c.hidden.float().cpu() for c in calls], dim=0)
+        inputs = first
     else:
         if start_inputs is None:
             raise ValueError("start_inputs are required to resume at a layer > 0")
         inputs = start_inputs
-    for c in calls:
-        c.hidden = c.hidden[:, :0]  # keep dtype only; the activations live in ``inputs``
+    del first
     for idx in range(start_layer, len(layers)):
         names = list(layer_linears(layers[idx], f"{prefix}.{idx}"))
         sal = saliency_for_layer(idx, names) if saliency_for_layer is not None else None
-        hess, outputs = run_layer(layers[idx], f"{prefix}.{idx}", inputs, calls, sal, device, progress_bar)
+        hess, outputs = run_layer(layers[idx], f"{prefix}.{idx}", inputs, calls[idx], sal, device, progress_bar)
         del sal
         on_layer_done(idx, hess, outputs)
         inputs = outputs  # the previous layer's inputs are dropped here
