@@ -490,7 +490,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                   text_offset=offsets)
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses=_generation_responses(CompletionResponse, "CompletionResponse"), openapi_extra=_body("CompletionRequest"))
+              responses=_generation_responses(CompletionResponse, "CompletionResponse"),
+              openapi_extra=_body("CompletionRequest"))
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         prompts = completion_prompts(req)
