@@ -269,7 +269,7 @@ def test_register_is_idempotent_and_config_validates():
     for bad, msg in [
         (dict(good, format_version=2), "format_version"),
         (dict(good, bits=5), "bits"),
-        (dict(good, format="trellis"), "not served"),
+        (dict(good, format="no-such-format"), "not served"),
         (dict(good, format="nope"), "format"),
         (dict(good, group_size=0), "group_size"),
         (dict(good, quant_method="gptq"), "quant_method"),
@@ -547,3 +547,170 @@ def _offline_main(ckpt: str, tp: int, out: str, kernel: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "offline":
         _offline_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+# ============================================================================================ trellis
+# The trellis format (QTIP) mixes every output row with a Hadamard transform: no tensor is sliced by
+# vLLM, each fused part (q/k/v, gate/up) keeps its own tensors and a tensor-parallel rank dequantizes
+# its rows / columns. Its own tiny model: FFN 192 (= 12 * 16, a Hadamard size), everything a
+# multiple of the 16x16 tile.
+TRELLIS_FFN = 192
+
+
+def build_trellis_checkpoint(root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gq_quantize.config import QuantizeConfig
+    from gq_quantize.export import export_checkpoint
+    from gq_quantize.methods.qtip import qtip
+
+    src = root / "fp16-trellis"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=TRELLIS_FFN, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                      tie_word_embeddings=False, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    LlamaForCausalLM(cfg).half().save_pretrained(src)
+    _build_tokenizer(src)
+    model = LlamaForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    results = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and n != "lm_head":
+            w = m.weight.detach().float()
+            results[n] = qtip(w, torch.eye(w.shape[1]), 4)  # 4 bits: the random model stays near itself
+    return export_checkpoint(src, results, QuantizeConfig(method="qtip", bits=4), root / "trellis4")
+
+
+def trellis_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 state dict with every trellis linear replaced by W_hat (the format's reference)."""
+    from safetensors.torch import load_file
+
+    from gq_serve.checkpoint import read_quantization_config
+
+    qc = read_quantization_config(ckpt)
+    fmt = qc.format_impl
+    raw = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        raw.update(load_file(f))
+    suffixes = tuple(fmt.tensors(qc.params, 16, 16))
+    modules = {n.rpartition(".")[0] for n in raw if n.endswith(".trellis")}
+    state = {n: t.float() for n, t in raw.items() if n.rpartition(".")[0] not in modules}
+    for mod in modules:
+        tensors = {s: raw[f"{mod}.{s}"] for s in suffixes}
+        state[f"{mod}.weight"] = fmt.dequantize(tensors, qc.params, tensors["SU"].shape[0])
+    return state
+
+
+def trellis_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> list[int]:
+    from conftest import greedy_tokens
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_dict = json.loads((ckpt / "config.json").read_text())
+    cfg_dict.pop("quantization_config")
+    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg_dict)).float().eval()
+    missing, unexpected = model.load_state_dict(trellis_state(ckpt), strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    return greedy_tokens(model, prompt_ids, n)
+
+
+@pytest.fixture(scope="session")
+def trellis_ckpt(tmp_path_factory) -> Path:
+    return build_trellis_checkpoint(tmp_path_factory.mktemp("gq-vllm-trellis"))
+
+
+@requires_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_offline_llm_trellis_fused_and_tensor_parallel(trellis_ckpt, tmp_path, tp):
+    """tp 1: q/k/v and gate/up each keep their packed tensors and kernel (a part per fused slot);
+    tp 2: every rank dequantizes its rows of each part (column-parallel) or its columns
+    (row-parallel). Every rank's weights equal the reference W_hat slices bit for bit; tokens equal
+    transformers holding the dequantized weights."""
+    res = _run_offline(trellis_ckpt, tp, tmp_path / "out.pt", tmp_path / "run")
+    state = trellis_state(trellis_ckpt)
+    assert len(res["weights"]) == tp
+    for rank, weights in enumerate(res["weights"]):
+        for layer in range(LAYERS):
+            p = f"model.layers.{layer}"
+            g = lambda n: state[f"{p}.{n}.weight"]  # noqa: E731
+            rows = lambda w: w.chunk(tp, 0)[rank]  # noqa: E731
+            want = {
+                "self_attn.qkv_proj": torch.cat([rows(g(f"self_attn.{x}_proj")) for x in "qkv"]),
+                "mlp.gate_up_proj": torch.cat([rows(g("mlp.gate_proj")), rows(g("mlp.up_proj"))]),
+                "self_attn.o_proj": g("self_attn.o_proj").chunk(tp, 1)[rank],
+                "mlp.down_proj": g("mlp.down_proj").chunk(tp, 1)[rank],
+            }
+            for name, w in want.items():
+                got = weights[f"{p}.{name}"]
+                assert got.shape == w.shape and torch.equal(got, w), (rank, name)
+    assert res["tokens"] == trellis_greedy(trellis_ckpt, PROMPT_IDS)
+
+
+@pytest.fixture(scope="session")
+def trellis_server(trellis_ckpt, tmp_path_factory):
+    """A vLLM OpenAI server on the trellis checkpoint (fp32, eager), for the client tests."""
+    if not _have_vllm():
+        pytest.skip("vLLM is not installed")
+    import urllib.request
+
+    from gq_serve.vllm_launch import vllm_env
+
+    run_dir = tmp_path_factory.mktemp("vt")  # short: vLLM's ZMQ socket paths must stay under 107 characters
+    port = _free_port()
+    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(trellis_ckpt), "--engine", "vllm",
+            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+            "--served-model-name", str(trellis_ckpt), "--dtype", "float32", "--max-model-len", "256",
+            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8"]
+    log = open(run_dir / "server.log", "w")
+    t0 = time.time()
+    proc = subprocess.Popen(argv, env=vllm_env(run_dir=run_dir), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+            if time.time() - t0 > SERVER_START_TIMEOUT_S:
+                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        yield {"url": url, "ckpt": trellis_ckpt}
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_trellis_server_three_engines_chat_and_stream(trellis_server):
+    """The lut client tests on the trellis checkpoint: greedy tokens of vLLM, the embedded engine and
+    transformers (dequantized weights) agree; chat and streaming work."""
+    from openai import OpenAI
+
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
+
+    ckpt = trellis_server["ckpt"]
+    client = OpenAI(base_url=trellis_server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    r = client.completions.create(model=str(ckpt), prompt=PROMPT_IDS, max_tokens=N_TOKENS, temperature=0.0,
+                                  logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    vllm_tokens = [int(t.split(":", 1)[1]) for t in r.choices[0].logprobs.tokens]
+    engine = Engine(load_model(str(ckpt), "cpu", torch.float32), load_tokenizer(str(ckpt)), "cpu")
+    try:
+        hf_tokens = [tok for tok, _, _ in engine.generate(PROMPT_IDS, max_tokens=N_TOKENS, ignore_eos=True)]
+    finally:
+        engine.shutdown()
+    assert vllm_tokens == hf_tokens == trellis_greedy(ckpt, PROMPT_IDS)
+    chat = client.chat.completions.create(model=str(ckpt), messages=[{"role": "user", "content": "hello world"}],
+                                          max_tokens=8, temperature=0.0)
+    assert chat.choices[0].message.role == "assistant" and 1 <= chat.usage.completion_tokens <= 8
+    kw = dict(model=str(ckpt), prompt="hello world the", max_tokens=8, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert len(chunks) >= 2 and "".join(chunks) == full

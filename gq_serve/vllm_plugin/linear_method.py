@@ -15,6 +15,13 @@ whereas the v2 parameter classes only load through layers that opted in. With it
     express them, the rank keeps a dense weight of its columns.
 After loading, the layer's kernel is chosen once (``gq_kernels.registry.choose_kernel``, the same
 choice ``GQLinear`` makes) and prepares what ``apply`` reads.
+
+A format whose output rows are not independent (``Format.independent_rows`` False: a transform mixes
+every row, e.g. ``trellis``) declares no ``output_dim``. Its tensors are then loaded whole, per fused
+part (q/k/v, gate/up: each keeps its own tensors), by a loader of ours; after loading, a part the
+rank holds entirely keeps its packed tensors and kernel, and a part split by tensor parallelism
+(rows or columns) is dequantized and the rank keeps a dense weight of its rows and columns. ``apply``
+concatenates the parts' outputs.
 """
 from __future__ import annotations
 
@@ -77,6 +84,10 @@ class GuidedQuantLinearMethod(LinearMethodBase):
     ) -> None:
         loader = extra_weight_attrs.pop("weight_loader")
         fmt, params = get_format(self.quant_config.format), self.quant_config.params
+        if not fmt.independent_rows:
+            self._create_whole_parts(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                     output_size, params_dtype, extra_weight_attrs)
+            return
         out_pp = sum(output_partition_sizes)
         in_pp = input_size_per_partition
         row_parallel = in_pp != input_size
@@ -109,7 +120,101 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             "params_dtype": params_dtype,
         }
 
+    # Formats whose rows are not independent: every fused part loaded whole -------------------
+    @staticmethod
+    def _part_index(shard_id) -> int:
+        if shard_id is None:
+            return 0
+        if isinstance(shard_id, str):
+            return "qkv".index(shard_id)
+        return int(shard_id)
+
+    def _create_whole_parts(self, layer, in_pp, output_partition_sizes, input_size, output_size, params_dtype,
+                            attrs) -> None:
+        fmt, params = get_format(self.quant_config.format), self.quant_config.params
+        names = tuple(fmt.tensors(params, 16 * 16, 16 * 16))  # the suffixes (shapes come from the file)
+        layer.gq_parts = {}
+
+        def make_loader(name: str, dtype: torch.dtype):
+            def load(param, loaded_weight, shard_id=None):
+                full = f"{layer.prefix}.{name}" if getattr(layer, "prefix", "") else name
+                if loaded_weight.dtype != dtype:
+                    raise ValueError(f"guidedquant: {full} must be {dtype}, the checkpoint has {loaded_weight.dtype}")
+                i = self._part_index(shard_id)
+                layer.gq_parts.setdefault(i, {})[name] = loaded_weight.to(param.device).contiguous()
+
+            return load
+
+        specs = fmt.tensors(params, 16 * 16, 16 * 16)
+        for name in names:
+            extra = {k: v for k, v in attrs.items() if k not in ("output_dim", "input_dim")}
+            extra["weight_loader"] = make_loader(name, specs[name].dtype)
+            self.add_param(layer, name, torch.empty(0, dtype=specs[name].dtype), extra)
+        # Column-parallel layers split their rows by rank; row-parallel (and replicated) ones do not.
+        tp_rank = getattr(layer, "tp_rank", 0) if sum(output_partition_sizes) != output_size else 0
+        # QKVParallelLinear replicates k/v heads when tp_size exceeds their number.
+        replicas = getattr(layer, "num_kv_head_replicas", None)
+        layer.gq_partition = {
+            "whole_parts": True,
+            "names": names,
+            "in_start": getattr(layer, "tp_rank", 0) * in_pp if in_pp != input_size else 0,
+            "in_pp": in_pp,
+            "input_size": input_size,
+            # rows of part i on this rank: [rank_i * size_i, (rank_i + 1) * size_i) of the part
+            "parts": [(size, tp_rank // replicas if (replicas and i > 0) else tp_rank)
+                      for i, size in enumerate(output_partition_sizes)],
+            "params_dtype": params_dtype,
+        }
+
+    def _process_whole_parts(self, layer) -> None:
+        part = layer.gq_partition
+        fmt, qc = get_format(self.quant_config.format), self.quant_config
+        dtype = part["params_dtype"]
+        prefix = getattr(layer, "prefix", "")
+        kernels, runtimes = [], []
+        for i, (size, rank) in enumerate(part["parts"]):
+            tensors = layer.gq_parts.get(i, {})
+            missing = [n for n in part["names"] if n not in tensors]
+            if missing:
+                raise ValueError(f"guidedquant: {prefix} (part {i}) is missing tensor(s) {missing} in the checkpoint")
+            device = next(iter(tensors.values())).device
+            out_full = fmt.infer_out_features(tensors, qc.params, part["input_size"])
+            fmt.check_tensors(tensors, qc.params, out_full, part["input_size"], prefix=f"{prefix}.")
+            whole = size == out_full and part["in_pp"] == part["input_size"]
+            if whole:
+                spec = LinearSpec(qc.params, out_full, part["input_size"])
+                kernel = choose_kernel(spec, device, dtype, prefer=qc.checkpoint.kernel)
+                runtime = kernel.prepare(tensors)
+            else:
+                r0, c0 = rank * size, part["in_start"]
+                w = fmt.dequantize(tensors, qc.params, part["input_size"])[r0:r0 + size, c0:c0 + part["in_pp"]]
+                kernel = DenseKernel(LinearSpec(qc.params, size, part["in_pp"]), device, dtype)
+                runtime = {"weight": w.to(device=device, dtype=dtype)}
+                log.info("guidedquant: %s part %d keeps a dense weight (rows %d.., columns %d..)", prefix, i, r0, c0)
+            kernels.append(kernel)
+            runtimes.append(runtime)
+        for name in part["names"]:
+            delattr(layer, name)
+        del layer.gq_parts
+        if len(kernels) == 1:  # not fused: the layer looks like any other
+            for name, t in runtimes[0].items():
+                layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+            layer.gq_kernel, layer.gq_runtime = kernels[0], tuple(runtimes[0])
+            return
+        names = []
+        for i, runtime in enumerate(runtimes):
+            keys = []
+            for name, t in runtime.items():
+                pname = f"gq_p{i}_{name}"
+                layer.register_parameter(pname, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+                keys.append((name, pname))
+            names.append(tuple(keys))
+        layer.gq_kernel, layer.gq_runtime = _Parts(kernels), tuple(names)
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.gq_partition.get("whole_parts"):
+            self._process_whole_parts(layer)
+            return
         part = layer.gq_partition
         fmt, qc = get_format(self.quant_config.format), self.quant_config
         tensors = {name: getattr(layer, name).data for name in part["names"]}
@@ -139,4 +244,21 @@ class GuidedQuantLinearMethod(LinearMethodBase):
         layer.gq_kernel, layer.gq_runtime = kernel, tuple(runtime)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(layer.gq_kernel, _Parts):
+            return layer.gq_kernel.apply(layer, x, bias)
         return layer.gq_kernel.apply({name: getattr(layer, name) for name in layer.gq_runtime}, x, bias)
+
+
+class _Parts:
+    """The kernels of a layer's fused parts (formats whose rows are not independent): each part's
+    output, concatenated in order, plus the bias."""
+
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels
+        self.name = "+".join(k.name for k in kernels)
+
+    def apply(self, layer, x, bias=None):
+        outs = [k.apply({name: getattr(layer, pname) for name, pname in keys}, x)
+                for k, keys in zip(self.kernels, layer.gq_runtime)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y if bias is None else y + bias.to(y.dtype)
