@@ -19,9 +19,12 @@ DOC = ROOT / "docs" / "results.md"
 def _label(row: dict) -> str:
     if row["method"] == "fp16":
         return "fp16"
-    names = {"rtn": "RTN", "gptq": "GPTQ", "squeezellm": "SqueezeLLM", "lnq": "LNQ"}
-    label = names[row["method"]]
-    return label + (f" + GuidedQuant (g={row['groups']})" if row["guided"] else "")
+    names = {"rtn": "RTN", "gptq": "GPTQ", "squeezellm": "SqueezeLLM", "lnq": "LNQ", "qtip": "QTIP (trellis)"}
+    label = names.get(row["method"], row["method"])
+    label += f" + GuidedQuant (g={row['groups']})" if row["guided"] else ""
+    if (row.get("options") or {}).get("qtip_group_rht") is False:
+        label += ", one output RHT (paper code)"
+    return label
 
 
 def _ppl(x: float | None) -> str:

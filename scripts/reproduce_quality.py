@@ -27,20 +27,25 @@ from gq_quantize.pipeline import quantize_model  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-# (method, guided, groups) in table order.
+# (method, guided, groups) in table order; a fourth entry: method options that differ from the defaults
+# (stored in the row as "options" and part of its key), with the label suffix --methods selects it by.
 METHODS = [("rtn", False, 1), ("gptq", False, 1), ("squeezellm", False, 1), ("lnq", False, 1),
-           ("lnq", True, 1), ("lnq", True, 4)]
+           ("lnq", True, 1), ("lnq", True, 4),
+           ("qtip", False, 1), ("qtip", True, 1), ("qtip", True, 4),
+           # QTIP + GQ as GuidedQuant's code pairs it: one output transform, group k of rotated rows
+           ("qtip", True, 4, {"qtip_group_rht": False}, "-onerht")]
 
 
 def row_key(row: dict) -> tuple:
     return (row["method"], row["guided"], row["groups"], row["bits"], row["eval_data"], row["ctx"],
-            row["calib"])
+            row["calib"], json.dumps(row.get("options") or {}, sort_keys=True))
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--methods", nargs="+", help="subset, e.g. rtn gptq lnq lnq+gq1 lnq+gq4 squeezellm")
+    p.add_argument("--methods", nargs="+", help="subset, e.g. rtn gptq lnq lnq+gq1 lnq+gq4 squeezellm qtip qtip+gq4 "
+                   "qtip+gq4-onerht")
     p.add_argument("--calib", default="sotu:calib")
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -85,17 +90,20 @@ def main() -> int:
         evaluate(load_quantized_model(model_dir, dtype=torch.float32), base, None)
 
     for bits in args.bits:
-        for method, guided, groups in METHODS:
-            label = method + (f"+gq{groups}" if guided else "")
+        for method, guided, groups, *extra in METHODS:
+            options, suffix = (extra[0], extra[1]) if extra else ({}, "")
+            label = method + (f"+gq{groups}" if guided else "") + suffix
             if args.methods and label not in args.methods:
                 continue
             base = {"model": MODEL, "method": method, "guided": guided, "groups": groups, "bits": bits,
                     "calib": args.calib}
+            if options:
+                base["options"] = options
             if all(row_key({**base, "eval_data": d, "ctx": args.ctx}) in done for d in args.eval_data):
                 continue
             qconfig = QuantizeConfig(method=method, bits=bits, guided=guided, groups=groups,
                                      calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
-                                                                   seq_len=args.seq_len))
+                                                                   seq_len=args.seq_len), **options)
             ckpt = ckpt_root / f"{label}-{bits}bit"
             summary = quantize_model(model_dir, qconfig, ckpt, cache, overwrite=True)
             evaluate(load_quantized_model(ckpt, dtype=torch.float32), base, summary["timings_s"])
