@@ -299,4 +299,20 @@ def test_concurrent_builder_is_refused(tmp_path):
     with open(cache.path / ".lock", "w") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # a separate open file description: conflicts
         with pytest.raises(CalibrationCacheError, match="another process"):
-            build(tmp_path, model, windows, groups=1, guided=False, fisher=False)
+            build(tmp_path, model, windows, groups=1, guided=False, fisher=True)  # the Fisher is missing
+
+
+def test_complete_parts_are_read_while_another_process_builds(tmp_path):
+    """A run that needs only what the cache already holds (saliency + Fisher for a sequential run)
+    does not wait for the build lock another process holds to add the Hessians."""
+    import fcntl
+
+    model, windows = make_model(), make_windows()
+    build(tmp_path, model, windows, groups=2, guided=True, fisher=True, need_hessians=False)
+    path = next((tmp_path / "calibration").iterdir())
+    with open(path / ".lock", "w") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another process" building
+        c = build(tmp_path, model, windows, groups=2, guided=True, fisher=True, need_hessians=False)
+        assert c.saliency("model.layers.0.mlp.up_proj").shape[1] == 2
+        with pytest.raises(CalibrationCacheError, match="being built by another process"):
+            build(tmp_path, model, windows, groups=2, guided=True, fisher=True)  # Hessians missing: must build

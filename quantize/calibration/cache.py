@@ -163,11 +163,30 @@ class CalibrationCache:
             path.mkdir(parents=True, exist_ok=True)
             cache = cls(path, cls._new_manifest(ident, linears, len(model.model.layers)))
             cache._write_manifest()
+        if cache._complete_for(groups, need_guided, need_fisher, need_hessians):
+            # Everything asked for is already there: read it, even while another process adds
+            # parts this run does not need (e.g. the Hessians, for a sequential run).
+            cache._check_files_present()
+            return cache
         with cache._build_lock():
             cache._check_files_present()
             cache._build(model, windows, groups, need_guided, need_fisher, need_hessians, device, progress,
                          chunk_windows, on_event)
         return cache
+
+    def _complete_for(self, groups: int, need_guided: bool, need_fisher: bool, need_hessians: bool) -> bool:
+        """Whether the manifest already lists everything :meth:`_build` would make for this request."""
+        sal, hs = self._manifest["saliency"], self._manifest["hessians"]
+        want_g = groups if need_guided else 0
+        if want_g or need_fisher:
+            if not sal["complete"] or (need_fisher and not sal["fisher"]):
+                return False
+            if want_g and not (sal["groups"] and sal["groups"] % want_g == 0):
+                return False
+        if need_hessians:
+            if not hs["complete"] or (want_g and not (hs["guided_groups"] and hs["guided_groups"] % want_g == 0)):
+                return False
+        return True
 
     def hessian(self, linear_name: str, guided: bool, groups: int = 1) -> torch.Tensor:
         """float32 [groups, in, in] (plain: [1, in, in]), normalized by N = n * seq_len tokens."""
