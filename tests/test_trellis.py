@@ -383,3 +383,28 @@ def test_transformers_loads_a_trellis_checkpoint(qtip_ckpt, tiny_lm_dir):
     x = torch.tensor([[3, 5, 7, 11]])
     with torch.inference_mode():
         assert torch.equal(via_hf(x).logits, plain(x).logits)
+
+
+@pytest.mark.parametrize("suffix,change", [("SU", "drop"), ("tlut", "drop"), ("trellis", "shape"), ("SV", "dtype")])
+def test_a_checkpoint_with_a_bad_trellis_tensor_is_refused_by_name(qtip_ckpt, tmp_path, suffix, change):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gq_serve.checkpoint import load_quantized_model
+
+    src = qtip_ckpt[0]
+    ckpt = tmp_path / "bad"
+    shutil.copytree(src, ckpt)
+    (ckpt / "gq_manifest.json").unlink()  # the tensors are edited on purpose: no checksums to compare
+    tensors = load_file(ckpt / "model.safetensors")
+    name = f"model.layers.1.mlp.up_proj.{suffix}"
+    if change == "drop":
+        del tensors[name]
+    elif change == "shape":
+        tensors[name] = tensors[name][:, :-1].contiguous()
+    else:
+        tensors[name] = tensors[name].float()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        load_quantized_model(ckpt)
