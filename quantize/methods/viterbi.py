@@ -269,7 +269,7 @@ def _pick(impl: str, x: torch.Tensor) -> str:
 
 
 def viterbi(x: torch.Tensor, table: torch.Tensor, kV: int, init_top: torch.Tensor | None = None,
-            end_low: torch.Tensor | None = None, impl: str = "auto", batch: int = 64) -> torch.Tensor:
+            end_low: torch.Tensor | None = None, impl: str = "auto", batch: int | None = None) -> torch.Tensor:
     """Minimum squared-error state sequences.
 
     Args:
@@ -278,7 +278,8 @@ def viterbi(x: torch.Tensor, table: torch.Tensor, kV: int, init_top: torch.Tenso
         kV: new bits per step (1..8).
         init_top / end_low: int [B] or None (see the module docstring).
         impl: 'auto', 'torch' or 'cpp'.
-        batch: tiles per PyTorch call (memory: batch * N * 2^(16-kV) bytes of backpointers).
+        batch: tiles per PyTorch call (memory: batch * N * 2^(16-kV) bytes of backpointers plus
+            ~batch * 2^16 * (V + 3) floats of temporaries); default 256 on CUDA, 64 elsewhere.
     Returns:
         int64 [B, N] states on x's device.
     """
@@ -290,6 +291,7 @@ def viterbi(x: torch.Tensor, table: torch.Tensor, kV: int, init_top: torch.Tenso
         return torch.empty(0, x.shape[1], dtype=torch.int64, device=x.device)
     if _pick(impl, x) == "cpp":
         return _viterbi_cpp(x, table, kV, init_top, end_low)
+    batch = batch or (256 if x.device.type == "cuda" else 64)
     outs = []
     for b0 in range(0, x.shape[0], batch):
         sl = slice(b0, b0 + batch)
