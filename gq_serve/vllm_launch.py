@@ -169,6 +169,10 @@ def vllm_serve_command(
         argv += ["--hf-overrides", json.dumps(kernel_overrides(ckpt, kernel))]
     if is_cpu_build() if cpu is None else cpu:
         argv += cpu_seed_guard_args(ckpt, extra_args)
+        if "--enable-chunked-prefill" in extra_args:
+            print("gq serve: warning: --enable-chunked-prefill on the CPU: a request with a `seed` can crash "
+                  "vLLM 0.32's engine core ('CPU Generator does not use offset'); see "
+                  "gq_serve.vllm_launch.cpu_seed_guard_args", file=sys.stderr)
     return argv + list(extra_args)
 
 

@@ -28,7 +28,7 @@ BURST = 64
 PROMPT = " ".join(["hello world the a is"] * 14)
 
 
-def test_guard_args_on_cpu_only(tmp_path):
+def test_guard_args_on_cpu_only(tmp_path, capsys):
     from gq_serve.vllm_launch import cpu_seed_guard_args, vllm_serve_command
 
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
@@ -38,6 +38,8 @@ def test_guard_args_on_cpu_only(tmp_path):
     cpu = vllm_serve_command(tmp_path, cpu=True, extra_args=["--max-model-len", "4096"])
     assert "--no-enable-chunked-prefill" in cpu and cpu[cpu.index("--max-num-batched-tokens") + 1] == "4096"
     assert cpu[-2:] == ["--max-model-len", "4096"]  # the user's arguments stay last (they win)
+    vllm_serve_command(tmp_path, cpu=True, extra_args=["--enable-chunked-prefill"])
+    assert "CPU Generator does not use offset" in capsys.readouterr().err  # the user undid the guard: said so
     gpu = vllm_serve_command(tmp_path, cpu=False)
     assert "--no-enable-chunked-prefill" not in gpu and "--max-num-batched-tokens" not in gpu
 
