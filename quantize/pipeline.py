@@ -284,7 +284,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
                                       progress)
     bar = tqdm(linears.items() if not qconfig.sequential else [],
                desc=f"quantize {qconfig.method} {qconfig.bits}-bit", unit="layer",
-               disable=not progress, file=sys.stderr)
+               disable=not progress or qconfig.sequential, file=sys.stderr)
     for name, lin in bar:
         part = run_dir / f"{name}.safetensors"
         if part.exists():

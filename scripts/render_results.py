@@ -130,6 +130,13 @@ def main() -> int:
     kernels = RESULTS / "kernels.json"
     if kernels.exists():
         doc = replace_block(doc, "kernels", kernels_table(json.loads(kernels.read_text())))
+    variants = RESULTS / "quality_variants.json"
+    if variants.exists():
+        from render_quality_variants import render_blocks  # scripts/: this script's own folder
+
+        table = json.loads(quality.read_text()) if quality.exists() else []
+        for name, body in render_blocks(json.loads(variants.read_text()), table).items():
+            doc = replace_block(doc, name, body)
     DOC.write_text(doc)
     return 0
 

@@ -1,0 +1,176 @@
+"""Quantization variants (GPTQ options, sequential calibration, calibration budget) -> docs/results/quality_variants.json.
+
+    python scripts/quality_variants.py --model smollm2 --bits 3 --variants gptq gptq-seq lnq-gq4-seq
+    python scripts/quality_variants.py --model smollm2 --bits 3 --variants lnq-gq4-seq --n-samples 64 --seq-len 1024
+
+Every row is measured through the public functions (quantize_model -> checkpoint on disk ->
+load_quantized_model -> perplexity), like scripts/reproduce_quality.py (whose table is
+docs/results/quality.json), and written as soon as it is measured; rows already there with the
+same key are replaced, other rows kept (the file is re-read before every write, so two runs of
+this script can share it).
+
+Evaluation: the last 32 non-overlapping 512-token windows of each text (16,384 tokens: the
+protocol of llm-compressor's run in ../shared/anchors.md), and, from the same forward passes, the
+last 16 of them (8,192 tokens: the protocol of the main quality table). Both are stored as rows
+(``eval_protocol`` "last32x512" / "last16x512"). ``--val`` evaluates instead on the calibration
+domain's validation text (sotu:val), never on held-out text: the curve that picks defaults.
+Each quantized row also keeps the checkpoint's size on disk, the quantization time and the greedy
+answer to one chat question.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from gq_serve.checkpoint import load_quantized_model  # noqa: E402
+from gq_serve.evaluate import window_nll  # noqa: E402
+from gq_serve.util import cache_root  # noqa: E402
+from gq_quantize.config import CalibrationConfig, QuantizeConfig  # noqa: E402
+from gq_quantize.data import eval_windows  # noqa: E402
+from gq_quantize.pipeline import quantize_model  # noqa: E402
+from results_io import provenance, write_json  # noqa: E402
+
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct"),
+          "gemma3": ("gemma-3-270m", "models/gemma-3-270m")}
+QUESTION = "What is the capital of France?"
+
+# name -> QuantizeConfig keyword arguments (bits from --bits). Per-output-channel grids/codebooks.
+VARIANTS: dict[str, dict] = {
+    "gptq": dict(method="gptq"),
+    "gptq-sym": dict(method="gptq", sym=True),
+    "gptq-act": dict(method="gptq", gptq_act_order=True),
+    "gptq-seq": dict(method="gptq", sequential=True),
+    "gptq-seq-act": dict(method="gptq", sequential=True, gptq_act_order=True),
+    "gptq-seq-sym-act": dict(method="gptq", sequential=True, sym=True, gptq_act_order=True),
+    "gptq-seq-act-damp0.1": dict(method="gptq", sequential=True, gptq_act_order=True, gptq_damp=0.1),
+    "gptq-seq-act-mse": dict(method="gptq", sequential=True, gptq_act_order=True, grid_search=True),
+    "gptq-seq-sym-act-mse": dict(method="gptq", sequential=True, sym=True, gptq_act_order=True, grid_search=True),
+    "gptq-act-mse": dict(method="gptq", gptq_act_order=True, grid_search=True),
+    "lnq": dict(method="lnq"),
+    "lnq-seq": dict(method="lnq", sequential=True),
+    "lnq-gq4": dict(method="lnq", guided=True, groups=4),
+    "lnq-gq4-seq": dict(method="lnq", guided=True, groups=4, sequential=True),
+}
+
+
+def eval_rows(model, windows: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per text: perplexity over all 32 windows and over the last 16 (one forward pass each batch)."""
+    out = {}
+    model.eval()
+    for spec, w in windows.items():
+        t0 = time.perf_counter()
+        nll = []
+        with torch.inference_mode():
+            for i in range(0, w.shape[0], 4):
+                nll.append(float(window_nll(model, w[i : i + 4])))
+        per_tok = w.shape[1] - 1
+        # batches of 4: the last 16 windows are the last 4 batches
+        out[spec] = {"last16x512": math.exp(sum(nll[-4:]) / (16 * per_tok)), "seconds": time.perf_counter() - t0}
+        if w.shape[0] == 32:
+            out[spec]["last32x512"] = math.exp(sum(nll) / (32 * per_tok))
+    return out
+
+
+def chat_answer(model, tokenizer, max_new_tokens: int = 32) -> str:
+    """Greedy answer to QUESTION through the tokenizer's chat template (what `gq serve` would say)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and p.suffix == ".safetensors")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    p.add_argument("--bits", type=int, nargs="+", default=[3])
+    p.add_argument("--variants", nargs="+", default=["fp16"], help=f"fp16 and/or: {', '.join(VARIANTS)}")
+    p.add_argument("--calib", default="sotu:calib")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--val", action="store_true", help="evaluate on sotu:val (calibration-domain validation)")
+    p.add_argument("--out", default=str(ROOT / "docs/results/quality_variants.json"))
+    p.add_argument("--eval-windows", type=int, default=32, choices=(16, 32),
+                   help="32: both protocols; 16: only the last 16 x 512 tokens (half the cost)")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    cache = cache_root()
+    model_name, sub = MODELS[args.model]
+    model_dir = cache / sub
+    ckpt_root = cache / "results" / "checkpoints"
+    out = Path(args.out)
+    rows: list[dict] = json.loads(out.read_text()) if out.exists() else []
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = ["sotu:val"] if args.val else ["sotu:heldout", "brown:heldout"]
+    windows = {d: eval_windows(tokenizer, d, 512, args.eval_windows * 512, cache) for d in texts}
+    protocols = ("last32x512", "last16x512") if args.eval_windows == 32 else ("last16x512",)
+    fp16_bytes = dir_bytes(model_dir)
+
+    def key(r: dict) -> tuple:
+        return (r["model"], r["variant"], r["bits"], r["calib"], r["n_samples"], r["seq_len"], r["eval_data"],
+                r["eval_protocol"])
+
+    done = {key(r) for r in rows}
+
+    def record(base: dict, model, extra: dict) -> None:
+        res = eval_rows(model, windows)
+        answer = chat_answer(model, tokenizer)
+        meta = provenance()
+        new: list[dict] = []
+        for spec, r in res.items():
+            for proto in protocols:
+                row = {**base, "eval_data": spec, "eval_protocol": proto, "ctx": 512, "ppl": round(r[proto], 4),
+                       "eval_seconds": round(r["seconds"], 1), "answer": answer, **extra, **meta}
+                new.append(row)
+                print(json.dumps({k: row[k] for k in ("variant", "bits", "eval_data", "eval_protocol", "ppl")}),
+                      flush=True)
+        print(f"answer: {answer!r}", flush=True)
+        keys = {key(r) for r in new}
+        current = json.loads(out.read_text()) if out.exists() else []
+        write_json(out, [x for x in current if key(x) not in keys] + new)
+
+    calib_fields = dict(calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len)
+    for variant in args.variants:
+        for bits in ([16] if variant == "fp16" else args.bits):
+            base = {"model": model_name, "variant": variant, "bits": bits, **calib_fields,
+                    "fp16_note": "fp16 = the model dequantized from its GGUF (Q4_1 SmolLM2, Q4_K_M Gemma 3)"}
+            if all(key({**base, "eval_data": d, "eval_protocol": pr}) in done
+                   for d in texts for pr in protocols):
+                continue
+            if variant == "fp16":
+                record({**base, "method": "fp16"}, load_quantized_model(model_dir, dtype=torch.float32),
+                       {"size_bytes": fp16_bytes})
+                continue
+            kw = dict(VARIANTS[variant])
+            qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
+                                                                              seq_len=args.seq_len), **kw)
+            ckpt = ckpt_root / f"{args.model}-{variant}-{bits}bit-{args.n_samples}x{args.seq_len}"
+            t0 = time.perf_counter()
+            summary = quantize_model(model_dir, qconfig, ckpt, cache, overwrite=True)
+            wall = time.perf_counter() - t0
+            model = load_quantized_model(ckpt, dtype=torch.float32)
+            record({**base, "method": kw["method"], "config": qconfig.flat()}, model,
+                   {"size_bytes": dir_bytes(ckpt), "fp16_size_bytes": fp16_bytes,
+                    "quantize_wall_s": round(wall, 1), "quantize_timings_s": summary["timings_s"],
+                    "objective_sum": summary["objective_sum"]})
+            del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
