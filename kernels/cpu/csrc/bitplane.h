@@ -18,6 +18,9 @@ namespace gq_cpu {
 
 enum Decoder : int32_t { kTable = 0, kAffine = 1 };
 enum Rounding : int32_t { kNone = 0, kBf16 = 1, kFp16 = 2 };
+// How a variant's GEMV reads x: kNatural (row r at x + r * x_stride, k columns) or kSplit32 (per
+// 32 columns the 16 even ones, then the 16 odd ones; rows of words * 32 values, zero past k).
+enum XLayout : int32_t { kNatural = 0, kSplit32 = 1 };
 
 // The widest table a variant keeps in registers: 16 fp32 values (4-bit codes).
 constexpr int kMaxBits = 4;
@@ -52,7 +55,9 @@ struct Problem {
 // One set of entry points per variant; gq_cpu_<isa>_... with isa in {portable, avx2, avx512}.
 //   gemv:    y[r, i] = sum_c x[r, c] * W[i, c] for output rows i in [n0, n1), every row r < m <= 8.
 //   dequant: out[(i - n0) * out_stride + c] = W[i, c] for i in [n0, n1), c < k.
+//   x_layout: the XLayout the variant's gemv reads x in.
 #define GQ_CPU_DECLARE(isa)                                                                  \
   extern "C" void gq_cpu_##isa##_gemv(const gq_cpu::Problem* p, int64_t n0, int64_t n1);     \
   extern "C" void gq_cpu_##isa##_dequant(const gq_cpu::Problem* p, int64_t n0, int64_t n1, \
-                                          float* out, int64_t out_stride);
+                                          float* out, int64_t out_stride);                    \
+  extern "C" int32_t gq_cpu_##isa##_x_layout();

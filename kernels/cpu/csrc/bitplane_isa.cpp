@@ -13,6 +13,8 @@
 #include "bitplane.h"
 
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(GQ_ISA_AVX512) || defined(GQ_ISA_AVX2)
 #include <immintrin.h>
@@ -105,6 +107,7 @@ inline __mmask16 tail_mask(int nv) { return static_cast<__mmask16>((1u << nv) - 
 inline V vload_part(const float* p, int nv) { return _mm512_maskz_loadu_ps(tail_mask(nv), p); }
 inline V vkeep(V w, int nv) { return _mm512_maskz_mov_ps(tail_mask(nv), w); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline void vstore_part(float* p, V v, int nv) { _mm512_mask_storeu_ps(p, tail_mask(nv), v); }
 inline float vsum(V v) {
@@ -145,9 +148,25 @@ inline V lookup(const uint32_t* pb, int shift, const Table& tab) {
     idx = _mm512_mask_add_epi32(idx, static_cast<__mmask16>(pb[3] >> shift), idx, _mm512_set1_epi32(8));
   return _mm512_permutexvar_ps(idx, tab.t);
 }
+// The GEMV reads x in the split layout (csrc/bitplane.h: kSplit32) and decodes a whole word at once:
+// the 32 bits of each plane are a 32-lane mask, so 16-bit codes of all 32 columns take one op per
+// plane (no mask shifts); a 32-bit lane then holds the codes of columns 2i (low half) and 2i + 1
+// (high half), and two permutes give the even and the odd columns' values.
+constexpr int32_t kXLayout = gq_cpu::kSplit32;
+template <int BITS>
+inline void lookup_word(const uint32_t* pb, const Table& tab, V& even, V& odd) {
+  __m512i idx = _mm512_maskz_mov_epi16(static_cast<__mmask32>(pb[0]), _mm512_set1_epi16(1));
+  if constexpr (BITS > 1) idx = _mm512_mask_add_epi16(idx, static_cast<__mmask32>(pb[1]), idx, _mm512_set1_epi16(2));
+  if constexpr (BITS > 2) idx = _mm512_mask_add_epi16(idx, static_cast<__mmask32>(pb[2]), idx, _mm512_set1_epi16(4));
+  if constexpr (BITS > 3) idx = _mm512_mask_add_epi16(idx, static_cast<__mmask32>(pb[3]), idx, _mm512_set1_epi16(8));
+  even = _mm512_permutexvar_ps(idx, tab.t);  // uses bits 0..3 of each 32-bit lane: column 2i
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 16), tab.t);
+}
+inline V vkeep_mask(V w, uint32_t mask) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(mask), w); }
 
 #elif defined(GQ_ISA_AVX2)
 #define GQ_ISA avx2
+constexpr int32_t kXLayout = gq_cpu::kNatural;
 constexpr int VW = 8;
 using V = __m256;
 struct Table {
@@ -162,6 +181,7 @@ inline __m256i tail_mask(int nv) {
 inline V vload_part(const float* p, int nv) { return _mm256_maskload_ps(p, tail_mask(nv)); }
 inline V vkeep(V w, int nv) { return _mm256_and_ps(w, _mm256_castsi256_ps(tail_mask(nv))); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void vstore_part(float* p, V v, int nv) { _mm256_maskstore_ps(p, tail_mask(nv), v); }
 inline float vsum(V v) {
@@ -216,6 +236,7 @@ inline V lookup(const uint32_t* pb, int shift, const Table& tab) {
 
 #else
 #define GQ_ISA portable
+constexpr int32_t kXLayout = gq_cpu::kNatural;
 constexpr int VW = 8;
 struct V {
   float v[8];
@@ -256,6 +277,10 @@ inline V vfma(V a, V b, V c) {
   for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;
 }
+inline V vadd(V a, V b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
 inline void vstore(float* p, V v) {
   for (int i = 0; i < 8; ++i) p[i] = v.v[i];
 }
@@ -289,18 +314,33 @@ inline V lookup(const uint32_t* pb, int shift, const Table& tab) {
 
 // ------------------------------------------------------------------ generic kernels
 constexpr int kPerWord = 32 / VW;
+// A block is 4 chunks (AVX-512: 2 words = 64 columns; AVX2 / portable: 1 word = 32 columns). Each
+// chunk of a block has its own accumulator slot, so with few activation rows the FMA chains of
+// consecutive chunks are independent (a single chain waits for the FMA latency at every chunk).
+constexpr int kChunks = 4;
+constexpr int kBlockCols = kChunks * VW;
+constexpr int kBlockWords = kBlockCols / 32;
+
+template <typename F, int... J>
+inline void unroll_impl(F& f, std::integer_sequence<int, J...>) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>): a loop unrolled at compile time.
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
 
 // Where a row's values come from: its table (kTable) or the affine table of the current group.
 // ``covers(c)`` makes the table valid for column c and says whether the chunk [c, c + VW) lies in
 // one group; a chunk across a group boundary is decoded lane by lane (group sizes that are not a
-// multiple of VW only).
+// multiple of VW only). ``block(c)`` says the same for a whole block.
 template <int DEC>
 struct RowValues {
   const Problem& p;
   int64_t row;
-  Table tab;
+  Table tab{};
   int64_t g = -1, g_end = 0, gs = 1;
-  float s = 0.0f, o = 0.0f;
 
   RowValues(const Problem& prob, int64_t n, int bits) : p(prob), row(n) {
     if constexpr (DEC == gq_cpu::kTable) {
@@ -316,12 +356,28 @@ struct RowValues {
       if (c >= g_end) {
         g = c / gs;
         g_end = (g + 1) * gs;
-        s = half_to_float(p.scales[row * p.groups + g]);
-        o = half_to_float(p.offsets[row * p.groups + g]);
-        tab = table_affine(s, o, p.rounding);
+        tab = table_affine(half_to_float(p.scales[row * p.groups + g]), half_to_float(p.offsets[row * p.groups + g]),
+                           p.rounding);
       }
       const int64_t last = (c + VW < p.k ? c + VW : p.k) - 1;
       return last < g_end;
+    }
+  }
+  // Makes the table valid for column c and says whether [c, min(c + width, k)) lies in one group.
+  bool span(int64_t c, int64_t width) {
+    if constexpr (DEC == gq_cpu::kTable) {
+      return true;
+    } else {
+      covers(c);
+      return (c + width < p.k ? c + width : p.k) - 1 < g_end;
+    }
+  }
+  bool block(int64_t c) {
+    if constexpr (DEC == gq_cpu::kTable) {
+      return true;
+    } else {
+      covers(c);
+      return c + kBlockCols <= g_end;
     }
   }
   // Lane-by-lane values of the chunk at column c (across a group boundary).
@@ -339,74 +395,163 @@ struct RowValues {
   }
 };
 
-// Calls f(chunk_values, column, valid_lanes) for every VW-column chunk of output row n.
+// Calls f(slot, values, column, valid_lanes) for every VW-column chunk of output row n, in column
+// order; slot (an integral_constant) is the chunk's index in its block, 0 past the last block.
 template <int DEC, int BITS, typename F>
-inline void for_each_chunk(const Problem& p, int64_t n, F&& f) {
+inline void walk_row(const Problem& p, int64_t n, int64_t c_begin, int64_t c_end, F&& f) {
+  // columns [c_begin, c_end): c_begin a multiple of kBlockCols, c_end one too or k
   const int64_t plane = p.n * p.words;
   const int32_t* q = p.qweight + n * p.words;
   RowValues<DEC> vals(p, n, BITS);
-  const int64_t full_words = p.k / 32;
-  uint32_t pb[BITS];
-  for (int64_t w = 0; w < full_words; ++w) {
-    for (int b = 0; b < BITS; ++b) pb[b] = static_cast<uint32_t>(q[b * plane + w]);
-    for (int h = 0; h < kPerWord; ++h) {
-      const int64_t c = 32 * w + h * VW;
-      const V wv = vals.covers(c) ? lookup<BITS>(pb, h * VW, vals.tab) : vals.template slow<BITS>(pb, h * VW, c);
-      f(wv, c, VW);
+  const int64_t blocks = (c_end - c_begin) / kBlockCols;
+  uint32_t pb[kBlockWords][BITS];
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = c_begin + blk * kBlockCols, w0 = c0 / 32;
+    for (int i = 0; i < kBlockWords; ++i)
+      for (int b = 0; b < BITS; ++b) pb[i][b] = static_cast<uint32_t>(q[b * plane + w0 + i]);
+    if (vals.block(c0)) {
+      unroll<kChunks>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        f(J, lookup<BITS>(pb[j / kPerWord], (j % kPerWord) * VW, vals.tab), c0 + j * VW, VW);
+      });
+    } else {
+      unroll<kChunks>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        const int64_t c = c0 + j * VW;
+        const uint32_t* pw = pb[j / kPerWord];
+        constexpr int shift = (j % kPerWord) * VW;
+        f(J, vals.covers(c) ? lookup<BITS>(pw, shift, vals.tab) : vals.template slow<BITS>(pw, shift, c), c, VW);
+      });
     }
   }
-  if (full_words < p.words) {  // the last, partial word
-    const int64_t w = full_words;
-    for (int b = 0; b < BITS; ++b) pb[b] = static_cast<uint32_t>(q[b * plane + w]);
-    for (int h = 0; h < kPerWord; ++h) {
-      const int64_t c = 32 * w + h * VW;
-      if (c >= p.k) break;
-      const int nv = static_cast<int>(p.k - c < VW ? p.k - c : VW);
-      const V wv = vals.covers(c) ? lookup<BITS>(pb, h * VW, vals.tab) : vals.template slow<BITS>(pb, h * VW, c);
-      f(vkeep(wv, nv), c, nv);
-    }
+  uint32_t pw[BITS];
+  for (int64_t c = c_begin + blocks * kBlockCols; c < c_end; c += VW) {  // the rest: < kBlockCols columns
+    const int64_t w = c / 32;
+    const int shift = static_cast<int>(c % 32);
+    for (int b = 0; b < BITS; ++b) pw[b] = static_cast<uint32_t>(q[b * plane + w]);
+    const int nv = static_cast<int>(p.k - c < VW ? p.k - c : VW);
+    const V wv = vals.covers(c) ? lookup<BITS>(pw, shift, vals.tab) : vals.template slow<BITS>(pw, shift, c);
+    f(std::integral_constant<int, 0>{}, nv == VW ? wv : vkeep(wv, nv), c, nv);
   }
 }
 
 template <int DEC, int BITS, int M>
 void gemv_rows(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int A = M >= 4 ? 1 : (M >= 2 ? 2 : 4);  // accumulators per activation row
   const float* x[M];
   for (int r = 0; r < M; ++r) x[r] = p.x + r * p.x_stride;
   for (int64_t n = n0; n < n1; ++n) {
-    V acc[M];
-    for (int r = 0; r < M; ++r) acc[r] = vzero();
-    for_each_chunk<DEC, BITS>(p, n, [&](const V& wv, int64_t c, int nv) {
+    V acc[M][A];
+    for (int r = 0; r < M; ++r)
+      for (int a = 0; a < A; ++a) acc[r][a] = vzero();
+    walk_row<DEC, BITS>(p, n, 0, p.k, [&](auto J, const V& wv, int64_t c, int nv) {
+      constexpr int a = decltype(J)::value % A;
       if (nv == VW) {
-        for (int r = 0; r < M; ++r) acc[r] = vfma(wv, vload(x[r] + c), acc[r]);
+        for (int r = 0; r < M; ++r) acc[r][a] = vfma(wv, vload(x[r] + c), acc[r][a]);
       } else {
-        for (int r = 0; r < M; ++r) acc[r] = vfma(wv, vload_part(x[r] + c, nv), acc[r]);
+        for (int r = 0; r < M; ++r) acc[r][a] = vfma(wv, vload_part(x[r] + c, nv), acc[r][a]);
       }
     });
-    for (int r = 0; r < M; ++r) p.y[r * p.y_stride + n] = vsum(acc[r]);
+    for (int r = 0; r < M; ++r) {
+      V sum = acc[r][0];
+      for (int a = 1; a < A; ++a) sum = vadd(sum, acc[r][a]);
+      p.y[r * p.y_stride + n] = vsum(sum);
+    }
   }
 }
+
+#if defined(GQ_ISA_AVX512)
+// The GEMV over x in the split layout: word by word (32 columns), values of the even and the odd
+// columns from lookup_word; a word across a group boundary is decoded lane by lane. With one or two
+// activation rows, consecutive words use different accumulators (independent FMA chains).
+template <int DEC, int BITS, int M>
+void gemv_rows_split(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int S = M <= 2 ? 4 : 2;  // accumulators per row: (even, odd) x (word parity when S == 4)
+  const float* x[M];
+  for (int r = 0; r < M; ++r) x[r] = p.x + r * p.x_stride;
+  const int64_t plane = p.n * p.words;
+  const int64_t full = p.k / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* q = p.qweight + n * p.words;
+    RowValues<DEC> vals(p, n, BITS);
+    V acc[M][S];
+    for (int r = 0; r < M; ++r)
+      for (int a = 0; a < S; ++a) acc[r][a] = vzero();
+    auto word = [&](int64_t w, auto slot) {
+      constexpr int s0 = decltype(slot)::value;
+      const int64_t c = 32 * w;
+      uint32_t pb[BITS];
+      for (int b = 0; b < BITS; ++b) pb[b] = static_cast<uint32_t>(q[b * plane + w]);
+      V even, odd;
+      if (vals.span(c, 32)) {
+        lookup_word<BITS>(pb, vals.tab, even, odd);
+        if (w >= full) {  // the partial last word: only its first k - c columns count
+          const int nv = static_cast<int>(p.k - c);
+          even = vkeep_mask(even, (1u << ((nv + 1) / 2)) - 1u);
+          odd = vkeep_mask(odd, (1u << (nv / 2)) - 1u);
+        }
+      } else {
+        alignas(64) float e[16], o[16];
+        const V lo = vals.template slow<BITS>(pb, 0, c), hi = vals.template slow<BITS>(pb, 16, c + 16);
+        alignas(64) float nat[32];
+        vstore(nat, lo);
+        vstore(nat + 16, hi);
+        for (int i = 0; i < 16; ++i) e[i] = nat[2 * i], o[i] = nat[2 * i + 1];
+        even = vload(e);
+        odd = vload(o);
+      }
+      for (int r = 0; r < M; ++r) {
+        acc[r][s0] = vfma(even, vload(x[r] + c), acc[r][s0]);
+        acc[r][s0 + 1] = vfma(odd, vload(x[r] + c + 16), acc[r][s0 + 1]);
+      }
+    };
+    int64_t w = 0;
+    if constexpr (S == 4) {
+      for (; w + 2 <= p.words; w += 2) {
+        word(w, std::integral_constant<int, 0>{});
+        word(w + 1, std::integral_constant<int, 2>{});
+      }
+    }
+    for (; w < p.words; ++w) word(w, std::integral_constant<int, 0>{});
+    for (int r = 0; r < M; ++r) {
+      V sum = acc[r][0];
+      for (int a = 1; a < S; ++a) sum = vadd(sum, acc[r][a]);
+      p.y[r * p.y_stride + n] = vsum(sum);
+    }
+  }
+}
+#endif
 
 template <int DEC, int BITS>
 void dequant_rows(const Problem& p, int64_t n0, int64_t n1, float* out, int64_t out_stride) {
   for (int64_t n = n0; n < n1; ++n) {
     float* o = out + (n - n0) * out_stride;
-    for_each_chunk<DEC, BITS>(p, n, [&](const V& wv, int64_t c, int nv) {
+    walk_row<DEC, BITS>(p, n, 0, p.k, [&](auto, const V& wv, int64_t c, int nv) {
       if (nv == VW) vstore(o + c, wv); else vstore_part(o + c, wv, nv);
     });
   }
 }
 
+template <int DEC, int BITS, int M>
+inline void gemv_any(const Problem& p, int64_t n0, int64_t n1) {
+#if defined(GQ_ISA_AVX512)
+  gemv_rows_split<DEC, BITS, M>(p, n0, n1);
+#else
+  gemv_rows<DEC, BITS, M>(p, n0, n1);
+#endif
+}
+
 template <int DEC, int BITS>
 void gemv_m(const Problem& p, int64_t n0, int64_t n1) {
   switch (p.m) {
-    case 1: return gemv_rows<DEC, BITS, 1>(p, n0, n1);
-    case 2: return gemv_rows<DEC, BITS, 2>(p, n0, n1);
-    case 3: return gemv_rows<DEC, BITS, 3>(p, n0, n1);
-    case 4: return gemv_rows<DEC, BITS, 4>(p, n0, n1);
-    case 5: return gemv_rows<DEC, BITS, 5>(p, n0, n1);
-    case 6: return gemv_rows<DEC, BITS, 6>(p, n0, n1);
-    case 7: return gemv_rows<DEC, BITS, 7>(p, n0, n1);
-    case 8: return gemv_rows<DEC, BITS, 8>(p, n0, n1);
+    case 1: return gemv_any<DEC, BITS, 1>(p, n0, n1);
+    case 2: return gemv_any<DEC, BITS, 2>(p, n0, n1);
+    case 3: return gemv_any<DEC, BITS, 3>(p, n0, n1);
+    case 4: return gemv_any<DEC, BITS, 4>(p, n0, n1);
+    case 5: return gemv_any<DEC, BITS, 5>(p, n0, n1);
+    case 6: return gemv_any<DEC, BITS, 6>(p, n0, n1);
+    case 7: return gemv_any<DEC, BITS, 7>(p, n0, n1);
+    case 8: return gemv_any<DEC, BITS, 8>(p, n0, n1);
     default: return;  // ops.cpp never asks for more (it checks 1 <= m <= kMaxRows)
   }
 }
@@ -442,6 +587,8 @@ extern "C" void GQ_CAT(gq_cpu_, GQ_ISA, _gemv)(const gq_cpu::Problem* p, int64_t
   if (p->decoder == gq_cpu::kTable) gemv_bits<gq_cpu::kTable>(*p, n0, n1);
   else gemv_bits<gq_cpu::kAffine>(*p, n0, n1);
 }
+
+extern "C" int32_t GQ_CAT(gq_cpu_, GQ_ISA, _x_layout)() { return kXLayout; }
 
 extern "C" void GQ_CAT(gq_cpu_, GQ_ISA, _dequant)(const gq_cpu::Problem* p, int64_t n0, int64_t n1, float* out,
                                                    int64_t out_stride) {

@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,21 +43,22 @@ constexpr int64_t kGrainWeights = int64_t{1} << 15;  // weights per task at leas
 struct Variant {
   GemvFn gemv;
   DequantFn dequant;
+  int32_t (*x_layout)();
 };
 
 Variant variant(int64_t isa) {
-  if (isa == 0) return {gq_cpu_portable_gemv, gq_cpu_portable_dequant};
+  if (isa == 0) return {gq_cpu_portable_gemv, gq_cpu_portable_dequant, gq_cpu_portable_x_layout};
 #if defined(GQ_WITH_X86)
   if (isa == 1) {
     TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
                 "gq_cpu: the avx2 variant needs AVX2 and FMA, which this CPU lacks");
-    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant};
+    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant, gq_cpu_avx2_x_layout};
   }
   if (isa == 2) {
     TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
                 "gq_cpu: the avx512 variant needs AVX-512 F/BW/VL/DQ, which this CPU lacks");
-    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant};
+    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant, gq_cpu_avx512_x_layout};
   }
 #endif
   TORCH_CHECK(false, "gq_cpu: variant ", isa, " is not built into this library");
@@ -135,8 +137,20 @@ void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::
   if (k == 0) {
     out.zero_();
   } else if (m <= gq_cpu::kMaxRows) {
-    p.x = x2.data_ptr<float>();
-    p.x_stride = k;
+    at::Tensor xs;
+    if (v.x_layout() == gq_cpu::kSplit32) {
+      const int64_t width = p.words * 32;
+      xs = at::zeros({m, width}, x2.options());
+      const float* src = x2.data_ptr<float>();
+      float* dst = xs.data_ptr<float>();
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < k; ++c) dst[r * width + (c & ~int64_t{31}) + (c & 1) * 16 + ((c & 31) >> 1)] = src[r * k + c];
+      p.x = dst;
+      p.x_stride = width;
+    } else {
+      p.x = x2.data_ptr<float>();
+      p.x_stride = k;
+    }
     p.m = m;
     p.y = out.data_ptr<float>();
     p.y_stride = n;
