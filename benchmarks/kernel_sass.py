@@ -208,6 +208,16 @@ def trellis_cases(arch, shapes, ms, bits_list, dtype="fp16", code="hyb"):
                 # One loop iteration: a [16, 16 * TPI] block of weights shared by the program's 4 warps.
                 yield dict(kernel="trellis", n=n, k=k, m=m, bits=bits, cfg=dict(consts, num_warps=4), compiled=c,
                            weights_per_warp=16 * 16 * tpi // 4, block_m=m)
+    # the Hadamard transform around it, for the factorisations Llama and SmolLM2 sizes use
+    for K, P in ((172, 64), (1, 4096), (28, 512), (36, 16), (12, 4)):
+        KP = 1 if K == 1 else max(16, triton.next_power_of_2(K))
+        sig = {"x_ptr": "*fp32", "hk_ptr": "*fp32", "out_ptr": "*fp32", "NB": "i32", "SCALE": "fp32",
+               "K": "constexpr", "KP": "constexpr", "P": "constexpr", "LOGP": "constexpr", "TRANSPOSE": "constexpr"}
+        consts = dict(K=K, KP=KP, P=P, LOGP=P.bit_length() - 1, TRANSPOSE=False)
+        c = compile_kernel(T._rht_kernel, sig, consts, ["x_ptr", "hk_ptr", "out_ptr"], arch,
+                           num_warps=4 if KP * P <= 4096 else 8)
+        yield dict(kernel="trellis_rht", n=K * P, k=0, m=0, bits=0, cfg=consts, compiled=c, weights_per_warp=0,
+                   block_m=1)
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,17 @@ def test_gemv_kernel_equals_the_reference_product(rows, bits, code):
     assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,blocks", [(48, 1), (576, 1), (1536, 4), (4096, 1), (11008, 1), (192, 4)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_kernel_equals_the_torch_transform(n, blocks, transpose):
+    from gq_kernels.trellis.triton_kernels import hadamard_transform_triton
+
+    x = torch.randn(3, n, device=DEV)
+    got = hadamard_transform_triton(x, transpose, blocks)
+    want = hadamard_transform(x.cpu(), transpose, blocks)
+    assert torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 12])
 def test_op_and_kernel_class_compute_the_reference(rows, monkeypatch):
     """The whole op (transforms + kernel) on every path it can take here, against the format's

@@ -3,8 +3,8 @@ that serves ``trellis`` layers with them.
 
     torch.ops.gq.trellis_matmul(x, trellis, SU, SV, Wscale, tlut, bits, code, out_rht_blocks) -> y [..., m]
 
-Per call: x~ = ((x * SU) R_n) in fp32 (the O(n log n) transform of :mod:`.hadamard`, torch ops on
-x's device), then ``gemv`` (CUDA, 1..GEMV_MAX_ROWS rows: the Triton decode-and-multiply kernel
+Per call: x~ = ((x * SU) R_n) in fp32 (the O(n log n) transform of :mod:`.hadamard` as one Triton
+launch, ``hadamard_transform_triton``), then ``gemv`` (CUDA, 1..GEMV_MAX_ROWS rows: the Triton decode-and-multiply kernel
 reading the packed states) or ``dequant`` (CUDA otherwise: the Triton kernel writes W_code, then a
 dense ``F.linear`` in x's dtype), or ``reference`` (no Triton or not CUDA), then the output
 transform R_m^T and ``SV * Wscale``. All compute the reference's ``y`` up to summation order.
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from gq_kernels.kernel import TritonKernel, kernels_serve, n_rows, rows_2d
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.format import NAME
-from gq_kernels.trellis.hadamard import hadamard_transform
 
 GEMV_MAX_ROWS = 8
 
@@ -39,17 +38,18 @@ def trellis_matmul(x: torch.Tensor, trellis: torch.Tensor, SU: torch.Tensor, SV:
     path = choose_path(x)
     if path == "reference":
         return ref.matmul(x, trellis, SU, SV, Wscale, _tlut(tlut, code), code, bits, out_rht_blocks)
-    from gq_kernels.trellis.triton_kernels import trellis_dequantize_code, trellis_gemv_code
+    from gq_kernels.trellis.triton_kernels import (hadamard_transform_triton, trellis_dequantize_code,
+                                                   trellis_gemv_code)
 
     m, n = SV.shape[0], SU.shape[0]
     x2 = rows_2d(x)
-    xr = hadamard_transform(x2.float() * SU.float())
+    xr = hadamard_transform_triton(x2.float() * SU.float())
     if path == "gemv":
         y = trellis_gemv_code(xr, trellis, _tlut(tlut, code), m, bits, code)
     else:
         wc = trellis_dequantize_code(trellis, _tlut(tlut, code), m, n, bits, code, dtype=x.dtype)
         y = F.linear(xr.to(x.dtype), wc).float()
-    y = hadamard_transform(y, transpose=True, blocks=out_rht_blocks) * (SV.float() * Wscale.float())
+    y = hadamard_transform_triton(y, transpose=True, blocks=out_rht_blocks) * (SV.float() * Wscale.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], m)
 
 

@@ -23,6 +23,10 @@ rows of x element-wise in fp32 registers ([BLOCK_M, 16, 16 TPI]: no cross-lane r
 the loop, one after it); partial sums [SPLIT, M, m] are added in a fixed order afterwards
 (deterministic).
 
+Hadamard transform (``_rht_kernel``): one program per row (and output block), the [K, P] view in
+registers, log2(P) butterfly stages by reshape/split/join, the K x K mix as one fp32 tl.dot (an
+in-register product when P < 16); used for the input and output transforms around both kernels.
+
 Only plain portable Triton (no inline PTX, no Hopper-only features): sm_80 and newer. The wrappers
 run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -195,3 +199,55 @@ def trellis_gemv_code(x_rot: torch.Tensor, trellis: torch.Tensor, tlut: torch.Te
                                            tiles_per_split, BITS=bits, V=V, CODE=CODE_IDS[code], TPI=tpi,
                                            BLOCK_M=block_m)
     return part.sum(0) if split > 1 else part[0]
+
+
+# ================================================================================ Hadamard transform
+@triton.jit
+def _rht_kernel(x_ptr, hk_ptr, out_ptr, NB, SCALE, K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
+                LOGP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """One (row, block) of ``x @ R_nb`` (``x @ R_nb^T``): x viewed as [K, P] (index a P + b), a fast
+    Walsh-Hadamard transform over P by LOGP butterfly stages on a [KP, P] register tile (rows past K
+    masked), then the K axis mixed by H_K^T (H_K) with one fp32 tl.dot (K padded to KP >= 16)."""
+    pid = tl.program_id(0)
+    base = pid.to(tl.int64) * NB
+    rk = tl.arange(0, KP)[:, None]
+    cp = tl.arange(0, P)[None, :]
+    mask = rk < K
+    x = tl.load(x_ptr + base + rk * P + cp, mask=mask, other=0.0).to(tl.float32)
+    for lv in tl.static_range(LOGP):
+        y = tl.reshape(x, (KP, P // (2 << lv), 2, 1 << lv))
+        y = tl.permute(y, (0, 1, 3, 2))
+        a, b = tl.split(y)
+        y = tl.join(a + b, a - b)
+        y = tl.permute(y, (0, 1, 3, 2))
+        x = tl.reshape(y, (KP, P))
+    if K > 1:
+        i = tl.arange(0, KP)[:, None]
+        j = tl.arange(0, KP)[None, :]
+        hm = (i < K) & (j < K)
+        if TRANSPOSE:  # out[a] = sum_b H_K[a, b] in[b]
+            hk = tl.load(hk_ptr + i * K + j, mask=hm, other=0.0)
+        else:  # out[a] = sum_b H_K[b, a] in[b]
+            hk = tl.load(hk_ptr + j * K + i, mask=hm, other=0.0)
+        if P >= 16:
+            x = tl.dot(hk, x, input_precision="ieee")
+        else:  # tl.dot needs every side >= 16: a broadcast product and an in-register sum instead
+            x = tl.sum(hk[:, :, None] * x[None, :, :], axis=1)
+    tl.store(out_ptr + base + rk * P + cp, x * SCALE, mask=mask)
+
+
+def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, blocks: int = 1) -> torch.Tensor:
+    """:func:`gq_kernels.trellis.hadamard.hadamard_transform` as one Triton launch (fp32 out), for
+    x [..., n] on CUDA (or the CPU under TRITON_INTERPRET=1)."""
+    from gq_kernels.trellis.hadamard import hadamard_factor, hadamard_k
+
+    n = x.shape[-1]
+    nb = n // blocks
+    K, P = hadamard_factor(nb)
+    KP = 1 if K == 1 else max(16, triton.next_power_of_2(K))
+    xc = x.reshape(-1, n).float().contiguous()
+    out = torch.empty_like(xc)
+    hk = hadamard_k(K, torch.float32, xc.device) if K > 1 else xc.new_zeros(1)
+    _rht_kernel[(xc.shape[0] * blocks,)](xc, hk, out, nb, nb ** -0.5, K=K, KP=KP, P=P, LOGP=P.bit_length() - 1,
+                                         TRANSPOSE=transpose, num_warps=4 if KP * P <= 4096 else 8)
+    return out.reshape(x.shape)
