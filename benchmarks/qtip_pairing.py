@@ -11,6 +11,7 @@ saliency-weighted Hessian of original output group k, g = 4) of each result:
   qtip+gq4-onerht  g = 4, group k paired with block k of the rows of the output-rotated weight
                 (GuidedQuant's code; exact only for g = 1)
   qtip+gq4      g = 4, one output Hadamard transform per group (exact pairing; the default)
+  lnq+gq4       (with --variants) LNQ + GuidedQuant g = 4, the non-uniform scalar baseline
 Only calibration data are read (the cache's Hessians): nothing here sees evaluation text.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=str(Path.home() / ".cache/gq-serve/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--layers", nargs="+", required=True)
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--variants", default="qtip,qtip+gq1,qtip+gq4-onerht,qtip+gq4",
+                    help="comma-separated; also lnq+gq4 (LNQ + GuidedQuant g=4 as `gq quantize` runs it, the lut format)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -52,13 +55,23 @@ def main(argv=None) -> int:
         G1 = cache.hessian(name, guided=True, groups=1)[0]
         G4 = cache.hessian(name, guided=True, groups=4)
         zero = quadratic_objective(w, torch.zeros_like(w), G4)
+        wanted = args.variants.split(",")
         for label, H, group_rht in (("qtip", H1, True), ("qtip+gq1", G1, True), ("qtip+gq4-onerht", G4, False),
-                                    ("qtip+gq4", G4, True)):
+                                    ("qtip+gq4", G4, True), ("lnq+gq4", G4, None)):
+            if label not in wanted:
+                continue
             t0 = time.perf_counter()
-            q = qtip(w, H, args.bits, group_rht=group_rht)
+            if group_rht is None:
+                from gq_quantize.config import QuantizeConfig
+                from gq_quantize.pipeline import quantize_layer
+
+                qc = QuantizeConfig(method="lnq", bits=args.bits, guided=True, groups=4)
+                q = quantize_layer(w, qc, G4, cache.weight_fisher(name))
+            else:
+                q = qtip(w, H, args.bits, group_rht=group_rht)
             row = {"layer": name, "shape": list(w.shape), "bits": args.bits, "variant": label,
                    "guided_objective_rel": quadratic_objective(w, q.dequantize(), G4) / zero,
-                   "proxy_err": q.stats["proxy_err"], "seconds": round(time.perf_counter() - t0, 1)}
+                   "proxy_err": q.stats.get("proxy_err"), "seconds": round(time.perf_counter() - t0, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:
