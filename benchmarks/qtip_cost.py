@@ -56,8 +56,10 @@ def viterbi_row(code: str, bits: int, tiles: int, device: torch.device, impl: st
 
 def layer_row(m: int, n: int, bits: int, device: torch.device, impl: str) -> dict:
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(2 * n, n, generator=g) @ (torch.randn(n, n, generator=g) / n**0.5) + torch.randn(2 * n, 1, generator=g)
-    H = (X.t() @ X / X.shape[0]).to(device)
+    X = torch.randn(2 * n, n, generator=g).to(device)  # drawn on the CPU (reproducible), multiplied on device
+    X = X @ (torch.randn(n, n, generator=g).to(device) / n**0.5) + torch.randn(2 * n, 1, generator=g).to(device)
+    H = X.t() @ X / X.shape[0]
+    del X
     w = (torch.randn(m, n, generator=g) * 0.02).to(device)
     _sync(device)
     t0 = time.perf_counter()
