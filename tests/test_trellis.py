@@ -408,3 +408,20 @@ def test_a_checkpoint_with_a_bad_trellis_tensor_is_refused_by_name(qtip_ckpt, tm
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         load_quantized_model(ckpt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_viterbi_and_qtip_on_cuda():
+    """The PyTorch Viterbi on CUDA tensors finds paths as good as the CPU's, and QTIP runs on CUDA."""
+    table = _table("hyb")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 128, 2, generator=g) * 0.87
+    gpu = vit.quantize_tiles(x.cuda(), table.cuda(), 4)
+    assert gpu.device.type == "cuda" and ref.is_tail_biting(gpu.cpu(), 4).all()
+    cpu = vit.quantize_tiles(x, table, 4)
+    assert torch.allclose(_path_cost(x, table, gpu.cpu()), _path_cost(x, table, cpu), rtol=1e-5)
+    w = torch.randn(64, 96) * 0.02
+    q = qtip(w.cuda(), _hessians(96)[0].cuda(), 2)
+    q_cpu = qtip(w, _hessians(96)[0], 2)
+    assert q.stats["proxy_err"] == pytest.approx(q_cpu.stats["proxy_err"], rel=0.05)
