@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gq_kernels.kernel import TritonKernel, kernels_serve, n_rows, rows_2d
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.format import NAME
+from gq_kernels.trellis.hadamard import hadamard_factor, hadamard_k
 
 GEMV_MAX_ROWS = 8
 
@@ -72,6 +73,12 @@ class TrellisTritonKernel(TritonKernel):
         out = dict(tensors)
         if "tlut" not in out:  # V=1 codes: the op still takes a tensor
             out["tlut"] = torch.zeros(0, 2, dtype=torch.float16, device=out["SU"].device)
+        # The small H_K matrices are made (host -> device copies) now, not in a call a CUDA graph captures.
+        layer = self.layer
+        for size in (layer.in_features, layer.out_features // layer.params.out_rht_blocks):
+            K, _ = hadamard_factor(size)
+            if K > 1:
+                hadamard_k(K, torch.float32, out["SU"].device)
         return out
 
     def apply(self, tensors, x, bias=None):
