@@ -8,6 +8,10 @@ The input transform spans every input column and the output transform mixes ever
 its block), so neither a row range nor a column range of a trellis linear is a trellis linear: no
 tensor declares ``out_dim`` / ``in_dim``, ``independent_rows`` is False (a fused layer keeps each
 part's tensors whole; a tensor-parallel rank dequantizes its part) and ``slice_columns`` says None.
+
+Streams use the spec's *plain* layout (row-major inside a tile, words in tile order) for every code;
+QTIP's own CUDA kernel layout (mma-fragment order inside a tile, bytes interleaved across 2x2
+tiles) is not read: a checkpoint made by QTIP's tools would need its streams converted first.
 """
 from __future__ import annotations
 
