@@ -168,6 +168,8 @@ SPEC_MSE = {("hyb", 2): 0.0714, ("hyb", 3): 0.0188, ("hyb", 4): 0.0056,
 
 @pytest.mark.parametrize("code,bits", list(SPEC_MSE))
 def test_viterbi_mse_on_gaussian_is_within_5_percent_of_the_spec(code, bits):
+    if not vit.cpp_available()[0]:  # the PyTorch search does ~0.2 tiles/s here: minutes per row
+        pytest.skip(f"C++ Viterbi unavailable ({vit.cpp_available()[1]})")
     V = VALUES_PER_STATE[code]
     table = _table(code)
     g = torch.Generator().manual_seed(0)
