@@ -16,10 +16,10 @@ LNQ+GuidedQuant (g=4) checkpoints in one invocation of this script. Differences,
   step is excluded. ``e2e_tok_s`` is N tokens over the wall time of the whole ``LLM.generate`` call
   (prefill, scheduling and the frontend <-> engine-core round trips included).
 * fp16 is the unquantized model in vLLM's own linear layers (on the CPU a oneDNN handle per
-  weight); the checkpoints load through ``quantization="guidedquant"``, whose CPU path dequantizes
-  once at load and runs ``F.linear`` on the dense fp32 weight. So both are dense fp32 matmuls and a
-  ratio near 1 is the expected result, not a kernel speedup (at one row ``F.linear`` is a little
-  faster than vLLM's oneDNN handle on these shapes: ratios of 1.02-1.04).
+  weight, fp32); the checkpoints load through ``quantization="guidedquant"``, whose linear method
+  chooses the same packed CPU kernels as the embedded engine (``kernels`` in the row: e.g.
+  ``lut-cpu-avx512``), reading the packed tensors in place. ``rss_mb`` is the vLLM worker process's
+  resident memory after the timed runs (``baseline_rss_mb``: the fp16 model's worker).
 * The worker's OpenMP threads are pinned to cores 0..threads-1 with none reserved (vLLM warns that
   it wants one core for its frontend): the hf rows' core count, shared with vLLM's engine-core and
   frontend processes. Such a worker slows down ~3x when another job takes a core, so each model
@@ -60,14 +60,17 @@ def make_rows(results: dict[str, dict], device: str, extra: dict) -> list[dict]:
     rows = []
     for label, r in results.items():
         is_fp16 = label == "fp16"
+        fmt = label.rstrip("0123456789")
         rows.append({
-            "device": device, "engine": ENGINE, "model": MODEL, "format": "fp16" if is_fp16 else "lut",
-            "bits": 16 if is_fp16 else int(label.removeprefix("lut")), "batch": 1, "new_tokens": NEW_TOKENS,
+            "device": device, "engine": ENGINE, "model": MODEL, "format": "fp16" if is_fp16 else fmt,
+            "bits": 16 if is_fp16 else int(label[len(fmt):]), "batch": 1, "new_tokens": NEW_TOKENS,
             "tok_s": round(r["tok_s"], 1), "fp16_tok_s": round(fp16, 1), "ratio": round(r["tok_s"] / fp16, 3),
             "e2e_tok_s": round(r["e2e_tok_s"], 1), "tok_s_runs": [round(x, 2) for x in r["tok_s_runs"]],
             "e2e_tok_s_runs": [round(x, 2) for x in r["e2e_tok_s_runs"]], "prompt_tokens": r["prompt_tokens"],
             "other_cpu_load": round(r["other_cpu_load"], 2), "attempts": r["attempts"],
             "compute_dtype": "float32", "vllm": r["vllm"], "vllm_worker_torch_threads": r["worker_threads"],
+            **{k: r[k] for k in ("kernels", "rss_mb", "cpu_model", "cpu_flags") if k in r},
+            **({"baseline_rss_mb": results["fp16"]["rss_mb"]} if "rss_mb" in results["fp16"] else {}),
             **extra,
         })
     return rows
@@ -101,6 +104,18 @@ def _worker_threads(model) -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _worker_state(model) -> dict:
+    """Runs inside vLLM's worker: the kernels its quantized layers run and its resident memory."""
+    kernels: dict[str, int] = {}
+    for m in model.modules():
+        k = getattr(m, "gq_kernel", None)
+        if k is not None:
+            kernels[k.name] = kernels.get(k.name, 0) + 1
+    rss = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return {"kernels": kernels, "rss_mb": round(rss, 1)}
 
 
 def worker_main(path: str, quantized: bool, eager: bool, out: str) -> None:
@@ -154,24 +169,28 @@ def worker_main(path: str, quantized: bool, eager: bool, out: str) -> None:
     import bench_e2e_vllm_cpu
 
     threads = llm.apply_model(bench_e2e_vllm_cpu._worker_threads)
+    state = llm.apply_model(bench_e2e_vllm_cpu._worker_state)[0]
+    from gq_kernels.cpu import features
     decode = [(NEW_TOKENS - 1) / t["decode_s"] for t in timings]
     e2e = [NEW_TOKENS / t["wall_s"] for t in timings]
     Path(out).write_text(json.dumps({
         "tok_s": statistics.median(decode), "tok_s_runs": decode,
         "e2e_tok_s": statistics.median(e2e), "e2e_tok_s_runs": e2e,
         "prompt_tokens": len(prompt_ids), "other_cpu_load": max(0.0, other_cores),
-        "worker_threads": threads[0], "vllm": vllm.__version__,
+        "worker_threads": threads[0], "vllm": vllm.__version__, **state, **features.describe(),
     }))
 
 
 # ============================================================================================ driver
-def model_paths(bits: list[int]) -> dict[str, Path]:
+def model_paths(bits: list[int], bcq: str = "") -> dict[str, Path]:
     from gq_serve.util import cache_root
 
     cache = cache_root()
     paths = {"fp16": cache / "models" / MODEL}
     for b in bits:
         paths[f"lut{b}"] = cache / "results" / "checkpoints" / f"lnq+gq4-{b}bit"
+    if bcq:  # a GPTQ checkpoint: bcq, its bits from the name (gptq-4bit -> bcq4)
+        paths[f"bcq{bcq.split('-')[-1].removesuffix('bit')}"] = cache / "results" / "checkpoints" / bcq
     return paths
 
 
@@ -238,6 +257,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2, help="cores 0..N-1 for vLLM's worker (VLLM_CPU_OMP_THREADS_BIND)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--bcq", default="gptq-4bit", help="a bcq (GPTQ) checkpoint under results/checkpoints ('' for none)")
     p.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's compiled mode")
     p.add_argument("--attempts", type=int, default=3,
                    help="re-run a model whose timed runs shared the cores with other jobs (see --max-other-load)")
@@ -253,7 +273,7 @@ def main() -> int:
 
     from results_io import provenance, write_json
 
-    paths = model_paths(args.bits)
+    paths = model_paths(args.bits, args.bcq)
     missing = [str(v) for v in paths.values() if not v.is_dir()]
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py first")

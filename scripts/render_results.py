@@ -73,12 +73,49 @@ def pipeline_cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_isa(flags: list[str] | None) -> str:
+    """A row's CPU flags, short: the widest vector ISA and its extensions that matter here."""
+    if not flags:
+        return "–"
+    if "avx512f" in flags:
+        ext = [name for flag, name in (("avx512_vbmi", "VBMI"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"),
+                                       ("avx512_fp16", "FP16"), ("amx_tile", "AMX")) if flag in flags]
+        return "AVX-512" + (f" ({', '.join(ext)})" if ext else "")
+    return "AVX2" if "avx2" in flags else ", ".join(flags)
+
+
 def e2e_table(rows: list[dict]) -> str:
-    lines = ["| device | engine | format | bits | batch | new tokens | tok/s | fp16 tok/s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | CPU ISA | engine | model | format | bits | batch | new tokens | tok/s | baseline | baseline "
+             "tok/s | ratio | RSS MiB | baseline RSS MiB | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mib(x) -> str:
+        return "–" if x is None else f"{x:.0f}"
+
     for r in rows:
-        lines.append(f"| {r['device']} | {r['engine']} | {r['format']} | {r['bits']} | {r['batch']} | "
-                     f"{r['new_tokens']} | {r['tok_s']:.1f} | {r['fp16_tok_s']:.1f} | {r['ratio']:.2f} |")
+        model = r.get("model", "SmolLM2-135M-Instruct").replace(" (random weights)", " (random)")
+        lines.append(f"| {r['device']} | {cpu_isa(r.get('cpu_flags'))} | {r['engine']} | {model} | {r['format']} | "
+                     f"{r['bits']} | {r['batch']} | {r['new_tokens']} | {r['tok_s']:.1f} | "
+                     f"{r.get('baseline', 'fp16')} | {r['fp16_tok_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{mib(r.get('rss_mb'))} | {mib(r.get('baseline_rss_mb'))} | {r.get('date', '–')} |")
+    return "\n".join(lines)
+
+
+def kernels_cpu_table(doc: dict) -> str:
+    """benchmarks/cpu_kernels.py's JSON -> one line naming the run, then a row per configuration."""
+    prov = doc["provenance"]
+    lines = [f"{prov['cpu_model']}, {cpu_isa(prov['cpu_flags'])} (flags {', '.join(prov['cpu_flags'])}), "
+             f"{prov['threads']} threads; memory read {prov['read_gbps']} GB/s, copy {prov['copy_gbps']} GB/s "
+             f"(same run); load average {prov['load_avg_1min'][0]} -> {prov['load_avg_1min'][1]}; {prov['date']}; "
+             f"`{prov['command']}`.", "",
+             "| layer | n x k | format | bits | rows | implementation | us | dense fp32 us | speedup | packed GB/s "
+             "| % of read BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        fmt = r["format"] + (f" (g={r['group_size']})" if r.get("group_size") else "")
+        lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {fmt} | {r['bits']} | {r['rows']} | {r['impl_detail']} | "
+                     f"{r['us']:.0f} | {r['dense_fp32_us']:.0f} | {r['speedup_vs_dense_fp32']:.2f} | "
+                     f"{r['gbps']:.2f} | {r['pct_read_bw']:.0f} |")
     return "\n".join(lines)
 
 
@@ -127,6 +164,9 @@ def main() -> int:
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
         doc = replace_block(doc, "e2e", e2e_table(json.loads(e2e.read_text())))
+    kernels_cpu = RESULTS / "kernels_cpu.json"
+    if kernels_cpu.exists():
+        doc = replace_block(doc, "kernels_cpu", kernels_cpu_table(json.loads(kernels_cpu.read_text())))
     kernels = RESULTS / "kernels.json"
     if kernels.exists():
         doc = replace_block(doc, "kernels", kernels_table(json.loads(kernels.read_text())))
