@@ -58,7 +58,8 @@ _DISCONNECT_POLL_S = 0.25
 # Request bodies above this are answered 413 before they are parsed. A full 8k-token context as
 # text is ~40 KB, as token ids ~60 KB: 2 MiB leaves room for batches and long chats.
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-MAX_BATCH = 64  # prompts in one /v1/completions request
+MAX_BATCH = 16  # prompts in one /v1/completions request (decoded one after the other: a bigger batch
+# only makes one client wait longer, and 16 x a full context already takes minutes on a CPU)
 RETRY_AFTER_S = 1  # the Retry-After of a 429 (queue full) and of a 503 (stopping)
 
 

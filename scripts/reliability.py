@@ -196,13 +196,15 @@ def main() -> None:
     ap.add_argument("--fuzz-examples", type=int, default=200)
     ap.add_argument("--fuzz-model", type=Path, default=None, help="model for the fuzz run (default: a tiny one)")
     ap.add_argument("--no-fuzz", action="store_true")
+    ap.add_argument("--fuzz-only", action="store_true",
+                    help="rerun only the fuzz part and replace it in an existing --output (load rows kept)")
     ap.add_argument("-o", "--output", type=Path, default=OUT)
     args = ap.parse_args()
 
     log_dir = Path(tempfile.mkdtemp(prefix="gq-reliability-"))
     levels = [int(c) for c in args.concurrency.split(",")]
     rows, bodies, startups = [], {}, {}
-    for engine in args.engines.split(","):
+    for engine in [] if args.fuzz_only else [e for e in args.engines.split(",") if e]:
         python = sys.executable if engine == "hf" else (args.vllm_python or _vllm_python())
         if python is None:
             print(f"skipping {engine}: no vLLM venv found", file=sys.stderr)
@@ -262,6 +264,13 @@ def main() -> None:
     }
     from gq_serve.util import write_json
 
+    if args.fuzz_only:  # keep the load rows of the earlier run; say which command made the fuzz part
+        import json
+
+        earlier = json.loads(args.output.read_text())
+        earlier["fuzz"], earlier["fuzz_command"] = fuzz, result["command"]
+        earlier["fuzz_date"] = result["date"]
+        result = earlier
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, result)
     print(f"wrote {args.output} (logs in {log_dir})")

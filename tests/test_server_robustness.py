@@ -134,7 +134,7 @@ BAD_BODIES = {
     "unknown key": '{' + M + ', "prompt": "x", "frobnicate": 1}',
     "n=2": '{' + M + ', "prompt": "x", "n": 2}',
     "n=true": '{' + M + ', "prompt": "x", "n": true}',
-    "duplicate-free batch too large": '{' + M + ', "prompt": ' + json.dumps(["x"] * 65) + "}",
+    "batch too large": '{' + M + ', "prompt": ' + json.dumps(["x"] * 17) + "}",
     "stream_options junk": '{' + M + ', "prompt": "x", "stream": true, "stream_options": {"x": 1}}',
     "prompt over the context": '{' + M + ', "prompt": "' + "the " * 400 + '"}',
 }

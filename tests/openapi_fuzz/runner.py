@@ -33,7 +33,7 @@ def run_schemathesis(base_url: str, workdir: Path, api_key: str | None = None, m
     report = workdir / "report.json"
     argv = [st_executable(), "--config-file", str(HERE / "schemathesis.toml"), "run",
             f"{base_url}/openapi.json", "--checks", "all", "-n", str(max_examples), "--seed", str(seed),
-            "--workers", "1", "--request-timeout", "120", "--wait-for-schema", "60",
+            "--workers", "1", "--request-timeout", "600", "--wait-for-schema", "60",
             "--report", "ndjson,json", "--report-ndjson-path", str(events), "--report-json-path", str(report)]
     if api_key:
         argv += ["-H", f"Authorization: Bearer {api_key}"]
