@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="lut (LNQ+GQ g=4) checkpoints")
     p.add_argument("--bcq", default="gptq-4bit", help="bcq checkpoint under results/checkpoints ('' for none)")
+    p.add_argument("--suffix", default="", help="of the checkpoint directories' names (e.g. -4x256)")
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "docs/results/e2e.json"))
@@ -88,9 +89,9 @@ def main() -> int:
     ckpts = cache / "results" / "checkpoints"
     paths = {"fp32": cache / "models" / MODEL}
     for b in args.bits:
-        paths[f"lut{b}"] = ckpts / f"lnq+gq4-{b}bit"
+        paths[f"lut{b}"] = ckpts / f"lnq+gq4-{b}bit{args.suffix}"
     if args.bcq:
-        paths[f"bcq:{args.bcq}"] = ckpts / args.bcq
+        paths[f"bcq:{args.bcq}"] = ckpts / f"{args.bcq}{args.suffix}"
     missing = [str(v) for v in paths.values() if not v.is_dir()]
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py --keep-checkpoints "
@@ -127,6 +128,7 @@ def main() -> int:
             "ratio": round(r["tok_per_s"] / base["tok_per_s"], 3), "rss_mb": r["rss_mb"],
             "baseline_rss_mb": base["rss_mb"], "rss_ratio": round(r["rss_mb"] / base["rss_mb"], 3),
             "peak_rss_mb": r["peak_rss_mb"], "kernels": r["kernels"], "compute_dtype": "float32",
+            "checkpoint": Path(paths[label]).name,
             "threads": args.threads, "load_avg_1min": r["load_avg_1min"], "other_cpu_load": r["other_cpu_load"],
             "attempts": r["attempts"], "cpu_model": r["cpu_model"],
             "cpu_flags": r["cpu_flags"], **{k: prov[k] for k in ("date", "torch", "command")},

@@ -182,15 +182,15 @@ def worker_main(path: str, quantized: bool, eager: bool, out: str) -> None:
 
 
 # ============================================================================================ driver
-def model_paths(bits: list[int], bcq: str = "") -> dict[str, Path]:
+def model_paths(bits: list[int], bcq: str = "", suffix: str = "") -> dict[str, Path]:
     from gq_serve.util import cache_root
 
     cache = cache_root()
     paths = {"fp16": cache / "models" / MODEL}
     for b in bits:
-        paths[f"lut{b}"] = cache / "results" / "checkpoints" / f"lnq+gq4-{b}bit"
+        paths[f"lut{b}"] = cache / "results" / "checkpoints" / f"lnq+gq4-{b}bit{suffix}"
     if bcq:  # a GPTQ checkpoint: bcq, its bits from the name (gptq-4bit -> bcq4)
-        paths[f"bcq{bcq.split('-')[-1].removesuffix('bit')}"] = cache / "results" / "checkpoints" / bcq
+        paths[f"bcq{bcq.split('-')[-1].removesuffix('bit')}"] = cache / "results" / "checkpoints" / f"{bcq}{suffix}"
     return paths
 
 
@@ -258,6 +258,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="cores 0..N-1 for vLLM's worker (VLLM_CPU_OMP_THREADS_BIND)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--bcq", default="gptq-4bit", help="a bcq (GPTQ) checkpoint under results/checkpoints ('' for none)")
+    p.add_argument("--suffix", default="", help="of the checkpoint directories' names (e.g. -4x256)")
     p.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's compiled mode")
     p.add_argument("--attempts", type=int, default=3,
                    help="re-run a model whose timed runs shared the cores with other jobs (see --max-other-load)")
@@ -273,7 +274,7 @@ def main() -> int:
 
     from results_io import provenance, write_json
 
-    paths = model_paths(args.bits, args.bcq)
+    paths = model_paths(args.bits, args.bcq, args.suffix)
     missing = [str(v) for v in paths.values() if not v.is_dir()]
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py first")
