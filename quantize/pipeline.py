@@ -112,8 +112,10 @@ def _stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, dev
     """
     from gq_quantize.calibration.hessians import layer_linears
 
-    order: list[tuple[str, int]] = []
-    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: order.append((n, id(inp[0]))))
+    # The input tensors themselves are kept, not their id(): a freed input's id can be reused by
+    # the next one, which would merge two groups at random.
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: order.append((n, inp[0])))
                for n, m in layer_linears(layer, prefix).items()]
     try:
         with torch.no_grad():
@@ -124,7 +126,7 @@ def _stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, dev
     stages: list[list[str]] = []
     last = None
     for name, key in order:
-        if key != last:
+        if key is not last:
             stages.append([])
             last = key
         if name not in stages[-1]:

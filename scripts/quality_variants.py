@@ -159,7 +159,10 @@ def main() -> int:
             kw = dict(VARIANTS[variant])
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
                                                                               seq_len=args.seq_len), **kw)
-            ckpt = ckpt_root / f"{args.model}-{variant}-{bits}bit-{args.n_samples}x{args.seq_len}"
+            # checkpoints calibrated elsewhere than sotu:calib carry their data's name, so a budget
+            # run never overwrites a checkpoint another benchmark reads
+            tag = "" if args.calib == "sotu:calib" else "-" + args.calib.replace(":", "_").replace("/", "_")
+            ckpt = ckpt_root / f"{args.model}-{variant}-{bits}bit-{args.n_samples}x{args.seq_len}{tag}"
             t0 = time.perf_counter()
             summary = quantize_model(model_dir, qconfig, ckpt, cache, overwrite=True)
             wall = time.perf_counter() - t0

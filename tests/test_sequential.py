@@ -187,3 +187,22 @@ def test_layer_calls_are_captured_per_layer():
     with torch.no_grad():
         ref = model(input_ids=windows, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(model.model.norm(h), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_groups_are_found_the_same_every_time(tiny_lm_dir):
+    """The true-sequential groups of a Llama layer, found by execution, on every one of many tries:
+    keying the groups by id() of the input tensors merged o_proj into gate/up now and then (a freed
+    input's id reused by the next one), which made a resumed run differ from a whole one."""
+    from transformers import AutoModelForCausalLM
+
+    from gq_quantize.calibration.hessians import decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    layers, prefix = decoder_layers(model)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    first, calls = capture_layer_calls(model, windows, "cpu")
+    want = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for i in range(300):
+        stages = pipeline._stages(layers[0], f"{prefix}.0", first, calls[0][0], "cpu")
+        assert [[n.removeprefix(f"{prefix}.0.") for n in s] for s in stages] == want, f"try {i}"
