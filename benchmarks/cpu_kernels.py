@@ -18,7 +18,7 @@ Implementations:
   loop nest); the faster one is reported (``impl_detail``);
 * ``dense``: ``F.linear`` on the dequantized fp32 weight (the old CPU path, 4 bytes per weight).
 
-    python benchmarks/cpu_kernels.py --threads 2 --out docs/results/kernels_cpu.json
+    python benchmarks/cpu_kernels.py --threads 2 --out docs/results/cpu_kernels.json
     python benchmarks/cpu_kernels.py --shapes 1536x576 --bits 3 --rows 1 --iters 5 --out /tmp/k.json   # smoke
 """
 from __future__ import annotations
@@ -124,6 +124,10 @@ def inductor_weight(fmt: str, tensors: dict, k: int, group_size: int) -> torch.T
 
 
 def inductor_fns(fmt: str, k: int, group_size: int):
+    # Dynamo keys its cache on the code object, so every problem would count as a recompile of the
+    # same two functions and the run would hit its recompile limit (8) under fullgraph=True.
+    torch._dynamo.reset()
+
     def mm(x, tensors):
         return x @ inductor_weight(fmt, tensors, k, group_size).T
 

@@ -1,7 +1,7 @@
 """Embedded-engine decode speed on the CPU: SmolLM2 dense fp32 vs its quantized checkpoints.
 
-    python scripts/bench_e2e_cpu.py [--threads 2]      -> rows replacing the hf CPU SmolLM2 rows of
-                                                          docs/results/e2e.json
+    python scripts/bench_e2e_cpu.py [--threads 2]      -> hf CPU SmolLM2 rows of docs/results/e2e.json
+                                                          (replacing only the same day's)
 
 Paper protocol (Table 2): batch 1, the prompt "The capital of France is", exactly 100 new tokens
 (EOS ignored), median of 3 runs after a warm-up. Every model runs in its own child process, one
@@ -74,6 +74,9 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="lut (LNQ+GQ g=4) checkpoints")
     p.add_argument("--bcq", default="gptq-4bit", help="bcq checkpoint under results/checkpoints ('' for none)")
     p.add_argument("--suffix", default="", help="of the checkpoint directories' names (e.g. -4x256)")
+    p.add_argument("--dir", action="append", default=[], metavar="LABEL=NAME",
+                   help="checkpoint directory under results/checkpoints for one label (lut2, bcq:gptq-4bit, ...), "
+                        "overriding the name --suffix makes; repeatable")
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "docs/results/e2e.json"))
@@ -92,6 +95,11 @@ def main() -> int:
         paths[f"lut{b}"] = ckpts / f"lnq+gq4-{b}bit{args.suffix}"
     if args.bcq:
         paths[f"bcq:{args.bcq}"] = ckpts / f"{args.bcq}{args.suffix}"
+    for item in args.dir:
+        label, _, name = item.partition("=")
+        if label not in paths or not name:
+            raise SystemExit(f"--dir {item!r}: give LABEL=NAME with LABEL one of {sorted(paths)}")
+        paths[label] = ckpts / name
     missing = [str(v) for v in paths.values() if not v.is_dir()]
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py --keep-checkpoints "
@@ -135,7 +143,9 @@ def main() -> int:
         })
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
-    keep = [r for r in old if not (r["engine"] == "hf" and r["device"].startswith("CPU") and r["model"] == MODEL)]
+    # Earlier days' rows stay (what was measured when); a re-run on the same day replaces that day's.
+    keep = [r for r in old if not (r["engine"] == "hf" and r["device"].startswith("CPU") and r["model"] == MODEL
+                                   and r.get("date") == prov["date"])]
     write_json(out, keep + out_rows)
     print(json.dumps(out_rows, indent=1))
     return 0

@@ -49,8 +49,12 @@ WORKER_TIMEOUT_S = 1800  # model load + (compiled mode) Inductor on 2 busy cores
 
 # ============================================================================================ rows
 def merge_rows(old: list[dict], new: list[dict], engine: str = ENGINE) -> list[dict]:
-    """``old`` without its CPU rows of ``engine``, then ``new``: other engines' and GPU rows are kept."""
-    keep = [r for r in old if not (r.get("engine") == engine and str(r.get("device", "")).startswith("CPU"))]
+    """``old`` without its CPU rows of ``engine`` from the dates of ``new``, then ``new``: other engines',
+    GPU rows and earlier days' runs are kept (the record of what was measured when; a re-run on the
+    same day replaces that day's rows)."""
+    dates = {r.get("date") for r in new}
+    keep = [r for r in old if not (r.get("engine") == engine and str(r.get("device", "")).startswith("CPU")
+                                   and r.get("date") in dates)]
     return keep + list(new)
 
 
@@ -182,7 +186,9 @@ def worker_main(path: str, quantized: bool, eager: bool, out: str) -> None:
 
 
 # ============================================================================================ driver
-def model_paths(bits: list[int], bcq: str = "", suffix: str = "") -> dict[str, Path]:
+def model_paths(bits: list[int], bcq: str = "", suffix: str = "", dirs: list[str] = ()) -> dict[str, Path]:
+    """label -> checkpoint directory; ``dirs`` ("LABEL=NAME") names one label's directory under
+    results/checkpoints instead of the name ``suffix`` makes."""
     from gq_serve.util import cache_root
 
     cache = cache_root()
@@ -191,6 +197,11 @@ def model_paths(bits: list[int], bcq: str = "", suffix: str = "") -> dict[str, P
         paths[f"lut{b}"] = cache / "results" / "checkpoints" / f"lnq+gq4-{b}bit{suffix}"
     if bcq:  # a GPTQ checkpoint: bcq, its bits from the name (gptq-4bit -> bcq4)
         paths[f"bcq{bcq.split('-')[-1].removesuffix('bit')}"] = cache / "results" / "checkpoints" / f"{bcq}{suffix}"
+    for item in dirs:
+        label, _, name = item.partition("=")
+        if label not in paths or not name:
+            raise SystemExit(f"--dir {item!r}: give LABEL=NAME with LABEL one of {sorted(paths)}")
+        paths[label] = cache / "results" / "checkpoints" / name
     return paths
 
 
@@ -259,6 +270,8 @@ def main() -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--bcq", default="gptq-4bit", help="a bcq (GPTQ) checkpoint under results/checkpoints ('' for none)")
     p.add_argument("--suffix", default="", help="of the checkpoint directories' names (e.g. -4x256)")
+    p.add_argument("--dir", action="append", default=[], metavar="LABEL=NAME",
+                   help="checkpoint directory under results/checkpoints for one label (lut2, bcq4, ...); repeatable")
     p.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's compiled mode")
     p.add_argument("--attempts", type=int, default=3,
                    help="re-run a model whose timed runs shared the cores with other jobs (see --max-other-load)")
@@ -274,7 +287,7 @@ def main() -> int:
 
     from results_io import provenance, write_json
 
-    paths = model_paths(args.bits, args.bcq, args.suffix)
+    paths = model_paths(args.bits, args.bcq, args.suffix, args.dir)
     missing = [str(v) for v in paths.values() if not v.is_dir()]
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py first")

@@ -41,6 +41,13 @@ def test_merge_keeps_hf_and_gpu_rows_and_replaces_vllm_cpu_rows(bench):
     assert bench.merge_rows([], new) == new
 
 
+def test_merge_keeps_earlier_days_vllm_cpu_rows(bench):
+    old = [{**_row("vllm", "CPU (x86_64, 2 threads)", 16, 24.2), "date": "2026-11-22"},
+           {**_row("vllm", "CPU (x86_64, 1 threads)", 16, 9.0), "date": "2026-11-30"}]
+    new = [{**_row("vllm", "CPU (x86_64, 1 threads)", 16, 10.0), "date": "2026-11-30"}]
+    assert bench.merge_rows(old, new) == [old[0], new[0]]
+
+
 def _result(tok_s: float) -> dict:
     return {"tok_s": tok_s, "tok_s_runs": [tok_s] * 3, "e2e_tok_s": tok_s * 0.9, "e2e_tok_s_runs": [tok_s * 0.9] * 3,
             "prompt_tokens": 5, "other_cpu_load": 0.01, "attempts": 1, "worker_threads": 2, "vllm": "0.32.0"}
