@@ -104,38 +104,11 @@ def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tens
 
 
 def _stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, device) -> list[list[str]]:
-    """The layer's linears in groups that can be quantized together, in the order they run.
+    """The layer's linears in groups that run on one input, in execution order (see
+    ``calibration.hessians.linear_stages``)."""
+    from gq_quantize.calibration.hessians import linear_stages
 
-    Linears fed the very same input tensor form one group (q/k/v, gate/up); the groups come in
-    execution order (q/k/v, o, gate/up, down in a Llama or Gemma layer): GPTQ's "true sequential"
-    order, found by running one window rather than from module names.
-    """
-    from gq_quantize.calibration.hessians import layer_linears
-
-    # The input tensors themselves are kept, not their id(): a freed input's id can be reused by
-    # the next one, which would merge two groups at random.
-    order: list[tuple[str, torch.Tensor]] = []
-    handles = [m.register_forward_hook(lambda _m, inp, _o, n=n: order.append((n, inp[0])))
-               for n, m in layer_linears(layer, prefix).items()]
-    try:
-        with torch.no_grad():
-            layer(inputs[:1].to(device=device, dtype=call.dtype), **call.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    stages: list[list[str]] = []
-    last = None
-    for name, key in order:
-        if key is not last:
-            stages.append([])
-            last = key
-        if name not in stages[-1]:
-            stages[-1].append(name)
-    names = [n for st in stages for n in st]
-    if sorted(names) != sorted(layer_linears(layer, prefix)) or len(set(names)) != len(names):
-        raise RuntimeError(f"the linears of {prefix} do not run exactly once per forward; "
-                           "sequential calibration cannot order them")
-    return stages
+    return linear_stages(layer, prefix, inputs, call, device)
 
 
 def apply_quantized(lin: torch.nn.Linear, result: QuantResult) -> None:
@@ -152,7 +125,7 @@ def _coarse_saliency(cache, name: str, groups: int) -> torch.Tensor:
 
 def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Tensor, run_dir: Path,
                         results: dict[str, QuantResult], objectives: dict[str, float | None], device: str,
-                        progress: bool) -> int:
+                        progress: bool, streamed=None) -> int:
     """Quantize every decoder linear in order, each from Hessians of the already quantized model.
 
     Layer by layer, the calibration windows run through the model; inside a layer, the linears go
@@ -163,14 +136,24 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
     unquantized model (from ``cache``). Resumable: finished linears are files in ``run_dir`` and
     the next layer's inputs are saved after every layer. Fills ``results`` / ``objectives``
     (objective: the quadratic objective under the Hessian the quantizer used); returns the
-    number of linears loaded from an earlier run.
+    number of linears loaded from an earlier run. ``streamed`` (a ``StreamedModel`` whose ``model``
+    is ``model``): each decoder layer's weights are read when the layer's turn comes and dropped
+    after it (its quantized weights live on in ``results``).
     """
+    from contextlib import nullcontext
+
     from gq_quantize.calibration.hessians import (capture_layer_calls, decoder_layers, layer_linears,
                                                    layer_outputs, run_layer)
 
+    def resident(idx: int | None):
+        if streamed is None:
+            return nullcontext()
+        return streamed.embeddings() if idx is None else streamed.layer(idx)
+
     needs = qconfig.needs()
     layers, prefix = decoder_layers(model)
-    first, calls = capture_layer_calls(model, windows, device)
+    with resident(None):
+        first, calls = capture_layer_calls(model, windows, device)
     state_path = run_dir / "sequential.json"
     start = json.loads(state_path.read_text())["next_layer"] if state_path.exists() else 0
     inputs = first if start == 0 else load_file(str(run_dir / f"inputs_layer_{start:02d}.safetensors"))["hidden"]
@@ -186,32 +169,33 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
                 results[name], objectives[name] = _load_result(run_dir / f"{name}.safetensors")
                 resumed += 1
             continue
-        for stage in _stages(layer, lp, inputs, calls[idx][0], device):
-            todo = [n for n in stage if not (run_dir / f"{n}.safetensors").exists()]
-            for name in stage:
-                if name not in todo:
-                    results[name], objectives[name] = _load_result(run_dir / f"{name}.safetensors")
-                    resumed += 1
-            if todo:
-                sal = ({n: _coarse_saliency(cache, n, qconfig.groups) for n in todo} if qconfig.guided else None)
-                hess, _ = run_layer(layer, lp, inputs, calls[idx], sal, device, only=set(todo), outputs=False)
-                del sal
-                for name in todo:
-                    if qconfig.guided:
-                        hessian = hess.guided[name]
-                    else:
-                        hessian = hess.plain[hess.plain_owner[name]].unsqueeze(0)
-                    w = lins[name].weight.detach().float().cpu()
-                    fisher = cache.weight_fisher(name) if "fisher" in needs else None
-                    result = quantize_layer(w.to(device), qconfig, hessian.to(device),
-                                            None if fisher is None else fisher.to(device)).to("cpu")
-                    objective = quadratic_objective(w, result.dequantize(), hessian)
-                    _save_result(run_dir / f"{name}.safetensors", result, objective)
-                    results[name], objectives[name] = result, objective
-                del hess
-            for name in stage:  # later groups and layers see the quantized weights
-                apply_quantized(lins[name], results[name])
-        inputs = layer_outputs(layer, inputs, calls[idx], device)
+        with resident(idx):
+            for stage in _stages(layer, lp, inputs, calls[idx][0], device):
+                todo = [n for n in stage if not (run_dir / f"{n}.safetensors").exists()]
+                for name in stage:
+                    if name not in todo:
+                        results[name], objectives[name] = _load_result(run_dir / f"{name}.safetensors")
+                        resumed += 1
+                if todo:
+                    sal = ({n: _coarse_saliency(cache, n, qconfig.groups) for n in todo} if qconfig.guided else None)
+                    hess, _ = run_layer(layer, lp, inputs, calls[idx], sal, device, only=set(todo), outputs=False)
+                    del sal
+                    for name in todo:
+                        if qconfig.guided:
+                            hessian = hess.guided[name]
+                        else:
+                            hessian = hess.plain[hess.plain_owner[name]].unsqueeze(0)
+                        w = lins[name].weight.detach().float().cpu()
+                        fisher = cache.weight_fisher(name) if "fisher" in needs else None
+                        result = quantize_layer(w.to(device), qconfig, hessian.to(device),
+                                                None if fisher is None else fisher.to(device)).to("cpu")
+                        objective = quadratic_objective(w, result.dequantize(), hessian)
+                        _save_result(run_dir / f"{name}.safetensors", result, objective)
+                        results[name], objectives[name] = result, objective
+                    del hess
+                for name in stage:  # later groups and layers see the quantized weights
+                    apply_quantized(lins[name], results[name])
+            inputs = layer_outputs(layer, inputs, calls[idx], device)
         if idx + 1 < len(layers):
             nxt = run_dir / f"inputs_layer_{idx + 1:02d}.safetensors"
             atomic_write(nxt, lambda tmp, t=inputs: save_file({"hidden": t.contiguous()}, str(tmp)), fsync=False)
@@ -222,12 +206,17 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
 
 def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cache_root: Path,
                    overwrite: bool = False, device: str = "cpu", progress: bool = True,
-                   recalibrate: bool = False) -> dict:
+                   recalibrate: bool = False, streamed: bool = False, offload_dir: Path | None = None) -> dict:
     """Quantize every decoder linear of the model in ``model_dir`` and export a checkpoint to ``out_dir``.
 
     Per-layer results are kept in a hidden directory beside ``out_dir`` until the export finishes,
     so a killed run resumes where it stopped. Returns a summary: out_dir, wall time per stage
     (seconds), the number of layers resumed from a previous run, and the summed layer objective.
+
+    streamed: never hold the whole model: the calibration passes and the quantization read one
+    decoder layer's weights at a time from the safetensors files (same results, same caches;
+    ``docs/internals.md``, "Models larger than memory"). offload_dir: where the streamed gradient
+    pass keeps each layer's inputs (default: host memory).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,8 +231,15 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    model.eval()
+    lazy = None
+    if streamed:
+        from gq_quantize.calibration.streamed import StreamedModel
+
+        lazy = StreamedModel(model_dir, device=device)
+        model = lazy.model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     linears = quantizable_linears(model)
     if not linears:
@@ -268,10 +264,11 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             cache_root, model, model_dir, windows, groups=qconfig.hessian_groups(),
             need_guided=qconfig.guided, need_fisher="fisher" in needs, device=device,
             progress=progress, need_hessians="hessian" in needs and not qconfig.sequential,
-            recalibrate=recalibrate)
+            recalibrate=recalibrate, streamed=lazy, offload_dir=offload_dir)
     timings["calibration_s"] = time.perf_counter() - t0
     # The cache already fingerprinted the model; hash it here only when no cache was needed.
-    model_id = cache.manifest["model_hash"] if cache is not None else model_hash(model_dir, linears)
+    model_id = (cache.manifest["model_hash"] if cache is not None
+                else model_hash(model_dir, linears, None if lazy is None else lazy.get_weight))
 
     run_dir = _run_dir(out_dir, qconfig, model_id, windows_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +280,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     t0 = time.perf_counter()
     if qconfig.sequential:
         resumed = quantize_sequential(model, qconfig, cache, windows, run_dir, results, objectives, device,
-                                      progress)
+                                      progress, streamed=lazy)
     bar = tqdm(linears.items() if not qconfig.sequential else [],
                desc=f"quantize {qconfig.method} {qconfig.bits}-bit", unit="layer",
                disable=not progress or qconfig.sequential, file=sys.stderr)
@@ -293,7 +290,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             results[name], objectives[name] = _load_result(part)
             resumed += 1
             continue
-        w = lin.weight.detach().float()
+        w = lin.weight.detach().float() if lazy is None else lazy.weight(name)
         hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if "hessian" in needs else None
         fisher = cache.weight_fisher(name) if "fisher" in needs else None
         result = quantize_layer(w.to(device), qconfig, None if hessian is None else hessian.to(device),

@@ -28,7 +28,7 @@ import math
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 from .hessians import LayerHessians, coarsen_groups, hessian_pass
 from .saliency import GRAD_SCALE, check_groups, quantizable_linears, saliency_for_windows
+from .streamed import streamed_saliency
 from gq_serve.util import atomic_write, package_version, sha256_file
 from gq_quantize.data import data_hash
 
@@ -57,18 +58,22 @@ class CalibrationCacheError(RuntimeError):
 
 
 # ---------------------------------------------------------------- hashing
-def model_fingerprint(linears: dict[str, nn.Linear]) -> str:
-    """sha256 over (name, shape, float64 sum, first row as float32) of each quantizable weight."""
+def model_fingerprint(linears: dict[str, nn.Linear], get_weight=None) -> str:
+    """sha256 over (name, shape, float64 sum, first row as float32) of each quantizable weight.
+
+    get_weight(name, linear) -> the weight tensor (default: the module's own); a streamed model
+    reads it from disk, so an in-memory and a streamed run of one model share the cache.
+    """
     h = hashlib.sha256()
     with torch.no_grad():
         for name, lin in linears.items():
-            w = lin.weight
+            w = lin.weight if get_weight is None else get_weight(name, lin)
             h.update(f"{name}:{tuple(w.shape)}:{w.double().sum().item():.17g}".encode())
             h.update(w[0].detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
-def model_hash(model_dir: Path | None, linears: dict[str, nn.Linear]) -> str:
+def model_hash(model_dir: Path | None, linears: dict[str, nn.Linear], get_weight=None) -> str:
     """Cheap model identity: config/index bytes + safetensors names and sizes + in-memory fingerprint."""
     h = hashlib.sha256()
     if model_dir is not None:
@@ -79,7 +84,7 @@ def model_hash(model_dir: Path | None, linears: dict[str, nn.Linear]) -> str:
                 h.update(fname.encode() + b"\0" + p.read_bytes())
         for p in sorted(model_dir.glob("*.safetensors")):
             h.update(f"{p.name}:{p.stat().st_size}".encode())
-    h.update(model_fingerprint(linears).encode())
+    h.update(model_fingerprint(linears, get_weight).encode())
     return h.hexdigest()
 
 
@@ -107,6 +112,8 @@ class CalibrationCache:
         self.path = Path(path)
         self._manifest = manifest
         self._verified: set[str] = set()
+        self._streamed = None  # a streamed.StreamedModel while building from one
+        self._offload_dir: Path | None = None
 
     # ---- public -------------------------------------------------------------
     @property
@@ -130,6 +137,8 @@ class CalibrationCache:
         chunk_windows: int = DEFAULT_CHUNK_WINDOWS,
         on_event=None,
         recalibrate: bool = False,
+        streamed=None,
+        offload_dir: Path | None = None,
     ) -> "CalibrationCache":
         """Open the cache for (model, windows), building or completing whatever is missing.
 
@@ -139,7 +148,13 @@ class CalibrationCache:
         saliency chunk ("saliency", windows_done) and Hessian layer ("hessians", layer_idx).
         A cache that has less than asked (no Fisher, fewer groups) is completed in place: only the
         affected stages are recomputed. recalibrate=True deletes this (model, data) cache first.
+        streamed: a ``streamed.StreamedModel`` (then ``model`` is its ``model``, whose parameters are
+        on the meta device): both passes hold one decoder layer at a time; the cache is the same
+        as the in-memory one's (same identity, same files). offload_dir: where the streamed
+        gradient pass keeps each layer's inputs (default: host memory).
         """
+        if streamed is not None and model is not streamed.model:
+            raise ValueError("with streamed=..., pass model=streamed.model")
         if windows.dim() != 2:
             raise ValueError(f"windows must be [n, seq_len], got shape {tuple(windows.shape)}")
         linears = quantizable_linears(model)
@@ -147,7 +162,7 @@ class CalibrationCache:
             check_groups(linears, groups)
         n, seq_len = map(int, windows.shape)
         ident = {
-            "model_hash": model_hash(model_dir, linears),
+            "model_hash": model_hash(model_dir, linears, None if streamed is None else streamed.get_weight),
             "data_hash": data_hash(windows, length=64),
             "n": n,
             "seq_len": seq_len,
@@ -168,6 +183,7 @@ class CalibrationCache:
             # parts this run does not need (e.g. the Hessians, for a sequential run).
             cache._check_files_present()
             return cache
+        cache._streamed, cache._offload_dir = streamed, offload_dir
         with cache._build_lock():
             cache._check_files_present()
             cache._build(model, windows, groups, need_guided, need_fisher, need_hessians, device, progress,
@@ -417,11 +433,15 @@ class CalibrationCache:
         bar = tqdm(total=n, initial=sal["windows_done"], desc="saliency (windows)", file=sys.stderr,
                    disable=not progress)
         try:
-            with model_on_device(model, device):
+            with self._on_device(model, device):
                 for start in range(sal["windows_done"], n, step):
                     stop = min(n, start + step)
-                    s, f = saliency_for_windows(model, windows[start:stop], sal["groups"], sal["fisher"],
-                                                device, bar)
+                    if self._streamed is not None:
+                        s, f = streamed_saliency(self._streamed, windows[start:stop], sal["groups"], sal["fisher"],
+                                                 self._offload_dir, bar)
+                    else:
+                        s, f = saliency_for_windows(model, windows[start:stop], sal["groups"], sal["fisher"],
+                                                    device, bar)
                     rel = f"saliency/windows_{start:04d}_{stop:04d}.safetensors"
                     self._save(rel, s)
                     old_partial = sal["fisher_partial"]
@@ -446,6 +466,10 @@ class CalibrationCache:
                         on_event("saliency", stop)
         finally:
             bar.close()
+
+    def _on_device(self, model, device):
+        """The whole model on the device, unless streamed (its layers come and go one by one)."""
+        return nullcontext() if self._streamed is not None else model_on_device(model, device)
 
     def _saliency_for_layer(self, layer_idx: int, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.saliency(name) for name in names}
@@ -485,9 +509,10 @@ class CalibrationCache:
             bar = tqdm(total=num_layers * n, initial=start * n, desc="hessians (layer x window)",
                        file=sys.stderr, disable=not progress)
             try:
-                with model_on_device(model, device):
+                with self._on_device(model, device):
                     hessian_pass(model, windows, self._saliency_for_layer if guided else None, device,
-                                 on_layer_done, start, start_inputs, bar)
+                                 on_layer_done, start, start_inputs, bar, streamed=self._streamed,
+                                 stagewise=self._streamed is not None)
             finally:
                 bar.close()
         if (self.path / "activations").exists() and not any((self.path / "activations").iterdir()):
