@@ -122,12 +122,52 @@ def cmd_quantize(args) -> int:
     except ValidationError as e:
         raise CliError("; ".join(_describe(err, args.method) for err in e.errors())) from None
     cache = _cache_root(args)
+    if args.max_device_memory is not None and args.max_device_memory <= 0:
+        raise CliError(f"--max-device-memory must be a positive number of GiB, got {args.max_device_memory}")
+    if args.dry_run:
+        print(_memory_plan(args, qconfig, cache)[0])
+        return 0
+    if not args.out:
+        raise CliError("--out is required (the output checkpoint directory); only --dry-run runs without it")
     model_dir = resolve_model_path(args.model, cache)
+    streamed = args.streamed or args.offload_dir is not None
+    if args.max_device_memory is not None and not streamed:
+        text, mode = _memory_plan(args, qconfig, cache)
+        if mode is None:
+            raise CliError(text.rsplit("\n", 1)[-1])
+        streamed = mode == "streamed"
+        print(f"gq quantize: --max-device-memory {args.max_device_memory:g} GiB: "
+              f"{'streamed (one decoder layer at a time)' if streamed else 'in memory'}", file=sys.stderr)
     summary = quantize_model(model_dir, qconfig, Path(args.out), cache, overwrite=args.overwrite,
                              device=_device(args.device), progress=not args.quiet,
-                             recalibrate=args.recalibrate)
+                             recalibrate=args.recalibrate, streamed=streamed,
+                             offload_dir=Path(args.offload_dir) if args.offload_dir else None)
     _print_json(summary)
     return 0
+
+
+def _memory_plan(args, qconfig, cache: Path) -> tuple[str, str | None]:
+    """(the dry-run table, the mode --max-device-memory picks or None if nothing fits) for the model
+    and settings of a `gq quantize` command line; the model may also be a bundled name (llama-2-70b)."""
+    from gq_quantize.memory import GIB, Settings, choose_mode, model_shape, needs, render
+
+    spec = args.model
+    if spec in MODEL_ALIASES or Path(spec).exists():
+        spec = str(resolve_model_path(spec, cache))
+    shape = model_shape(spec)
+    qneeds = qconfig.needs()
+    settings = Settings(n_samples=qconfig.calibration.n_samples, seq_len=qconfig.calibration.seq_len,
+                        groups=qconfig.hessian_groups(), guided=qconfig.guided, fisher="fisher" in qneeds,
+                        offload=args.offload_dir is not None, sequential=qconfig.sequential)
+    plan = needs(shape, settings)
+    if "hessian" not in qneeds:  # RTN / SqueezeLLM read no Hessians
+        plan.pop("hessians")
+    budget = None if args.max_device_memory is None else int(args.max_device_memory * GIB)
+    try:
+        mode = choose_mode(plan, budget)
+    except ValueError:
+        mode = None
+    return render(shape.name, plan, settings, budget), mode
 
 
 # --------------------------------------------------------------------------- eval
@@ -443,12 +483,25 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)
     sq.add_argument("--seed", type=int, default=0)
-    sq.add_argument("--out", required=True, help="output checkpoint directory")
+    sq.add_argument("--out", default=None, help="output checkpoint directory (required unless --dry-run)")
     sq.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sq.add_argument("--recalibrate", action="store_true",
                     help="delete and rebuild the calibration cache (gradients, Hessians) of this model and data")
     sq.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     sq.add_argument("--quiet", action="store_true")
+    big = sq.add_argument_group("models larger than memory (docs/internals.md, \"Models larger than memory\")")
+    big.add_argument("--streamed", action="store_true",
+                     help="hold one decoder layer at a time: every pass reads each layer's weights from the "
+                          "safetensors files when its turn comes (same results, slower)")
+    big.add_argument("--max-device-memory", type=float, default=None, metavar="GIB",
+                     help="stream when the in-memory passes would need more than this (computed, see --dry-run); "
+                          "refuse when even streaming would")
+    big.add_argument("--offload-dir", default=None, metavar="DIR",
+                     help="streamed gradient pass: keep each layer's inputs in files here instead of host "
+                          "memory (implies --streamed)")
+    big.add_argument("--dry-run", action="store_true",
+                     help="print each pass's memory need for this model and these settings, then exit; MODEL "
+                          "may also be a bundled shape (llama-2-7b, llama-2-13b, llama-2-70b, ...)")
     _add_method_options(sq)
     sq.set_defaults(func=cmd_quantize)
 
