@@ -2,10 +2,15 @@
 
 After importing this module, ``AutoModelForCausalLM.from_pretrained(ckpt)`` builds the model with
 ``GQLinear`` layers (same rule as :mod:`gq_serve.checkpoint`: every ``nn.Linear`` not named in
-``modules_to_not_convert``) and lets transformers load the packed tensors. Registration is
-idempotent: importing twice (or in several processes) is harmless.
+``modules_to_not_convert``) and lets transformers load the packed tensors. A local checkpoint's
+files are first checked against its ``gq_manifest.json`` (whole-file sha256, cached by path, size
+and mtime: :func:`gq_serve.checkpoint.verify_files`), since transformers reads the tensors without
+our per-tensor checks. Registration is idempotent: importing twice (or in several processes) is
+harmless.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers.quantizers.auto import (
@@ -18,7 +23,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gq_kernels.schema import QUANT_METHOD, QuantizationConfig, parse_quantization_config
-from gq_serve.checkpoint import quantize_linears
+from gq_serve.checkpoint import CheckpointIntegrityError, quantize_linears, verify_files
 from gq_serve.quant_linear import GQLinear, select_kernels
 
 
@@ -43,6 +48,11 @@ class GuidedQuantHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        local = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        if local.is_dir():  # a hub id has no local files to check here
+            problems = verify_files(local)
+            if problems:
+                raise CheckpointIntegrityError(local, problems)
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
         quantize_linears(model, self.quantization_config.parsed, dtype)
         return model

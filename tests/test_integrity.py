@@ -161,3 +161,15 @@ def test_perplexity_of_a_broken_model_is_inf_not_an_error():
 
     result = perplexity(Broken(), torch.full((2, 8), 3), progress=False)
     assert result["ppl"] == math.inf and result["nll"] > 709
+
+
+def test_from_pretrained_refuses_a_corrupt_checkpoint(ckpt, monkeypatch, tmp_path):
+    """`AutoModelForCausalLM.from_pretrained` (after `import gq_serve`) checks the files too."""
+    import gq_serve  # noqa: F401  (registers the quantizer)
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("GQ_CACHE", str(tmp_path / "cache"))
+    AutoModelForCausalLM.from_pretrained(ckpt)  # intact: loads (and is remembered as verified)
+    _flip(ckpt / "model.safetensors", 0.6)
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors: sha256 differs"):
+        AutoModelForCausalLM.from_pretrained(ckpt)
