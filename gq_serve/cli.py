@@ -138,11 +138,23 @@ def cmd_quantize(args) -> int:
         streamed = mode == "streamed"
         print(f"gq quantize: --max-device-memory {args.max_device_memory:g} GiB: "
               f"{'streamed (one decoder layer at a time)' if streamed else 'in memory'}", file=sys.stderr)
-    summary = quantize_model(model_dir, qconfig, Path(args.out), cache, overwrite=args.overwrite,
-                             device=_device(args.device), progress=not args.quiet,
-                             recalibrate=args.recalibrate, streamed=streamed,
-                             offload_dir=Path(args.offload_dir) if args.offload_dir else None)
-    _print_json(summary)
+    from gq_quantize.calibration.distributed import init_from_env, rank_world
+
+    # Under torchrun the processes split the calibration windows; process 0 quantizes and exports.
+    device = init_from_env(_device(args.device))
+    rank = rank_world()[0]
+    try:
+        summary = quantize_model(model_dir, qconfig, Path(args.out), cache, overwrite=args.overwrite,
+                                 device=device, progress=not args.quiet and rank == 0,
+                                 recalibrate=args.recalibrate, streamed=streamed,
+                                 offload_dir=Path(args.offload_dir) if args.offload_dir else None)
+    finally:
+        if rank_world()[1] > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        _print_json(summary)
     return 0
 
 

@@ -104,7 +104,8 @@ def needs(m: ModelConfig, s: Settings) -> dict[str, dict[str, dict[str, int]]]:
         out["gradients"] = {
             "in_memory": {"device": all_params + fisher_mem + L * acts_layer + logits, "host": saliency_rows},
             "streamed": {"device": max(layer + fisher_layer + acts_layer + 2 * hidden, head + logits + hidden),
-                         "host": kept + chunk * hidden + saliency_rows},
+                         "host": kept + chunk * hidden + saliency_rows,
+                         "disk": chunk * hidden * L if s.offload else 0},
         }
     layer_io = 2 * s.n_samples * hidden  # one layer's inputs and outputs for every window, on the host
     out["hessians"] = {
@@ -157,6 +158,9 @@ def render(name: str, plan: dict, s: Settings, budget_bytes: int | None = None) 
         lines.append(f"{p:<10} {a['device'] / GIB:>13.2f} GiB {a['host'] / GIB:>8.2f} "
                      f"{b['device'] / GIB:>12.2f} GiB {b['host'] / GIB:>8.2f}")
     lines.append(f"{'peak':<10} {peak(plan, 'in_memory') / GIB:>13.2f} GiB {'':>8} {peak(plan, 'streamed') / GIB:>12.2f} GiB")
+    if s.offload and "gradients" in plan:
+        lines.append(f"offload dir: up to {plan['gradients']['streamed']['disk'] / GIB:.2f} GiB of disk (every layer's inputs "
+                     f"for {min(s.n_samples, s.chunk_windows)} windows)")
     if budget_bytes is not None:
         try:
             mode = choose_mode(plan, budget_bytes)

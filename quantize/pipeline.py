@@ -266,6 +266,11 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             progress=progress, need_hessians="hessian" in needs and not qconfig.sequential,
             recalibrate=recalibrate, streamed=lazy, offload_dir=offload_dir)
     timings["calibration_s"] = time.perf_counter() - t0
+    from gq_quantize.calibration.distributed import rank_world
+
+    rank, world = rank_world()
+    if rank != 0:  # several processes share the calibration passes; process 0 quantizes and exports
+        return {"rank": rank, "world_size": world, "calibration_s": round(timings["calibration_s"], 2)}
     # The cache already fingerprinted the model; hash it here only when no cache was needed.
     model_id = (cache.manifest["model_hash"] if cache is not None
                 else model_hash(model_dir, linears, None if lazy is None else lazy.get_weight))

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 from .hessians import LayerHessians, coarsen_groups, hessian_pass
 from .saliency import GRAD_SCALE, check_groups, quantizable_linears, saliency_for_windows
+from .distributed import all_reduce_sum, barrier, my_windows, rank_world, spread_rows
 from .streamed import streamed_saliency
 from gq_serve.util import atomic_write, package_version, sha256_file
 from gq_quantize.data import data_hash
@@ -169,25 +170,35 @@ class CalibrationCache:
         }
         path = Path(cache_root) / "calibration" / f"{ident['model_hash'][:16]}-{ident['data_hash'][:16]}"
         manifest_path = path / "manifest.json"
-        if recalibrate and path.exists():
-            shutil.rmtree(path)
-        if manifest_path.exists():
+        rank, world = rank_world()
+        if world > n:
+            raise ValueError(f"{world} processes for {n} calibration windows: every process needs at least one; "
+                             f"run fewer processes or pass a larger --n-samples")
+        if rank == 0:  # process 0 alone creates (or deletes) the directory; the others read it after
+            if recalibrate and path.exists():
+                shutil.rmtree(path)
+            if manifest_path.exists():
+                cache = cls(path, cls._read_manifest(manifest_path))
+                cache._check_identity(ident)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                cache = cls(path, cls._new_manifest(ident, linears, len(model.model.layers)))
+                cache._write_manifest()
+        barrier()
+        if rank != 0:
             cache = cls(path, cls._read_manifest(manifest_path))
             cache._check_identity(ident)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            cache = cls(path, cls._new_manifest(ident, linears, len(model.model.layers)))
-            cache._write_manifest()
         if cache._complete_for(groups, need_guided, need_fisher, need_hessians):
             # Everything asked for is already there: read it, even while another process adds
             # parts this run does not need (e.g. the Hessians, for a sequential run).
             cache._check_files_present()
             return cache
         cache._streamed, cache._offload_dir = streamed, offload_dir
-        with cache._build_lock():
+        with cache._build_lock() if rank == 0 else nullcontext():
             cache._check_files_present()
             cache._build(model, windows, groups, need_guided, need_fisher, need_hessians, device, progress,
                          chunk_windows, on_event)
+        cache._sync()
         return cache
 
     def _complete_for(self, groups: int, need_guided: bool, need_fisher: bool, need_hessians: bool) -> bool:
@@ -285,11 +296,15 @@ class CalibrationCache:
                 )
 
     def _write_manifest(self) -> None:
+        if rank_world()[0] != 0:  # process 0 writes; the others reread it in _sync
+            return
         atomic_write(self.path / "manifest.json", json.dumps(self._manifest, indent=1, sort_keys=True))
 
     # ---- files ----------------------------------------------------------------
     def _save(self, rel: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
         """Atomically write a safetensors file and record its checksum (manifest saved by caller)."""
+        if rank_world()[0] != 0:
+            return
         path = self.path / rel
         tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in tensors.items()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -302,7 +317,19 @@ class CalibrationCache:
             return
         self._manifest["files"].pop(rel, None)
         self._verified.discard(rel)
-        (self.path / rel).unlink(missing_ok=True)
+        if rank_world()[0] == 0:
+            (self.path / rel).unlink(missing_ok=True)
+
+    def _sync(self) -> None:
+        """With several processes: wait until process 0 has written its files and manifest, then
+        every other process takes that manifest as its own."""
+        rank, world = rank_world()
+        if world == 1:
+            return
+        barrier()
+        if rank != 0:
+            self._manifest = self._read_manifest(self.path / "manifest.json")
+            self._verified.clear()
 
     def _check_files_present(self) -> None:
         for rel, info in self._manifest["files"].items():
@@ -436,12 +463,7 @@ class CalibrationCache:
             with self._on_device(model, device):
                 for start in range(sal["windows_done"], n, step):
                     stop = min(n, start + step)
-                    if self._streamed is not None:
-                        s, f = streamed_saliency(self._streamed, windows[start:stop], sal["groups"], sal["fisher"],
-                                                 self._offload_dir, bar)
-                    else:
-                        s, f = saliency_for_windows(model, windows[start:stop], sal["groups"], sal["fisher"],
-                                                    device, bar)
+                    s, f = self._saliency_chunk(model, windows, start, stop, device, bar)
                     rel = f"saliency/windows_{start:04d}_{stop:04d}.safetensors"
                     self._save(rel, s)
                     old_partial = sal["fisher_partial"]
@@ -462,10 +484,40 @@ class CalibrationCache:
                     if old_partial is not None and old_partial != sal["fisher_partial"]:
                         self._drop(old_partial)
                         self._write_manifest()
+                    self._sync()
                     if on_event is not None:
                         on_event("saliency", stop)
         finally:
             bar.close()
+
+    def _saliency_chunk(self, model, windows, start, stop, device, bar):
+        """Saliency rows [(stop-start)*seq_len, G] and Fisher sums of windows [start, stop); with
+        several processes each computes its share and the results are summed (distributed.py)."""
+        sal = self._manifest["saliency"]
+        rank, world = rank_world()
+        mine = my_windows(start, stop, rank, world)
+        if mine:
+            local = windows[mine]
+            if self._streamed is not None:
+                offload = self._offload_dir
+                if offload is not None and world > 1:  # one directory per process: same file names
+                    offload = Path(offload) / f"rank{rank}"
+                s, f = streamed_saliency(self._streamed, local, sal["groups"], sal["fisher"], offload, bar)
+            else:
+                s, f = saliency_for_windows(model, local, sal["groups"], sal["fisher"], device, bar)
+        else:  # more processes than windows in this (last) chunk
+            s = {k: torch.zeros(0, sal["groups"]) for k in self._manifest["linears"]}
+            f = ({k: torch.zeros(shape) for k, shape in self._manifest["linears"].items()} if sal["fisher"]
+                 else None)
+        if world == 1:
+            return s, f
+        seq_len = windows.shape[1]
+        positions = [w - start for w in mine]
+        # Every process must reduce the same tensors in the same order: sorted names.
+        s = {k: all_reduce_sum(spread_rows(s[k], positions, stop - start, seq_len)) for k in sorted(s)}
+        if f is not None:
+            f = {k: all_reduce_sum(f[k].contiguous()) for k in sorted(f)}
+        return s, f
 
     def _on_device(self, model, device):
         """The whole model on the device, unless streamed (its layers come and go one by one)."""
@@ -478,11 +530,31 @@ class CalibrationCache:
         hs = self._manifest["hessians"]
         start = len(hs["layers_done"])
         num_layers = self._manifest["num_layers"]
+        rank, world = rank_world()
+        n_all, seq_len = map(int, windows.shape)
+        mine = my_windows(0, n_all, rank, world)
         if start < num_layers:
             start_inputs = None
             if start > 0:
-                start_inputs = self._read_tensor(hs["activations"], "hidden")
+                start_inputs = self._read_tensor(hs["activations"], "hidden")[mine]
             guided = hs["guided_groups"] > 0
+
+            def saliency_for_layer(layer_idx: int, names: list[str]) -> dict[str, torch.Tensor]:
+                sal = self._saliency_for_layer(layer_idx, names)
+                if world == 1:
+                    return sal
+                return {k: v.reshape(n_all, seq_len, -1)[mine].reshape(len(mine) * seq_len, -1)
+                        for k, v in sal.items()}
+
+            def reduced(idx: int, hess: LayerHessians, outputs: torch.Tensor) -> None:
+                if world > 1:  # per-process means -> sums -> the mean over every window
+                    local, total = float(len(mine) * seq_len), float(n_all * seq_len)
+                    for part in (hess.plain, hess.guided):
+                        for k in sorted(part):
+                            part[k] = all_reduce_sum(part[k] * local) / total
+                    outputs = all_reduce_sum(spread_rows(outputs, mine, n_all, 1))
+                on_layer_done(idx, hess, outputs)
+                self._sync()
 
             def on_layer_done(idx: int, hess: LayerHessians, outputs: torch.Tensor) -> None:
                 tensors = {f"{k}.plain": v for k, v in hess.plain.items()}
@@ -505,15 +577,15 @@ class CalibrationCache:
                 if on_event is not None:
                     on_event("hessians", idx)
 
-            n = windows.shape[0]
+            n = len(mine)  # this process's windows
             bar = tqdm(total=num_layers * n, initial=start * n, desc="hessians (layer x window)",
                        file=sys.stderr, disable=not progress)
             try:
                 with self._on_device(model, device):
-                    hessian_pass(model, windows, self._saliency_for_layer if guided else None, device,
-                                 on_layer_done, start, start_inputs, bar, streamed=self._streamed,
+                    hessian_pass(model, windows[mine], saliency_for_layer if guided else None, device,
+                                 reduced, start, start_inputs, bar, streamed=self._streamed,
                                  stagewise=self._streamed is not None)
             finally:
                 bar.close()
-        if (self.path / "activations").exists() and not any((self.path / "activations").iterdir()):
+        if rank == 0 and (self.path / "activations").exists() and not any((self.path / "activations").iterdir()):
             shutil.rmtree(self.path / "activations", ignore_errors=True)

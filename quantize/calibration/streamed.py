@@ -83,13 +83,18 @@ class _Checkpoint:
             raise StreamingError(f"{model_dir} has no *.safetensors weights; streaming reads safetensors only "
                                  "(convert the checkpoint, e.g. save_pretrained(..., safe_serialization=True))")
         self.files = files
-        self._handles: dict[Path, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+    def get(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors. Each file is mapped only for the call: pages of a mapping
+        kept open would stay in the process's resident memory after the layer is gone."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return out
 
 
 class StreamedModel:
@@ -134,7 +139,8 @@ class StreamedModel:
 
     def weight(self, linear_name: str) -> torch.Tensor:
         """The weight of one linear (``model.layers.0.mlp.up_proj``) read from disk: float32 [out, in], CPU."""
-        return self.checkpoint.get(f"{linear_name}.weight").to(torch.float32)
+        key = f"{linear_name}.weight"
+        return self.checkpoint.get([key])[key].to(torch.float32)
 
     def get_weight(self, linear_name: str, _lin: nn.Module | None = None) -> torch.Tensor:
         """``weight`` with the signature of ``cache.model_fingerprint``'s getter."""
@@ -150,9 +156,10 @@ class StreamedModel:
             if any(n.startswith(prefixes) and not (exclude and n.startswith(exclude)) for n in names):
                 chosen[pid] = names
         loaded: list[tuple[nn.Module, str, torch.Size]] = []
+        stored = self.checkpoint.get([self._stored_name(names) for names in chosen.values()])
         try:
             for names in chosen.values():
-                t = self.checkpoint.get(self._stored_name(names)).to(device=self.device, dtype=self.dtype)
+                t = stored.pop(self._stored_name(names)).to(device=self.device, dtype=self.dtype)
                 p = nn.Parameter(t, requires_grad=False)
                 for n in names:  # every owner gets the same object: ties survive
                     mod_name, _, attr = n.rpartition(".")
