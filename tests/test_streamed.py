@@ -226,3 +226,47 @@ def test_a_killed_streamed_calibration_resumes_at_the_next_layer(tiny_lm_dir, co
     whole = build_cache(tiny_lm_dir, corpus, tmp_path / "w", True)
     for name in whole.manifest["linears"]:
         assert torch.equal(whole.hessian(name, guided=True, groups=2), resumed.hessian(name, guided=True, groups=2))
+
+
+def test_a_killed_streamed_gradient_pass_resumes_at_the_layer_it_reached(tiny_lm_dir, corpus, tmp_path):
+    """With --offload-dir the gradient pass keeps its state on disk: killed in the backward of layer
+    0, it recomputes only that layer (the forward and layer 1's backward are not redone)."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from gq_quantize.calibration import streamed
+        from test_streamed import build_cache
+        calls = []
+        real = streamed.layer_backward
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the first chunk's layer 0; layer 1 is done
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        streamed.layer_backward = dying
+        build_cache(Path({str(tiny_lm_dir)!r}), Path({str(corpus)!r}), Path({str(tmp_path / 'c')!r}), True,
+                    offload_dir=Path({str(tmp_path / 'off')!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (state,) = (tmp_path / "off").glob("*/windows_0000_0002/state.json")
+    assert {k: v for k, v in json.loads(state.read_text()).items() if k != "ident"} == {"phase": "backward", "next": 0}
+    from gq_quantize.calibration import streamed
+
+    counted = []
+    real_backward, real_outputs = streamed.layer_backward, streamed.layer_outputs
+    streamed.layer_backward = lambda *a, **k: (counted.append("backward"), real_backward(*a, **k))[1]
+    streamed.layer_outputs = lambda *a, **k: (counted.append("forward"), real_outputs(*a, **k))[1]
+    try:
+        resumed = build_cache(tiny_lm_dir, corpus, tmp_path / "c", True, offload_dir=tmp_path / "off")
+    finally:
+        streamed.layer_backward, streamed.layer_outputs = real_backward, real_outputs
+    # The killed chunk: layer 0's backward only; the second chunk: 2 forwards, 2 backwards.
+    assert counted == ["backward", "forward", "forward", "backward", "backward"]
+    assert not list((tmp_path / "off").glob("*/windows_*"))  # work files gone once stored
+    ref = build_cache(tiny_lm_dir, corpus, tmp_path / "ref", False)
+    for name in ref.manifest["linears"]:
+        torch.testing.assert_close(ref.saliency(name), resumed.saliency(name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ref.weight_fisher(name), resumed.weight_fisher(name), rtol=1e-5, atol=1e-9)

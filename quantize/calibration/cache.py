@@ -485,6 +485,9 @@ class CalibrationCache:
                         self._drop(old_partial)
                         self._write_manifest()
                     self._sync()
+                    if self._offload_dir is not None:  # the chunk is stored: its work files can go
+                        shutil.rmtree(Path(self._offload_dir) / self.path.name / f"windows_{start:04d}_{stop:04d}",
+                                      ignore_errors=True)
                     if on_event is not None:
                         on_event("saliency", stop)
         finally:
@@ -499,10 +502,15 @@ class CalibrationCache:
         if mine:
             local = windows[mine]
             if self._streamed is not None:
-                offload = self._offload_dir
-                if offload is not None and world > 1:  # one directory per process: same file names
-                    offload = Path(offload) / f"rank{rank}"
-                s, f = streamed_saliency(self._streamed, local, sal["groups"], sal["fisher"], offload, bar)
+                work = None
+                if self._offload_dir is not None:
+                    # On disk the pass can resume at the layer it reached: one directory per cache,
+                    # chunk and process (its state file names the windows and settings it is for).
+                    work = Path(self._offload_dir) / self.path.name / f"windows_{start:04d}_{stop:04d}"
+                    if world > 1:
+                        work = work / f"rank{rank}"
+                s, f = streamed_saliency(self._streamed, local, sal["groups"], sal["fisher"], None, bar,
+                                         resume_dir=work)
             else:
                 s, f = saliency_for_windows(model, local, sal["groups"], sal["fisher"], device, bar)
         else:  # more processes than windows in this (last) chunk
