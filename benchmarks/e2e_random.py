@@ -254,6 +254,13 @@ def run_isolated(argv: list[str], label: str, out: Path, args) -> dict:
     return row
 
 
+def merge_e2e(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows, less those of a (model, device, date) that ``new`` has (a re-run replaces that day's
+    rows, earlier days' stay), then ``new``."""
+    keys = {(r.get("model"), r.get("device"), r.get("date")) for r in new}
+    return [r for r in old if (r.get("model"), r.get("device"), r.get("date")) not in keys] + list(new)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -286,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-other-load", type=float, default=0.3, help="--isolate: cores other jobs may use during a run")
     ap.add_argument("--quiet-wait", type=float, default=600, help="--isolate: s to wait for a quiet machine first")
     ap.add_argument("--out", type=Path, required=True, help="JSON: {provenance, device, copy_gbps, rows}")
+    ap.add_argument("--e2e-json", type=Path, default=None,
+                    help="also add the rows to this list of rows (docs/results/e2e.json), replacing only rows of "
+                         "the same model, device and date")
     return ap
 
 
@@ -333,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"provenance": {**prov, "machine": dev}, "device": dev, "copy_gbps": round(copy_gbps, 1), "rows": rows}
     bk.write_json(args.out, doc)
     print(f"wrote {args.out}")
+    if args.e2e_json is not None:
+        bk.write_json(args.e2e_json, merge_e2e(json.loads(args.e2e_json.read_text()) if args.e2e_json.exists() else [],
+                                               rows))
+        print(f"added {len(rows)} rows to {args.e2e_json}")
     return 0
 
 

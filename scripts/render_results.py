@@ -1,6 +1,7 @@
 """Render the tables of docs/results.md from the JSON files under docs/results/.
 
     python scripts/render_results.py        # rewrites the blocks between <!-- BEGIN x --> / <!-- END x -->
+    python scripts/render_results.py --only e2e kernels_cpu     # just these blocks
 
 Tables are generated, never typed, so every number in them is one a script measured.
 """
@@ -171,7 +172,12 @@ def kernels_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+ONLY: set[str] = set()  # --only: the blocks to rewrite (empty: all)
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
+    if ONLY and name not in ONLY:
+        return doc
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(doc):
         raise SystemExit(f"docs/results.md has no <!-- BEGIN {name} --> block")
@@ -179,6 +185,11 @@ def replace_block(doc: str, name: str, body: str) -> str:
 
 
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", default=[], metavar="BLOCK", help="rewrite only these blocks")
+    ONLY.update(ap.parse_args().only)
     doc = DOC.read_text()
     quality = RESULTS / "quality.json"
     if quality.exists():
