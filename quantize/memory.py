@@ -108,10 +108,13 @@ def needs(m: ModelConfig, s: Settings) -> dict[str, dict[str, dict[str, int]]]:
                          "disk": chunk * hidden * L if s.offload else 0},
         }
     layer_io = 2 * s.n_samples * hidden  # one layer's inputs and outputs for every window, on the host
+    # The finished layer's Hessians wait on the host until its file is written, and safetensors
+    # serializes the file in memory first: twice the layer's Hessians.
+    saving = 2 * hessian_bytes(m, s)
     out["hessians"] = {
-        "in_memory": {"device": all_params + hessian_bytes(m, s) + 4 * hidden, "host": layer_io},
+        "in_memory": {"device": all_params + hessian_bytes(m, s) + 4 * hidden, "host": layer_io + saving},
         "streamed": {"device": max(layer + hessian_bytes(m, s, stagewise=True) + 4 * hidden, head),
-                     "host": layer_io},
+                     "host": layer_io + saving},
     }
     biggest = max(decoder_linears(m), key=lambda x: x[1] * x[2] + max(s.groups, 1) * x[2] ** 2)
     _, o, i = biggest
