@@ -160,10 +160,11 @@ def render(name: str, plan: dict, s: Settings, budget_bytes: int | None = None) 
         a, b = modes["in_memory"], modes["streamed"]
         lines.append(f"{p:<10} {a['device'] / GIB:>13.2f} GiB {a['host'] / GIB:>8.2f} "
                      f"{b['device'] / GIB:>12.2f} GiB {b['host'] / GIB:>8.2f}")
-    lines.append(f"{'peak':<10} {peak(plan, 'in_memory') / GIB:>13.2f} GiB {'':>8} {peak(plan, 'streamed') / GIB:>12.2f} GiB")
+    lines.append(f"{'peak':<10} {peak(plan, 'in_memory') / GIB:>13.2f} GiB {'':>8} "
+                 f"{peak(plan, 'streamed') / GIB:>12.2f} GiB")
     if s.offload and "gradients" in plan:
-        lines.append(f"offload dir: up to {plan['gradients']['streamed']['disk'] / GIB:.2f} GiB of disk (every layer's inputs "
-                     f"for {min(s.n_samples, s.chunk_windows)} windows)")
+        lines.append(f"offload dir: up to {plan['gradients']['streamed']['disk'] / GIB:.2f} GiB of disk "
+                     f"(every layer's inputs for {min(s.n_samples, s.chunk_windows)} windows)")
     if budget_bytes is not None:
         try:
             mode = choose_mode(plan, budget_bytes)

@@ -147,7 +147,8 @@ def main() -> None:
         return
     from gq_serve.util import cache_root
 
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows = old.get("rows", [])
     for spec in args.model:
         model_dir = cache_root() / "models/SmolLM2-135M-Instruct" if spec == "smollm2" else Path(spec)
         for mode in args.mode or MODES:
@@ -159,7 +160,8 @@ def main() -> None:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)
             rows = [r for r in rows if (r["model"], r["mode"]) != (row["model"], row["mode"])] + [row]
-            write_json(args.out, {**provenance(), "note": " ".join(__doc__.split("\n\n")[1:4]).replace("\n", " "), "rows": rows})
+            note = " ".join(__doc__.split("\n\n")[1:4]).replace("\n", " ")
+            write_json(args.out, {**old, **provenance(), "note": note, "rows": rows})  # keeps "commands"
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def test_a_checkpoint_with_other_tensor_names_is_refused_with_the_fix(tiny_lm_di
     d = tmp_path / "renamed"
     d.mkdir()
     (d / "config.json").write_bytes((tiny_lm_dir / "config.json").read_bytes())
-    tensors = {k.replace("model.", "transformer.", 1): v for k, v in load_file(tiny_lm_dir / "model.safetensors").items()}
+    tensors = load_file(tiny_lm_dir / "model.safetensors")
+    tensors = {k.replace("model.", "transformer.", 1): v for k, v in tensors.items()}
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(StreamingError, match="save_pretrained"):
         StreamedModel(d)
