@@ -68,3 +68,24 @@ def test_quantize_without_out_or_with_a_bad_budget_is_refused(capsys, tiny_lm_di
     assert main(["quantize", str(tiny_lm_dir), "--method", "rtn", "--bits", "4", "--out", "x",
                  "--max-device-memory", "0"]) == 2
     assert "--max-device-memory must be a positive" in capsys.readouterr().err
+
+
+def test_max_device_memory_streams_when_in_memory_would_not_fit(capsys, tiny_lm_dir, tmp_path):
+    import random
+
+    from conftest import _TINY_WORDS
+
+    rng = random.Random(0)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
+    shape = memory.model_shape(str(tiny_lm_dir))
+    p = memory.needs(shape, memory.Settings(n_samples=4, seq_len=16, groups=2, guided=True))
+    between = (memory.peak(p, "in_memory") + memory.peak(p, "streamed")) / 2 / memory.GIB
+    args = ["--cache", str(tmp_path / "c"), "quantize", str(tiny_lm_dir), "--method", "gptq", "--guided", "--groups",
+            "2", "--bits", "3", "--n-samples", "4", "--seq-len", "16", "--calib", str(corpus), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "q"), "--max-device-memory", f"{between:.9f}"]) == 0
+    assert "streamed (one decoder layer at a time)" in capsys.readouterr().err
+    assert (tmp_path / "q" / "config.json").is_file()
+    tiny = memory.peak(p, "streamed") / 2 / memory.GIB
+    assert main([*args, "--out", str(tmp_path / "r"), "--max-device-memory", f"{tiny:.9f}"]) == 2
+    assert "even streamed" in capsys.readouterr().err and not (tmp_path / "r").exists()
