@@ -40,7 +40,8 @@ Graph capture method: manual `torch.cuda.CUDAGraph` capture, optionally of a `to
     by one; one compile per bucket (dynamic=False). If compiling or capturing fails, the bucket
     degrades to the eager graph, then to the plain eager step, with a warning: the decoder never
     refuses to decode. `compile=False` (`gq serve --no-compile`) captures the eager step only.
-On the CPU (`--decode static`) the same static cache runs the step eagerly: no graph, no compile.
+On the CPU (`--decode static`) the same static cache runs the step eagerly, or with `compile=True`
+compiled by Inductor per bucket (no graph).
 
 Requests longer than `max_len` fall back to `gq_serve.decode.DynamicDecoder` (the engine
 never sends one: `Engine.check_context` rejects prompt + max_tokens > max_model_len first, and the
@@ -110,6 +111,7 @@ class _Slot:
     mode: str = "static"  # what actually runs: "static" | "static+cuda_graph" | "static+cuda_graph+compile"
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [vocab]: the graph's output, rewritten by every replay
+    step: Callable | None = None  # on the CPU with compile: the compiled _decode_step of this bucket
 
 
 class StaticDecoder:
@@ -122,9 +124,10 @@ class StaticDecoder:
         device: defaults to the model's.
         cuda_graph: capture the decode step in a CUDA graph; default: on for a CUDA device.
             Needs a CUDA device.
-        compile: torch.compile the step before capturing it; default: on with a CUDA graph. Only
-            with cuda_graph (a compiled eager step on the CPU would buy little and cost a compile
-            per bucket).
+        compile: torch.compile the step; default: on with a CUDA graph (compiled, then captured).
+            On the CPU (no graph) it compiles the step per bucket with Inductor, so a decode step
+            runs as generated code around the kernels' ops instead of the layers' Python; off by
+            default there (one compile per bucket, minutes on a small machine).
         min_bucket: smallest cache length (see `bucket_sizes`).
     """
 
@@ -146,8 +149,8 @@ class StaticDecoder:
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device (the model is on {self.device})")
         self.compile = self.cuda_graph if compile is None else bool(compile)
-        if self.compile and not self.cuda_graph:
-            raise ValueError("compile=True is only supported together with the CUDA graph")
+        if self.compile and not self.cuda_graph and self.device.type != "cpu":
+            raise ValueError("compile=True needs the CUDA graph on a GPU (a compiled step alone: CPU only)")
         self.max_len = int(max_len)
         self.buckets = bucket_sizes(self.max_len, min_bucket)
         self._slots: dict[int, _Slot] = {}
@@ -168,7 +171,7 @@ class StaticDecoder:
     def mode(self) -> str:
         """What the decode step is configured to run as (a bucket may degrade: see slot_mode)."""
         if not self.cuda_graph:
-            return "static"
+            return "static+compile" if self.compile else "static"
         return "static+cuda_graph+compile" if self.compile else "static+cuda_graph"
 
     def slot_mode(self, prompt_len: int, max_new_tokens: int) -> str | None:
@@ -288,7 +291,8 @@ class StaticDecoder:
         if slot.graph is not None:
             slot.graph.replay()
             return slot.logits
-        return _decode_step(self.model, slot.input_ids, slot.cache)
+        step = slot.step or _decode_step
+        return step(self.model, slot.input_ids, slot.cache)
 
     def _grow(self, slot: _Slot, filled: int) -> _Slot:
         """Move a full bucket's `filled` entries into the next bucket and continue there.
@@ -316,6 +320,8 @@ class StaticDecoder:
             cache.reset()
             if self.cuda_graph:
                 self._capture(slot)
+            elif self.compile:
+                self._compile_cpu(slot)
             self._slots[bucket] = slot
         return slot
 
@@ -335,6 +341,22 @@ class StaticDecoder:
                 slot.graph, slot.logits = None, None
                 torch.cuda.synchronize(self.device)
         slot.mode = "static"
+        slot.cache.reset()
+
+    def _compile_cpu(self, slot: _Slot) -> None:
+        """Compile slot's decode step (no graph on the CPU); on failure decode eagerly (logged)."""
+        step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+        try:
+            # The first calls compile; reset after each so the bucket starts empty.
+            for _ in range(2):
+                slot.cache.reset()
+                step(self.model, slot.input_ids, slot.cache)
+            slot.step, slot.mode = step, "static+compile"
+            log.info("static decode: compiled the %d-token bucket's step", slot.length)
+        except Exception as exc:  # noqa: BLE001 -- any failure: fall back, never refuse to decode
+            log.warning("static decode: compiling the %d-token bucket's step failed (%s: %s); decoding "
+                        "it eagerly", slot.length, type(exc).__name__, exc)
+            slot.step, slot.mode = None, "static"
         slot.cache.reset()
 
     def _capture_once(self, slot: _Slot, compiled: bool) -> None:

@@ -161,6 +161,24 @@ def test_quantized_checkpoint_matches_dynamic(quantized_dir):
         assert list(run(dec, prompt, n)) == dynamic(model, prompt, n)
 
 
+def test_cpu_compiled_step_matches_dynamic(quantized_dir):
+    """compile=True on the CPU: the packed kernels' ops inside an Inductor-compiled step give the
+    dynamic loop's tokens, across requests and a bucket change."""
+    import torch._dynamo
+
+    model = load_model(str(quantized_dir), "cpu", "float32")
+    torch._dynamo.reset()
+    try:
+        dec = StaticDecoder(model, 64, min_bucket=32, compile=True)
+        assert dec.mode == "static+compile"
+        for prompt, n in REQUESTS[:2] + [([3, 4, 9, 10], 40)]:
+            assert list(run(dec, prompt, n)) == dynamic(model, prompt, n), (prompt, n)
+        assert dec.slot_mode(4, 40) == "static+compile"
+        assert all(s.step is not None for s in dec._slots.values())
+    finally:
+        torch._dynamo.reset()
+
+
 def test_step_traces_as_one_graph_for_every_position(tiny_lm):
     """CPU stand-in for the CUDA-graph precondition: the decode step traces with no graph break (no
     host sync) and without recompiling as the position advances (it lives on the device)."""
