@@ -12,8 +12,8 @@ time; each layer's Hessians are handed to a callback (the cache saves them) befo
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,26 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     return layers, prefix
 
 
+@contextmanager
+def forwards_replaced(layers: nn.ModuleList, forward_for: Callable[[int], Callable]) -> Iterator[None]:
+    """Each decoder layer's forward replaced by ``forward_for(idx)`` inside the block, restored after.
+
+    The replacement is an instance attribute (``nn.Module.__call__`` picks it up); one that was
+    already there (e.g. a hook library's wrapper) is put back, not deleted.
+    """
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for idx, layer in enumerate(layers):
+        layer.forward = forward_for(idx)
+    try:
+        yield
+    finally:
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
 def capture_layer_calls(model: nn.Module, windows: torch.Tensor, device) -> tuple[torch.Tensor, list[list[LayerCall]]]:
     """Run the model's embedding and mask set-up for every window and record how it calls each layer.
 
@@ -101,22 +121,12 @@ def capture_layer_calls(model: nn.Module, windows: torch.Tensor, device) -> tupl
             return hidden
         return stub
 
-    saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. a hook library's wrapper
-    for idx, layer in enumerate(layers):
-        layer.forward = stub_for(idx)  # instance attribute: nn.Module.__call__ picks it up
-    try:
-        with torch.no_grad():
-            for w in range(windows.shape[0]):
-                try:
-                    model(input_ids=windows[w : w + 1].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
+    with forwards_replaced(layers, stub_for), torch.no_grad():
+        for w in range(windows.shape[0]):
+            try:
+                model(input_ids=windows[w : w + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
     if any(len(c) != windows.shape[0] for c in calls):
         raise RuntimeError("a decoder layer was not called once per window")
     return torch.cat(first, dim=0), calls

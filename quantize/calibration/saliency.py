@@ -69,6 +69,21 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
 
+def saliency_hooks(linears: dict[str, nn.Linear], groups: int, current: dict[str, torch.Tensor]) -> list:
+    """Forward hooks on ``linears`` whose backward puts each output's group saliency
+    (:func:`group_saliency`, [tokens, groups] float32) into ``current[name]``; returns the handles."""
+
+    def make_fwd_hook(name: str):
+        def fwd_hook(_mod, _inp, out):
+            # A tensor hook sees the total dL/dz of this output (all downstream uses summed).
+            def grad_hook(grad):
+                current[name] = group_saliency(grad[0], groups)
+            out.register_hook(grad_hook)
+        return fwd_hook
+
+    return [m.register_forward_hook(make_fwd_hook(n)) for n, m in linears.items()]
+
+
 @contextmanager
 def _grad_setup(model: nn.Module, linears: dict[str, nn.Linear], need_fisher: bool) -> Iterator[None]:
     """Only the linear weights (if the Fisher is wanted) require grad; restores the flags after.
@@ -113,16 +128,7 @@ def saliency_for_windows(
         else None
     )
     current: dict[str, torch.Tensor] = {}
-
-    def make_fwd_hook(name: str):
-        def fwd_hook(_mod, _inp, out):
-            # A tensor hook sees the total dL/dz of this output (all downstream uses summed).
-            def grad_hook(grad):
-                current[name] = group_saliency(grad[0], groups)
-            out.register_hook(grad_hook)
-        return fwd_hook
-
-    handles = [m.register_forward_hook(make_fwd_hook(n)) for n, m in linears.items()]
+    handles = saliency_hooks(linears, groups, current)
     embed = model.get_input_embeddings()
     weights = [m.weight for m in linears.values()]
     try:

@@ -35,8 +35,9 @@ from torch import nn
 
 from gq_serve.util import atomic_write
 
-from .hessians import LayerCall, capture_layer_calls, decoder_layers, layer_linears, layer_outputs
-from .saliency import check_groups, group_saliency, next_token_loss, quantizable_linears
+from .hessians import (LayerCall, capture_layer_calls, decoder_layers, forwards_replaced, layer_linears,
+                       layer_outputs)
+from .saliency import check_groups, next_token_loss, quantizable_linears, saliency_hooks
 
 
 class StreamingError(RuntimeError):
@@ -245,21 +246,11 @@ def _layers_stubbed(layers: nn.ModuleList, first_output: torch.Tensor) -> Iterat
     """Every decoder layer replaced by the identity, except layer 0, which returns ``first_output``:
     the model's own forward then applies just the final norm, LM head (and soft-capping, if the
     model has it) to ``first_output``."""
-    saved = [layer.__dict__.get("forward") for layer in layers]
-
     def identity(*args, **kwargs):
         return args[0] if args else kwargs["hidden_states"]
 
-    for idx, layer in enumerate(layers):
-        layer.forward = (lambda *a, **k: first_output) if idx == 0 else identity
-    try:
+    with forwards_replaced(layers, lambda idx: (lambda *a, **k: first_output) if idx == 0 else identity):
         yield
-    finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
 
 
 def head_gradients(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device) -> torch.Tensor:
@@ -298,15 +289,7 @@ def layer_backward(layer: nn.Module, prefix: str, inputs: torch.Tensor, grad_out
     current: dict[str, torch.Tensor] = {}
     fisher = ({n: torch.zeros(m.weight.shape, dtype=torch.float32, device=device) for n, m in linears.items()}
               if need_fisher else None)
-
-    def make_hook(name: str):
-        def fwd_hook(_mod, _inp, out):
-            def grad_hook(grad):
-                current[name] = group_saliency(grad[0], groups)
-            out.register_hook(grad_hook)
-        return fwd_hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    handles = saliency_hooks(linears, groups, current)
     weights = [m.weight for m in linears.values()]
     grad_in = torch.empty(inputs.shape, dtype=torch.float32)
     try:
