@@ -46,6 +46,7 @@ def bench_offline(
     prompt: str = DEFAULT_PROMPT,
     warmup: int = 1,
     decode: str = "auto",
+    compile: bool | None = None,
 ) -> list[dict]:
     """Batch-1 decode speed of each (model, tokenizer), measured in this process, one after another.
 
@@ -64,7 +65,8 @@ def bench_offline(
     for label, (model, tokenizer) in models.items():
         prompt_ids = tokenizer(prompt).input_ids
         context = getattr(model.config, "max_position_embeddings", None) or 0
-        decoder = make_decoder(model, decode, max_len=max(int(context), len(prompt_ids) + new_tokens))
+        decoder = make_decoder(model, decode, max_len=max(int(context), len(prompt_ids) + new_tokens),
+                               compile=compile)
         decoder.warmup(len(prompt_ids), new_tokens)  # a static decoder's graph capture (and compile): untimed
         for _ in range(warmup):
             time_decode(decoder, prompt_ids, new_tokens)

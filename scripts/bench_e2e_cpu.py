@@ -40,7 +40,8 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(label: str, path: str, threads: int, new_tokens: int, runs: int) -> dict:
+def child(label: str, path: str, threads: int, new_tokens: int, runs: int, decode: str = "auto",
+          compile: bool = False) -> dict:
     """One model in this (fresh) process: load, decode, measure."""
     import resource
 
@@ -54,7 +55,8 @@ def child(label: str, path: str, threads: int, new_tokens: int, runs: int) -> di
     load0 = os.getloadavg()[0]
     model = load_model(path, "cpu", torch.float32)
     with OtherLoad() as other:
-        (row,) = bench_offline({label: (model, load_tokenizer(path))}, new_tokens=new_tokens, runs=runs)
+        (row,) = bench_offline({label: (model, load_tokenizer(path))}, new_tokens=new_tokens, runs=runs,
+                               decode=decode, compile=compile or None)
     qc = model.gq_quantization_config
     return {**row, "rss_mb": round(rss_mb(), 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -83,10 +85,13 @@ def main() -> int:
     p.add_argument("--attempts", type=int, default=3, help="runs of a model while other jobs load the cores")
     p.add_argument("--max-other-load", type=float, default=0.3, help="cores other jobs may use during a run")
     p.add_argument("--quiet-wait", type=float, default=600, help="s to wait for a quiet machine before a run")
+    p.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto", help="as gq serve --decode")
+    p.add_argument("--compile", action="store_true",
+                   help="with --decode static: compile each bucket's step (Inductor; on the CPU no graph)")
     p.add_argument("--child", nargs=2, metavar=("LABEL", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.new_tokens, args.runs)))
+        print(json.dumps(child(*args.child, args.threads, args.new_tokens, args.runs, args.decode, args.compile)))
         return 0
     cache = cache_root()
     ckpts = cache / "results" / "checkpoints"
@@ -107,7 +112,8 @@ def main() -> int:
     rows = []
     for label, path in paths.items():
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-               "--runs", str(args.runs), "--child", label, str(path)]
+               "--runs", str(args.runs), "--decode", args.decode, *(["--compile"] if args.compile else []),
+               "--child", label, str(path)]
         best = None
         for attempt in range(1, args.attempts + 1):
             waited = wait_for_quiet(args.max_other_load, args.quiet_wait)
@@ -136,6 +142,7 @@ def main() -> int:
             "ratio": round(r["tok_per_s"] / base["tok_per_s"], 3), "rss_mb": r["rss_mb"],
             "baseline_rss_mb": base["rss_mb"], "rss_ratio": round(r["rss_mb"] / base["rss_mb"], 3),
             "peak_rss_mb": r["peak_rss_mb"], "kernels": r["kernels"], "compute_dtype": "float32",
+            "decode": r.get("decode"),
             "checkpoint": Path(paths[label]).name,
             "threads": args.threads, "load_avg_1min": r["load_avg_1min"], "other_cpu_load": r["other_cpu_load"],
             "attempts": r["attempts"], "cpu_model": r["cpu_model"],
