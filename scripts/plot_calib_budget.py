@@ -27,7 +27,7 @@ def curve_rows(rows: list[dict], model: str, variant: str, bits: int) -> list[di
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
-    p.add_argument("--variant", default="lnq-gq4-seq")
+    p.add_argument("--variant", default="lnq-gq4")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "docs/results/calib_budget.png"))
     args = p.parse_args()

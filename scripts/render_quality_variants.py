@@ -152,5 +152,5 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
                                       [3, 4], TEXTS, ["last16x512"]),
     }
     if any(r["eval_data"] == "sotu:val" for r in rows):
-        blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4-seq", 3)
+        blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)
     return blocks
