@@ -84,6 +84,18 @@ def saliency_hooks(linears: dict[str, nn.Linear], groups: int, current: dict[str
     return [m.register_forward_hook(make_fwd_hook(n)) for n, m in linears.items()]
 
 
+def take_saliency(linears: dict[str, nn.Linear], current: dict[str, torch.Tensor],
+                  rows: dict[str, list[torch.Tensor]]) -> None:
+    """Move one window's saliency from ``current`` (filled by :func:`saliency_hooks`) to ``rows``
+    on the host; refuse a linear that got no gradient (it is not on the loss path)."""
+    missing = set(linears) - set(current)
+    if missing:
+        raise RuntimeError(f"no gradient reached {sorted(missing)[0]}; is it on the loss path?")
+    for name in linears:
+        rows[name].append(current[name].cpu())
+    current.clear()
+
+
 @contextmanager
 def _grad_setup(model: nn.Module, linears: dict[str, nn.Linear], need_fisher: bool) -> Iterator[None]:
     """Only the linear weights (if the Fisher is wanted) require grad; restores the flags after.
@@ -145,12 +157,7 @@ def saliency_for_windows(
                 if fisher is not None:
                     for name, gw in zip(linears, grads):
                         fisher[name].add_(gw.float().square())
-                missing = set(linears) - set(current)
-                if missing:
-                    raise RuntimeError(f"no gradient reached {sorted(missing)[0]}; is it on the loss path?")
-                for name in linears:
-                    rows[name].append(current[name].cpu())
-                current.clear()
+                take_saliency(linears, current, rows)
                 if progress_bar is not None:
                     progress_bar.update(1)
     finally:

@@ -37,7 +37,7 @@ from gq_serve.util import atomic_write
 
 from .hessians import (LayerCall, capture_layer_calls, decoder_layers, forwards_replaced, layer_linears,
                        layer_outputs)
-from .saliency import check_groups, next_token_loss, quantizable_linears, saliency_hooks
+from .saliency import check_groups, next_token_loss, quantizable_linears, saliency_hooks, take_saliency
 
 
 class StreamingError(RuntimeError):
@@ -307,12 +307,7 @@ def layer_backward(layer: nn.Module, prefix: str, inputs: torch.Tensor, grad_out
                 if fisher is not None:
                     for name, gw in zip(linears, grads[1:]):
                         fisher[name].add_(gw.float().square())
-                missing = set(linears) - set(current)
-                if missing:
-                    raise RuntimeError(f"no gradient reached {sorted(missing)[0]}; is it on the loss path?")
-                for name in linears:
-                    rows[name].append(current[name].cpu())
-                current.clear()
+                take_saliency(linears, current, rows)
     finally:
         for h in handles:
             h.remove()
