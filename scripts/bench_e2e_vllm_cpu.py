@@ -82,10 +82,9 @@ def make_rows(results: dict[str, dict], device: str, extra: dict) -> list[dict]:
 
 # ============================================================================================ worker
 def _machine_busy_s() -> float:
-    """CPU seconds all processes of the machine have spent busy so far (/proc/stat, every core)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    from results_io import machine_busy_s  # scripts/ is on sys.path: this file's folder
+
+    return machine_busy_s()
 
 
 def _tree_cpu_s() -> float:
