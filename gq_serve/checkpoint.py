@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from gq_kernels.schema import QuantizationConfig, parse_quantization_config
-from gq_serve.quant_linear import GQLinear, select_kernels
+from gq_serve.quant_linear import GQLinear, install_kv_cache, select_kernels
 from gq_serve.util import cache_root, sha256_file, tensor_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dty
     model = model.to(device).eval()
     model.gq_quantization_config = qc
     model.gq_kernels = select_kernels(model, device, dtype)
+    install_kv_cache(model, qc.params)
     return model
 
 

@@ -99,6 +99,12 @@ def make_decoder(model: torch.nn.Module, mode: str = "auto", device: torch.devic
     context); ``compile``: torch.compile the static step before capturing it (default: on a GPU).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if getattr(model, "gq_kv_bits", None) is not None:
+        # The checkpoint's format keeps its own quantized KV cache, which grows like a DynamicCache.
+        if mode == "static":
+            raise ValueError(f"this checkpoint keeps a {model.gq_kv_bits}-bit KV cache, which the static "
+                             "decoder cannot hold; use --decode dynamic (or auto)")
+        return DynamicDecoder(model, device)
     if resolve_decode_mode(mode, device) == "dynamic":
         return DynamicDecoder(model, device)
     from gq_serve.static_decode import StaticDecoder

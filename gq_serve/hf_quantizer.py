@@ -24,7 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gq_kernels.schema import QUANT_METHOD, QuantizationConfig, parse_quantization_config
 from gq_serve.checkpoint import CheckpointIntegrityError, quantize_linears, verify_files
-from gq_serve.quant_linear import GQLinear, select_kernels
+from gq_serve.quant_linear import GQLinear, install_kv_cache, select_kernels
 
 
 class GuidedQuantConfig(QuantizationConfigMixin):
@@ -62,6 +62,7 @@ class GuidedQuantHfQuantizer(HfQuantizer):
             if isinstance(m, GQLinear):
                 m.reset_cache()
         model.gq_kernels = select_kernels(model, model.device, model.dtype)
+        install_kv_cache(model, self.quantization_config.parsed.params)
         return model
 
     def is_serializable(self, **kwargs) -> bool:

@@ -118,3 +118,35 @@ def select_kernels(model: nn.Module, device: torch.device | str, dtype: torch.dt
             name = m.select_kernel(device, dtype).name
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def install_kv_cache(model: nn.Module, params: FormatParams) -> int | None:
+    """Make every forward of ``model`` use the KV cache its format requires (if any): a forward
+    pre-hook passes a fresh one when the caller passes none (``use_cache=False``: one that keeps
+    nothing, for full-sequence scoring) or an empty ``DynamicCache`` (``generate``, the decode
+    loop: they read the cache back from the outputs). Any other cache is refused, since it would
+    hold keys and values the checkpoint was not calibrated for. Returns the KV bits, or None.
+    """
+    from transformers import DynamicCache
+
+    fmt = get_format(params.format)
+    n_layers = model.config.num_hidden_layers
+    if fmt.kv_cache(params, n_layers) is None:
+        return None
+
+    def pre_hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if getattr(cache, "gq_format", None) == params.format:
+            return args, kwargs
+        if cache is None:
+            kwargs["past_key_values"] = fmt.kv_cache(params, n_layers, store=kwargs.get("use_cache") is not False)
+        elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            kwargs["past_key_values"] = fmt.kv_cache(params, n_layers, store=True)
+        else:
+            raise ValueError(f"this {params.format} checkpoint keeps its own quantized KV cache; got a "
+                             f"{type(cache).__name__} (use the dynamic decoder: --decode dynamic)")
+        return args, kwargs
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.gq_kv_bits = params.kv_bits
+    return params.kv_bits

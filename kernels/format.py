@@ -144,6 +144,9 @@ class Format(ABC):
     # transform mixes all rows): loaders then keep each fused part's tensors whole and a tensor-
     # parallel rank dequantizes its rows instead of slicing ``out_dim``.
     independent_rows: ClassVar[bool] = True
+    # False when a linear of this format also quantizes its input (the reference matmul is then
+    # more than ``x @ W_hat^T``): weight-only shortcuts (the ``dense`` kernel) must not serve it.
+    weight_only: ClassVar[bool] = True
 
     def params(self, **values) -> FormatParams:
         """Validated parameters (a pydantic ValidationError names a bad field)."""
@@ -175,6 +178,11 @@ class Format(ABC):
                         generator: torch.Generator) -> dict[str, torch.Tensor] | None:
         """Random valid tensors of an [out, in] linear with realistic magnitudes, for benchmarks; None
         (the default) when any bit pattern of the integer tensors with N(0, 0.02^2) float tensors is."""
+        return None
+
+    def kv_cache(self, params: FormatParams, num_layers: int, store: bool = True):
+        """The transformers ``Cache`` a model of this format must run with, or None (the default:
+        any cache). ``store=False``: one that keeps nothing, for full-sequence forwards."""
         return None
 
     def check_shape(self, params: FormatParams, out_features: int, in_features: int) -> None:

@@ -124,6 +124,13 @@ class DenseKernel(LinearKernel):
 
     name = "dense"
 
+    @classmethod
+    def can_implement(cls, layer, device, dtype, rows=None):
+        ok, why = super().can_implement(layer, device, dtype, rows)
+        if ok and not _format(layer).weight_only:
+            return False, f"format {layer.format!r} quantizes activations too; a dense weight would skip that"
+        return ok, why
+
     def prepare(self, tensors):
         layer = self.layer
         w = _format(layer).dequantize(tensors, layer.params, layer.in_features)

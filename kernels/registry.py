@@ -19,12 +19,14 @@ _BUILTIN_FORMATS = {
     "lut": "gq_kernels.lut.format:LutFormat",
     "bcq": "gq_kernels.bcq.format:BcqFormat",
     "trellis": "gq_kernels.trellis.format:TrellisFormat",
+    "w4a4": "gq_kernels.w4a4.format:W4A4Format",
 }
 # Built-in kernels in order of preference; the generic ones (every format) come last.
 _BUILTIN_KERNELS = (
     "gq_kernels.lut.ops:LutTritonKernel",
     "gq_kernels.bcq.ops:BcqTritonKernel",
     "gq_kernels.trellis.ops:TrellisTritonKernel",
+    "gq_kernels.w4a4.ops:W4A4IntKernel",
     # CPU: each format's variants, best first; a variant the CPU cannot run says which flags it lacks.
     "gq_kernels.lut.cpu:LutCpuAvx512Kernel",
     "gq_kernels.lut.cpu:LutCpuAvx2Kernel",

@@ -100,7 +100,7 @@ class QuantizeConfig(BaseModel):
 
     def needs(self) -> frozenset[str]:
         """Calibration the run needs: a subset of {"hessian", "fisher"}."""
-        return type(self.options).needs
+        return self.options.required()
 
     def hessian_groups(self) -> int:
         """Hessians per layer the quantizer receives: g with GuidedQuant, else 1."""

@@ -87,7 +87,7 @@ def _load_result(path: Path) -> tuple[QuantResult, float | None]:
 
 
 def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tensor | None,
-                   fisher: torch.Tensor | None) -> QuantResult:
+                   fisher: torch.Tensor | None, name: str = "", model_config=None) -> QuantResult:
     """Quantize one weight matrix with the configured method.
 
     Args:
@@ -96,11 +96,14 @@ def quantize_layer(w: torch.Tensor, qconfig: QuantizeConfig, hessian: torch.Tens
             none. A Hessian-based method runs once per output-channel group (GuidedQuant's
             Algorithm 1; g = 1 is the plain method).
         fisher: float32 [out, in] diagonal weight Fisher, or None.
+        name, model_config: the linear's module name and the model's HF config, for methods whose
+            options depend on the layer (``MethodConfig.for_layer``).
     """
     method = get_method(qconfig.method)
+    options = qconfig.options.for_layer(name, model_config)
     if "hessian" in qconfig.needs():
-        return guided_quantize(method.handler, w, hessian, fisher=fisher, cfg=qconfig.options)
-    return method.handler(w, None, fisher, qconfig.options)
+        return guided_quantize(method.handler, w, hessian, fisher=fisher, cfg=options)
+    return method.handler(w, None, fisher, options)
 
 
 def _stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, device) -> list[list[str]]:
@@ -188,7 +191,8 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
                         w = lins[name].weight.detach().float().cpu()
                         fisher = cache.weight_fisher(name) if "fisher" in needs else None
                         result = quantize_layer(w.to(device), qconfig, hessian.to(device),
-                                                None if fisher is None else fisher.to(device)).to("cpu")
+                                                None if fisher is None else fisher.to(device), name,
+                                                model.config).to("cpu")
                         objective = quadratic_objective(w, result.dequantize(), hessian)
                         _save_result(run_dir / f"{name}.safetensors", result, objective)
                         results[name], objectives[name] = result, objective
@@ -299,7 +303,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if "hessian" in needs else None
         fisher = cache.weight_fisher(name) if "fisher" in needs else None
         result = quantize_layer(w.to(device), qconfig, None if hessian is None else hessian.to(device),
-                                None if fisher is None else fisher.to(device))
+                                None if fisher is None else fisher.to(device), name, model.config)
         result = result.to("cpu")
         objective = None
         if hessian is not None:

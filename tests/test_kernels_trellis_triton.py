@@ -21,7 +21,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from gq_kernels.registry import get_format  # noqa: E402
 from gq_kernels.trellis import reference as ref  # noqa: E402
 from gq_kernels.trellis.codes import default_tlut  # noqa: E402
-from gq_kernels.trellis.hadamard import hadamard_transform, random_signs  # noqa: E402
+from gq_kernels.hadamard import hadamard_transform, random_signs  # noqa: E402
 from gq_kernels.trellis.triton_kernels import trellis_dequantize_code, trellis_gemv_code  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"

@@ -41,9 +41,9 @@ class Spy:
         self.hessians: list[torch.Tensor] = []
         real = pipeline.quantize_layer
 
-        def spy(w, cfg, hessian, fisher):
+        def spy(w, cfg, hessian, fisher, *layer):
             self.hessians.append(hessian.clone())
-            return real(w, cfg, hessian, fisher)
+            return real(w, cfg, hessian, fisher, *layer)
 
         monkeypatch.setattr(pipeline, "quantize_layer", spy)
 

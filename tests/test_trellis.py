@@ -13,7 +13,7 @@ import torch
 from gq_kernels.registry import get_format
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.codes import CODES, VALUES_PER_STATE, code_rms, code_table, decode, default_tlut
-from gq_kernels.trellis.hadamard import (K_ORDER, hadamard_factor, hadamard_k, hadamard_matrix, hadamard_transform,
+from gq_kernels.hadamard import (K_ORDER, hadamard_factor, hadamard_k, hadamard_matrix, hadamard_transform,
                                          random_signs, rotate_hessian, rotate_weight, unrotate_weight)
 from gq_quantize.methods import viterbi as vit
 from gq_quantize.methods.objective import quadratic_objective

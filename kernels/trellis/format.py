@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from gq_kernels.format import Format, FormatParams, QuantResult, TensorSpec
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.codes import CODES, TLUT_BITS, VALUES_PER_STATE
-from gq_kernels.trellis.hadamard import hadamard_factor
+from gq_kernels.hadamard import hadamard_factor
 
 NAME = "trellis"
 
@@ -146,7 +146,7 @@ class TrellisFormat(Format):
     def example_tensors(self, params, out_features, in_features, generator):
         """Random streams (every one is a valid circular chain), +-1 signs, Wscale 0.02, the default LUT."""
         from gq_kernels.trellis.codes import default_tlut
-        from gq_kernels.trellis.hadamard import random_signs
+        from gq_kernels.hadamard import random_signs
 
         tiles = (out_features // ref.TILE) * (in_features // ref.TILE)
         dev = generator.device

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gq_kernels.kernel import TritonKernel, kernels_serve, n_rows, rows_2d
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.format import NAME
-from gq_kernels.trellis.hadamard import hadamard_factor, hadamard_k
+from gq_kernels.hadamard import hadamard_factor, hadamard_k
 
 GEMV_MAX_ROWS = 8
 

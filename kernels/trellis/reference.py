@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from gq_kernels.trellis.codes import L, VALUES_PER_STATE, decode
-from gq_kernels.trellis.hadamard import hadamard_transform, unrotate_weight
+from gq_kernels.hadamard import hadamard_transform, unrotate_weight
 
 TILE = 16
 TILE_WEIGHTS = TILE * TILE

@@ -237,9 +237,9 @@ def _rht_kernel(x_ptr, hk_ptr, out_ptr, NB, SCALE, K: tl.constexpr, KP: tl.const
 
 
 def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, blocks: int = 1) -> torch.Tensor:
-    """:func:`gq_kernels.trellis.hadamard.hadamard_transform` as one Triton launch (fp32 out), for
+    """:func:`gq_kernels.hadamard.hadamard_transform` as one Triton launch (fp32 out), for
     x [..., n] on CUDA (or the CPU under TRITON_INTERPRET=1)."""
-    from gq_kernels.trellis.hadamard import hadamard_factor, hadamard_k
+    from gq_kernels.hadamard import hadamard_factor, hadamard_k
 
     n = x.shape[-1]
     nb = n // blocks

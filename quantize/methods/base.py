@@ -55,6 +55,16 @@ class MethodConfig(BaseModel):
         params_cls = get_format(self.format).Params
         return params_cls(**{k: getattr(self, k) for k in params_cls.model_fields if k in type(self).model_fields})
 
+    def required(self) -> frozenset[str]:
+        """What this run needs from calibration (``needs``, unless an option turns some off)."""
+        return type(self).needs
+
+    def for_layer(self, name: str, model_config) -> "MethodConfig":
+        """The options for the linear ``name`` of a model with this HF ``model_config``: the same
+        options (the default), or a copy told what role the layer plays (e.g. a layer whose input
+        the format rotates online)."""
+        return self
+
     @classmethod
     def guidable(cls) -> bool:
         """Whether GuidedQuant applies: the method minimises a Hessian-weighted objective."""

@@ -5,7 +5,7 @@ Per linear W [m, n] (``../shared/qtip-spec.md``, our clean-room specification):
 1. damp each Hessian, H <- H + damp * mean(diag H) I (dead inputs get a unit diagonal);
 2. draw random signs S_U [n], S_V [m] (seeded from ``qtip_seed`` and the weight's bytes, so a rerun
    reproduces them), rotate W~ = R_m^T S_V W S_U R_n and H~ = R_n^T S_U H S_U R_n
-   (:mod:`gq_kernels.trellis.hadamard`), Wscale = RMS(W~) / (0.9 RMS(code)); quantize W~ / Wscale;
+   (:mod:`gq_kernels.hadamard`), Wscale = RMS(W~) / (0.9 RMS(code)); quantize W~ / Wscale;
 3. block LDL of H~ with 16x16 blocks: H~ = L D L^T, A = L - I;
 4. BlockLDLQ over 16-column blocks from the last to the first: the target of block J is
    ``W~[:, J] + (W~ - W^)[:, after J] A[after J, J]``, each 16x16 tile of it one tail-biting
@@ -33,7 +33,7 @@ from pydantic import Field, field_validator
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.codes import CODES, VALUES_PER_STATE, code_rms, code_table, default_tlut
 from gq_kernels.trellis.format import TrellisParams, TrellisQuant, check_shape
-from gq_kernels.trellis.hadamard import random_signs, rotate_hessian, rotate_weight
+from gq_kernels.hadamard import random_signs, rotate_hessian, rotate_weight
 from gq_quantize.methods.base import MethodConfig
 from gq_quantize.methods.objective import as_groups, check_groups
 from gq_quantize.methods.registry import register_method

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gq_quantize.methods.base import NEEDS, HandlerFn, MethodConfig
 
 _BUILTIN = ("gq_quantize.methods.rtn", "gq_quantize.methods.gptq", "gq_quantize.methods.squeezellm",
-            "gq_quantize.methods.lnq", "gq_quantize.methods.qtip")
+            "gq_quantize.methods.lnq", "gq_quantize.methods.qtip", "gq_quantize.methods.spinquant")
 
 
 @dataclass(frozen=True)

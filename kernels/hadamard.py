@@ -1,4 +1,5 @@
-"""Random Hadamard transforms (RHT) for the ``trellis`` format: shared by the quantizer and inference.
+"""Hadamard transforms shared by the formats and quantizers that rotate (``trellis``: random Hadamard
+(RHT) incoherence; ``w4a4``: SpinQuant's fixed R3/R4 and QuaRot-style random R1/R2).
 
 The Hadamard matrix of size n is ``R_n = (H_K (x) H_p) / sqrt(n)``, where p = n / K is a power of two,
 ``H_p`` is the Sylvester (Walsh, natural order) matrix and ``H_K`` a Hadamard matrix of a small order K.
@@ -84,7 +85,7 @@ def _paley2(K: int) -> list[list[int]]:
 
 
 def _stored(K: int) -> list[list[int]]:
-    from gq_kernels.trellis._hadamard_data import PACKED
+    from gq_kernels._hadamard_data import PACKED
 
     hx = "".join(PACKED[K])
     bits = bin(int(hx, 16))[2:].zfill(len(hx) * 4)

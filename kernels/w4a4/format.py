@@ -1,0 +1,153 @@
+"""The ``w4a4`` format (SpinQuant): integer weights *and* integer activations, a low-bit KV cache.
+
+Per quantized linear [out, in]:
+
+- ``qweight`` uint8 [out, ceil(in/2)]: symmetric ``bits``-bit codes, two per byte (low nibble first);
+- ``scale`` fp16 [out]: one scale per output channel;
+- ``layout`` int32 [2]: (1 when the input is rotated by the Hadamard R_in before it is quantized
+  (down_proj, SpinQuant's R4), the activation group size: 0 = one group per token, else columns per
+  group (o_proj: head_dim, one group per attention head)). It describes this linear alone, so a
+  loader needs no module names.
+
+Checkpoint-wide parameters: ``bits``, ``act_bits`` / ``act_clip`` (activations) and ``kv_bits`` /
+``kv_clip`` (the KV cache, :mod:`.kvcache`). The rotations R1 / R2 are folded into the dense weights
+and the embeddings of the checkpoint, and RMSNorm gains are 1; :mod:`.reference` is the specification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator
+
+from gq_kernels.format import Format, FormatParams, QuantResult, TensorSpec
+from gq_kernels.hadamard import hadamard_transform, has_hadamard
+from gq_kernels.w4a4 import reference as ref
+
+NAME = "w4a4"
+
+
+class W4A4Params(FormatParams):
+    format: ClassVar[str] = NAME
+    supported_bits: ClassVar[tuple[int, ...]] = ref.SUPPORTED_BITS
+    act_bits: int = 4
+    act_clip: float = Field(1.0, gt=0, le=1)
+    kv_bits: int = 4
+    kv_clip: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("act_bits")
+    @classmethod
+    def _act_bits(cls, v: int) -> int:
+        if v not in ref.ACT_BITS:
+            raise ValueError(f"act_bits must be one of {list(ref.ACT_BITS)}, got {v}")
+        return v
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _kv_bits(cls, v: int) -> int:
+        if v not in ref.KV_BITS:
+            raise ValueError(f"kv_bits must be one of {list(ref.KV_BITS)}, got {v}")
+        return v
+
+
+@dataclass
+class W4A4Quant(QuantResult):
+    """codes int8 [out, in] (symmetric, in the input basis the layer quantizes: ``x R_in`` when
+    ``input_hadamard``); scale float16 [out]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    input_hadamard: bool = False
+    act_group_size: int = 0
+    act_bits: int = 4
+    act_clip: float = 1.0
+    kv_bits: int = 4
+    kv_clip: float = 1.0
+
+    format: ClassVar[str] = NAME
+
+    def params(self) -> W4A4Params:
+        return W4A4Params(bits=self.bits, act_bits=self.act_bits, act_clip=self.act_clip,
+                          kv_bits=self.kv_bits, kv_clip=self.kv_clip)
+
+    def dequantize(self) -> torch.Tensor:
+        return effective_weight(self.codes, self.scale, self.input_hadamard)
+
+    def field_specs(self, out_features: int, in_features: int) -> dict:
+        return {"codes": ((out_features, in_features), torch.int8), "scale": ((out_features,), torch.float16)}
+
+
+def effective_weight(codes: torch.Tensor, scale: torch.Tensor, input_hadamard: bool) -> torch.Tensor:
+    """The weight the layer applies to its *unrotated* input, float32 [out, in]: ``s q`` or, with an
+    input Hadamard, ``(s q) R_in^T`` (what a weight-only view of the layer sees; activation
+    quantization comes on top, see :func:`gq_kernels.w4a4.reference.matmul`)."""
+    w = ref.dequantize_weight(codes, scale)
+    return hadamard_transform(w, transpose=True) if input_hadamard else w
+
+
+def read_layout(layout: torch.Tensor) -> tuple[bool, int]:
+    """(input_hadamard, act_group_size) from a ``layout`` tensor."""
+    vals = [int(v) for v in layout.tolist()]
+    return bool(vals[0]), vals[1]
+
+
+class W4A4Format(Format):
+    name = NAME
+    Params = W4A4Params
+    Result = W4A4Quant
+    weight_only = False
+
+    def tensors(self, params: W4A4Params, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        return {
+            "qweight": TensorSpec((out_features, (in_features + 1) // 2), torch.uint8, out_dim=0, in_dim=1, in_unit=2),
+            "scale": TensorSpec((out_features,), torch.float16, out_dim=0),
+            "layout": TensorSpec((2,), torch.int32, out_dim=None),
+        }
+
+    def pack(self, result: W4A4Quant) -> dict[str, torch.Tensor]:
+        return {"qweight": ref.pack_int4(result.codes.cpu()), "scale": result.scale.cpu().contiguous(),
+                "layout": torch.tensor([int(result.input_hadamard), result.act_group_size], dtype=torch.int32)}
+
+    def unpack(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> W4A4Quant:
+        had, group = read_layout(tensors["layout"])
+        return W4A4Quant(ref.unpack_int4(tensors["qweight"], in_features), tensors["scale"], params.bits,
+                         input_hadamard=had, act_group_size=group, act_bits=params.act_bits,
+                         act_clip=params.act_clip, kv_bits=params.kv_bits, kv_clip=params.kv_clip)
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> torch.Tensor:
+        had, _ = read_layout(tensors["layout"])
+        return effective_weight(ref.unpack_int4(tensors["qweight"], in_features), tensors["scale"], had)
+
+    def matmul(self, x, tensors, params: W4A4Params, in_features, bias=None):
+        had, group = read_layout(tensors["layout"])
+        return ref.matmul(x, ref.unpack_int4(tensors["qweight"], in_features), tensors["scale"], params.act_bits,
+                          group, had, params.act_clip, bias)
+
+    def check_tensors(self, tensors, params, out_features, in_features, prefix=""):
+        super().check_tensors(tensors, params, out_features, in_features, prefix)
+        had, group = read_layout(tensors["layout"])
+        if group < 0 or (group and in_features % group):
+            raise ValueError(f"{self.name}: {prefix}layout: activation group size {group} does not divide "
+                             f"the input size {in_features}")
+        if had and not has_hadamard(in_features):
+            raise ValueError(f"{self.name}: {prefix}layout asks for an input Hadamard of size {in_features}, "
+                             "which has no Hadamard construction")
+
+    def check_shape(self, params, out_features, in_features):
+        pass
+
+    def example_tensors(self, params, out_features, in_features, generator):
+        lo, hi = ref.weight_range(params.bits)
+        codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=generator, dtype=torch.int8)
+        scale = (torch.rand(out_features, generator=generator) * 0.004 + 0.002).half()
+        return {"qweight": ref.pack_int4(codes), "scale": scale, "layout": torch.tensor([0, 0], dtype=torch.int32)}
+
+    def kv_cache(self, params: W4A4Params, num_layers: int, store: bool = True):
+        """A transformers cache holding ``kv_bits``-bit keys and values (None at 16 bits)."""
+        if params.kv_bits >= 16:
+            return None
+        from gq_kernels.w4a4.kvcache import QuantizedKVCache
+
+        return QuantizedKVCache(num_layers, params.kv_bits, params.kv_clip, store=store)

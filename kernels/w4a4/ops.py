@@ -1,0 +1,89 @@
+"""``w4a4`` with integer arithmetic: the kernel that serves its linears on the CPU and the GPU.
+
+Per call: rotate the input by R_in when the layer has one (O(n log n), :mod:`gq_kernels.hadamard`),
+quantize it per token (per group) to codes in [0, 2^a), multiply codes by weight codes in an integer
+GEMM (``torch._int_mm``: int8 x int8 -> int32, VNNI/AMX on x86 CPUs, IMMA on GPUs) and finish with
+the float epilogue of :mod:`.reference`'s identity
+
+    y = sum_g s_x[:, g] * s_w * (acc_g - z_x[:, g] * r[:, g]),   r[n, g] = sum_{k in g} q_w[n, k].
+
+The integer accumulator is exact; the result equals the fake-quant reference up to the order of
+the float epilogue. Where ``torch._int_mm`` refuses a shape (CUDA wants more than 16 rows and
+multiples of 8), the same codes are multiplied as float32, which is exact too: every partial sum is
+an integer below 2^24 (|q_x q_w| <= 120 and K < 139,000).
+"""
+from __future__ import annotations
+
+import torch
+
+from gq_kernels.kernel import LinearKernel, rows_2d
+from gq_kernels.w4a4 import reference as ref
+from gq_kernels.w4a4.format import NAME, read_layout
+
+_EXACT_FP32_K = (1 << 24) // 120
+
+
+def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b_t.T`` for int8 a [M, K] and int8 b_t [N, K]: int32 [M, N]."""
+    M, K = a.shape
+    if a.device.type == "cuda" and (M <= 16 or K % 8 or b_t.shape[0] % 8):
+        if K >= _EXACT_FP32_K:
+            raise ValueError(f"no exact float path for K={K}")
+        return (a.float() @ b_t.float().t()).to(torch.int32)
+    return torch._int_mm(a, b_t.t())
+
+
+def quantized_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+                     act_bits: int, act_group_size: int, input_hadamard: bool, act_clip: float = 1.0) -> torch.Tensor:
+    """One w4a4 linear with an integer GEMM.
+
+    Args:
+        x: [..., K] float activations.
+        w_codes: int8 [N, K] weight codes; w_scale float32 [N]; row_sums int32 [N, G] (per
+            activation group, G = 1 for per-token groups).
+    Returns:
+        [..., N] float32.
+    """
+    xr = ref.prepare_input(rows_2d(x), input_hadamard)
+    N, K = w_codes.shape
+    if act_bits >= 16:
+        y = xr.float() @ ref.dequantize_weight(w_codes, w_scale.half()).t()
+        return y.reshape(*x.shape[:-1], N)
+    codes, s_x, z_x = ref.quantize_act(xr, act_bits, act_group_size, act_clip)   # [M, G, K/G], [M, G, 1]
+    G, gs = codes.shape[1], codes.shape[2]
+    # Codes up to 2^8 - 1 do not fit int8: shift by 2^(a-1) and fold the shift into the zero point.
+    shift = 128 if act_bits == 8 else 0
+    a = (codes.to(torch.int16) - shift).to(torch.int8)
+    y = None
+    for g in range(G):
+        acc = int_matmul(a[:, g], w_codes[:, g * gs:(g + 1) * gs])                 # [M, N] int32
+        zr = (z_x[:, g] - shift) * row_sums[:, g].float()[None, :]                 # [M, N]
+        part = s_x[:, g] * (acc.float() - zr)
+        y = part if y is None else y + part
+    return (y * w_scale[None, :]).reshape(*x.shape[:-1], N)
+
+
+class W4A4IntKernel(LinearKernel):
+    """Integer codes times integer codes (``torch._int_mm``) on any device; weights held as int8
+    codes (one byte per weight: the GEMM reads int8), plus per-group row sums."""
+
+    name = "w4a4-int"
+    formats = (NAME,)
+
+    def prepare(self, tensors):
+        layer = self.layer
+        had, group = read_layout(tensors["layout"])
+        codes = ref.unpack_int4(tensors["qweight"], layer.in_features).to(self.device)
+        g = layer.in_features if group == 0 else group
+        sums = codes.to(torch.int32).reshape(codes.shape[0], -1, g).sum(dim=-1)
+        return {"codes": codes.contiguous(), "scale": tensors["scale"].float().to(self.device),
+                "row_sums": sums.contiguous(), "layout": torch.tensor([int(had), group])}
+
+    def apply(self, tensors, x, bias=None):
+        p = self.layer.params
+        had, group = bool(tensors["layout"][0]), int(tensors["layout"][1])
+        y = quantized_matmul(x, tensors["codes"], tensors["scale"], tensors["row_sums"], p.act_bits, group, had,
+                             p.act_clip)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)

@@ -1,0 +1,143 @@
+"""SpinQuant's weight quantizer (W4A4KV4, ``w4a4`` format): GPTQ onto a symmetric per-channel
+integer grid whose scales are fixed beforehand by a clipping search.
+
+It runs on a model whose rotations are already folded in (``gq rotate``: RMSNorm gains fused,
+R1 / R2 applied; :mod:`gq_quantize.spinquant`). Two rotations stay online and are the format's:
+down_proj's input goes through the Hadamard R4, so its weight is quantized as ``W R4`` against the
+Hessian ``R4^T H R4``; o_proj's input is quantized per attention head. :meth:`SpinQuantConfig.for_layer`
+tells the handler which layer it quantizes.
+
+With ``--guided --groups 1`` the Hessian is GuidedQuant's ``X^T diag(s) X``. The saliency s comes
+from the rotated, unquantized model, and at g = 1 that is exactly the saliency of the original
+model: s(token) = ||dL/dz||^2 / d_out over all output channels of the linear; the rotated model
+computes the same function, and a linear's output z is either unrotated (q, k, gate, up) or
+multiplied by an orthogonal matrix (v by the block-diagonal R2, o and down by R1), which keeps
+||dL/dz||. With g > 1 the groups of rotated outputs would mix channels, so only g = 1 is exact.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from gq_kernels.hadamard import hadamard_transform, has_hadamard
+from gq_kernels.w4a4 import reference as ref
+from gq_kernels.w4a4.format import W4A4Quant
+from gq_quantize.methods.base import MethodConfig
+from gq_quantize.methods.gptq import inverse_hessian_factor
+from gq_quantize.methods.objective import quadratic_objective
+from gq_quantize.methods.registry import register_method
+
+CLIP_STEPS = 80          # p = 1.00, 0.99, ..., 0.21
+CLIP_NORM = 2.4
+
+
+def clipped_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Tensor:
+    """Per-row symmetric scale ``p * max|w| / (2^(b-1) - 1)``, p in {1, 0.99, ..., 0.21} chosen per
+    row to minimise sum |w - Q(w)|^2.4 (search=False: p = 1). w float32 [out, in] -> fp16 [out]."""
+    hi = (1 << (bits - 1)) - 1
+    amax = w.abs().amax(dim=1).clamp_min(1e-8)
+    best = (amax / hi).half()
+    if not search:
+        return best
+    best_err = torch.full_like(amax, float("inf"))
+    for i in range(CLIP_STEPS):
+        s = ((1.0 - i / 100) * amax / hi).half()
+        err = (ref.dequantize_weight(ref.quantize_weight(w, s, bits), s) - w).abs().pow(CLIP_NORM).sum(dim=1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return best
+
+
+def gptq_fixed_scale(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01,
+                     block: int = 128) -> tuple[torch.Tensor, float]:
+    """GPTQ with a fixed per-row symmetric grid: columns rounded left to right, each one's error
+    spread over the later columns through the upper Cholesky factor of H^-1 (lazy block updates).
+
+    Args:
+        w: float32 [out, in]; H: float32 [in, in]; scale: fp16 [out].
+    Returns:
+        (codes int8 [out, in], damping used).
+    """
+    W = w.float().clone()
+    out_f, in_f = W.shape
+    U, used = inverse_hessian_factor(H, damp)
+    lo, hi = ref.weight_range(bits)
+    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = W1[:, i]
+            q = torch.clamp(torch.round(x / s), lo, hi)
+            codes[:, i1 + i] = q.to(torch.int8)
+            err = (x - q * s) / U1[i, i]
+            W1[:, i + 1:] -= err.unsqueeze(1) * U1[i, i + 1:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, used
+
+
+class SpinQuantConfig(MethodConfig):
+    """SpinQuant W4A4KV4 (run ``gq rotate`` first); with --guided --groups 1, SpinQuant + GuidedQuant."""
+
+    name: ClassVar[str] = "spinquant"
+    format: ClassVar[str] = "w4a4"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    bits: int = 4
+    act_bits: int = Field(4, description="SpinQuant: activation bits (16: weights only)")
+    act_clip: float = Field(1.0, gt=0, le=1, description="SpinQuant: activation range clip ratio")
+    kv_bits: int = Field(4, description="SpinQuant: KV cache bits (16: not quantized)")
+    kv_clip: float = Field(1.0, gt=0, le=1, description="SpinQuant: KV cache range clip ratio")
+    w_clip: bool = Field(True, description="SpinQuant: per-row weight clipping search before GPTQ")
+    gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
+    gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
+    rtn: bool = Field(False, description="SpinQuant: round to nearest instead of GPTQ (needs no calibration)")
+
+    _input_hadamard: bool = PrivateAttr(False)
+    _act_group_size: int = PrivateAttr(0)
+
+    def required(self) -> frozenset[str]:
+        return frozenset() if self.rtn else type(self).needs
+
+    def for_layer(self, name: str, model_config) -> "SpinQuantConfig":
+        c = self.model_copy()
+        c._input_hadamard = name.endswith("mlp.down_proj")
+        if name.endswith("self_attn.o_proj"):
+            c._act_group_size = getattr(model_config, "head_dim", None) or (
+                model_config.hidden_size // model_config.num_attention_heads)
+        return c
+
+
+def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig) -> W4A4Quant:
+    """One linear's w4a4 result. w float32 [out, in] (rotations R1/R2 folded); H float32 [in, in]
+    (None or ``cfg.rtn``: round to nearest)."""
+    had = cfg._input_hadamard
+    if had:
+        if not has_hadamard(w.shape[1]):
+            raise ValueError(f"down_proj input size {w.shape[1]} has no Hadamard construction (R4); "
+                             "SpinQuant supports sizes K * 2^m with K in gq_kernels.hadamard.K_ORDER")
+        w = hadamard_transform(w.float())                       # W R4
+        if H is not None:
+            H = hadamard_transform(hadamard_transform(H.float()).t().contiguous()).t()   # R4^T H R4
+            H = 0.5 * (H + H.t())
+    scale = clipped_scale(w.float(), cfg.bits, cfg.w_clip)
+    stats = {}
+    if H is None or cfg.rtn:
+        codes = ref.quantize_weight(w, scale, cfg.bits)
+    else:
+        codes, stats["damp"] = gptq_fixed_scale(w, H, scale, cfg.bits, cfg.gptq_damp, cfg.gptq_block)
+    result = W4A4Quant(codes=codes, scale=scale, bits=cfg.bits, input_hadamard=had,
+                       act_group_size=cfg._act_group_size, act_bits=cfg.act_bits, act_clip=cfg.act_clip,
+                       kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip)
+    if H is not None:
+        stats["objective"] = quadratic_objective(w, ref.dequantize_weight(codes, scale), H)
+    result.stats.update(stats)
+    return result
+
+
+@register_method(SpinQuantConfig)
+def quantize_spinquant(w: torch.Tensor, hessian: torch.Tensor | None, fisher, cfg: SpinQuantConfig) -> W4A4Quant:
+    return quantize_w4a4(w, hessian, cfg)

@@ -1,0 +1,280 @@
+"""The ``w4a4`` format (SpinQuant W4A4KV4): packing, the integer kernel against the fake-quant
+reference, the quantized KV cache, the method, and a tiny model quantized, exported, loaded and served."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import gq_serve  # noqa: F401  (registers the transformers quantizer)
+from gq_kernels.format import LinearSpec
+from gq_kernels.registry import choose_kernel, get_format
+from gq_kernels.w4a4 import reference as ref
+from gq_kernels.w4a4.format import W4A4Quant
+from gq_kernels.w4a4.kvcache import QuantizedKVCache
+from gq_kernels.w4a4.ops import quantized_matmul
+from gq_quantize.methods.gptq import inverse_hessian_factor  # noqa: F401
+from gq_quantize.methods.objective import quadratic_objective
+from gq_quantize.methods.spinquant import SpinQuantConfig, clipped_scale, quantize_w4a4
+
+from conftest import _TINY_WORDS
+
+FMT = get_format("w4a4")
+
+
+def _poisoned(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("n", [1, 7, 64, 577])
+def test_int4_packing_round_trips(n):
+    codes = torch.randint(-8, 8, (5, n), dtype=torch.int8)
+    packed = ref.pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (n + 1) // 2)
+    assert torch.equal(ref.unpack_int4(packed, n), codes)
+
+
+def test_activation_codes_hold_zero_and_the_range():
+    x = torch.randn(6, 96) * torch.logspace(-3, 2, 6)[:, None]
+    codes, scale, zero = ref.quantize_act(x, 4, 32)
+    assert codes.shape == (6, 3, 32) and int(codes.max()) <= 15 and 0 <= float(zero.min()) <= float(zero.max()) <= 15
+    err = (ref.dequantize_act(codes, scale, zero) - x).abs().reshape(6, 3, 32)
+    assert bool((err <= scale / 2 + 1e-6).all())  # round to nearest inside the (zero-holding) range
+    assert torch.equal(ref.fake_quant_act(torch.zeros(2, 8), 4), torch.zeros(2, 8))
+
+
+def test_ste_passes_gradients_straight_through():
+    x = torch.randn(3, 16, requires_grad=True)
+    ref.fake_quant_act(x, 4, ste=True).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+# ---------------------------------------------------------------------------------- integer kernel
+CASES = [(576, 1536, 0, 0), (1536, 576, 1, 0), (576, 576, 0, 64), (40, 24, 0, 8), (96, 33, 0, 0)]
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+@pytest.mark.parametrize("in_f,out_f,had,group", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, rows):
+    g = torch.Generator().manual_seed(in_f * 7 + out_f + rows)
+    params = FMT.params(bits=4, act_bits=act_bits)
+    t = FMT.example_tensors(params, out_f, in_f, g)
+    t["layout"] = torch.tensor([had, group], dtype=torch.int32)
+    FMT.check_tensors(t, params, out_f, in_f)
+    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32)
+    assert kernel.name == "w4a4-int"
+    runtime = kernel.prepare(t)
+    x = torch.randn(rows, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    want = FMT.matmul(x, t, params, in_f, bias)
+    got = kernel.apply(runtime, x, bias)
+    assert got.shape == (rows, out_f) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_the_integer_accumulator_is_exact():
+    """acc - z r equals (q_x - z) @ q_w^T computed exactly (float64 of small integers)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-8, 8, (48, 256), generator=g, dtype=torch.int8)
+    x = torch.randn(5, 256, generator=g)
+    codes, s_x, z_x = ref.quantize_act(x, 4, 0)
+    exact = (codes[:, 0].double() - z_x[:, 0].double()) @ w.double().t()
+    y = quantized_matmul(x, w, torch.ones(48), w.to(torch.int32).sum(1, keepdim=True), 4, 0, False)
+    torch.testing.assert_close(y.double(), exact * s_x[:, 0].double(), rtol=1e-6, atol=1e-5)
+
+
+def test_dense_kernel_refuses_a_format_that_quantizes_activations():
+    params = FMT.params(bits=4)
+    with pytest.raises(ValueError, match="quantizes activations"):
+        choose_kernel(LinearSpec(params, 8, 8), "cpu", torch.float32, prefer="dense")
+
+
+def test_bad_tensors_are_refused_by_name():
+    params = FMT.params(bits=4)
+    t = FMT.example_tensors(params, 16, 32, torch.Generator().manual_seed(0))
+    del t["scale"]
+    with pytest.raises(ValueError, match="missing tensor 'x.scale'"):
+        FMT.check_tensors(t, params, 16, 32, prefix="x.")
+    t = FMT.example_tensors(params, 16, 30, torch.Generator().manual_seed(0))
+    t["layout"] = torch.tensor([1, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="no Hadamard"):
+        FMT.check_tensors(t, params, 16, 30)
+    t["layout"] = torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not divide"):
+        FMT.check_tensors(t, params, 16, 30)
+    with pytest.raises(ValueError, match="act_bits"):
+        FMT.params(bits=4, act_bits=5)
+
+
+# ---------------------------------------------------------------------------------------- KV cache
+def _tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_kv_cache_incremental_equals_one_pass_and_is_small():
+    m = _tiny_model()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        whole = m(ids, past_key_values=QuantizedKVCache(2, 4, store=False)).logits
+        cache = QuantizedKVCache(2, 4)
+        parts = [m(ids[:, :8], past_key_values=cache).logits]
+        for i in range(8, 12):
+            parts.append(m(ids[:, i:i + 1], past_key_values=cache).logits)
+        dense = DynamicCache()
+        m(ids, past_key_values=dense)
+        fp = m(ids).logits
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-4, atol=1e-4)
+    assert (whole - fp).abs().max() > 1e-4  # the cache really quantizes
+    assert cache.get_seq_length() == 12
+    fp16_bytes = sum(layer.keys.numel() + layer.values.numel() for layer in dense.layers) * 2
+    d = 16  # per (token, head): d/2 bytes of codes, an fp32 scale, a uint8 zero
+    assert cache.nbytes() == fp16_bytes // (2 * d) * (d // 2 + 5)
+
+
+def test_kv_fake_quant_is_exact_for_values_on_the_grid():
+    """R_d is orthogonal: keys already on the rotated grid come back unchanged."""
+    k = torch.randn(1, 2, 5, 16)
+    kq, vq = ref.fake_quant_kv(k, k, 4)
+    kq2, vq2 = ref.fake_quant_kv(kq, vq, 4)
+    torch.testing.assert_close(kq2, kq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vq2, vq, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ method
+def _layer_problem(seed=0, out_f=32, in_f=64, n=512):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    x = torch.randn(n, in_f, generator=g) @ torch.randn(in_f, in_f, generator=g) * 0.3
+    return w, x.t() @ x
+
+
+def test_gptq_beats_round_to_nearest_on_its_objective():
+    w, H = _layer_problem()
+    cfg = SpinQuantConfig(bits=4)
+    gptq = quantize_w4a4(w, H, cfg)
+    rtn = quantize_w4a4(w, H, SpinQuantConfig(bits=4, rtn=True))
+    assert gptq.stats["objective"] < 0.8 * rtn.stats["objective"]
+    assert gptq.codes.dtype == torch.int8 and int(gptq.codes.min()) >= -8 and int(gptq.codes.max()) <= 7
+
+
+def test_clipping_search_never_does_worse_than_no_clipping():
+    w = torch.randn(64, 128) * torch.rand(64, 1)
+    w[:, 0] *= 20  # an outlier column: clipping pays
+    for search in (False, True):
+        s = clipped_scale(w, 4, search)
+        err = (ref.dequantize_weight(ref.quantize_weight(w, s, 4), s) - w).abs().pow(2.4).sum(1)
+        if not search:
+            base = err
+    assert bool((err <= base + 1e-4).all()) and float(err.sum()) < float(base.sum())
+
+
+def test_down_proj_is_quantized_in_the_hadamard_basis_and_o_proj_per_head():
+    from transformers import LlamaConfig
+
+    mc = LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96)
+    cfg = SpinQuantConfig(bits=4)
+    w, H = _layer_problem(in_f=96)
+    down = quantize_w4a4(w, H, cfg.for_layer("model.layers.0.mlp.down_proj", mc))
+    assert down.input_hadamard and down.act_group_size == 0
+    # W_hat is reported in the layer's own (unrotated) input basis, so the objective is comparable.
+    assert quadratic_objective(w, down.dequantize(), H) < quadratic_objective(w, torch.zeros_like(w), H) * 0.05
+    o = quantize_w4a4(*_layer_problem(in_f=64), cfg.for_layer("model.layers.0.self_attn.o_proj", mc))
+    assert not o.input_hadamard and o.act_group_size == 16
+    packed = FMT.pack(down)
+    assert torch.equal(FMT.dequantize(packed, down.params(), 96), down.dequantize())
+    assert isinstance(FMT.unpack(packed, down.params(), 96), W4A4Quant)
+
+
+# ------------------------------------------------------------------------- a tiny model end to end
+N, SEQ = 4, 16
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def w4a4_dir(tiny_lm_dir, corpus, tmp_path_factory):
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+
+    out = tmp_path_factory.mktemp("w4a4") / "ckpt"
+    cfg = QuantizeConfig(method="spinquant", bits=4, guided=True, groups=1,
+                         calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
+    pipeline.quantize_model(tiny_lm_dir, cfg, out, tmp_path_factory.mktemp("cache"), progress=False)
+    return out
+
+
+def _simulated(tiny_lm_dir, ckpt, ids):
+    """The fake-quant model: the dense model with every linear replaced by the reference matmul
+    of its exported tensors and a KV cache that fake-quantizes without storing."""
+    from safetensors.torch import load_file
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    tensors = {}
+    for f in Path(ckpt).glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    qc = json.loads((Path(ckpt) / "config.json").read_text())["quantization_config"]
+    params = FMT.params(**{k: qc[k] for k in ("bits", "act_bits", "act_clip", "kv_bits", "kv_clip")})
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in tensors:
+            t = {s: tensors[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
+            mod.forward = (lambda t, i: lambda x: FMT.matmul(x, t, params, i))(t, mod.in_features)
+    with torch.no_grad():
+        return model(ids, past_key_values=QuantizedKVCache(model.config.num_hidden_layers, 4, store=False)).logits
+
+
+def test_w4a4_checkpoint_loads_and_matches_the_fake_quant_model(w4a4_dir, tiny_lm_dir):
+    from gq_serve.checkpoint import load_quantized_model
+
+    qc = json.loads((w4a4_dir / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "w4a4" and qc["act_bits"] == 4 and qc["kv_bits"] == 4
+    ids = torch.randint(3, 40, (2, 10))
+    want = _simulated(tiny_lm_dir, w4a4_dir, ids)
+    model = load_quantized_model(w4a4_dir)
+    assert set(model.gq_kernels) == {"w4a4-int"} and model.gq_kv_bits == 4
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        hf = AutoModelForCausalLM.from_pretrained(w4a4_dir, dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf, want, rtol=1e-4, atol=1e-4)
+
+
+def test_w4a4_generates_with_its_4bit_cache(w4a4_dir):
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.decode import DynamicDecoder, make_decoder
+    from gq_serve.sampling import SamplingParams
+
+    model = load_quantized_model(w4a4_dir)
+    dec = make_decoder(model, "auto")
+    assert isinstance(dec, DynamicDecoder)
+    prompt = [5, 6, 7, 8]
+    tokens = list(dec.iter_tokens(prompt, SamplingParams(max_tokens=6, temperature=0.0)))
+    # Greedy from one full forward per token through the same quantizers: the cache changes nothing.
+    ids, want = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(ids, use_cache=False).logits[0, -1].argmax())
+            want.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert [int(t) for t in tokens] == want
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert out[0, 4:].tolist() == want
+    with pytest.raises(ValueError, match="KV cache"):
+        make_decoder(model, "static")
