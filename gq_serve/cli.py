@@ -1,4 +1,4 @@
-"""The `gq` command: prepare, quantize, eval, serve, bench, plan.
+"""The `gq` command: prepare, quantize, rotate, eval, serve, bench, plan.
 
 All command-line code lives here; each subcommand imports its machinery lazily, so `gq --help`
 starts fast. The `gq quantize` options of the methods are generated from their config classes
@@ -351,6 +351,20 @@ def cmd_bench_online(args) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- rotate
+def cmd_rotate(args) -> int:
+    from gq_quantize.spinquant.train import write_rotated_model
+
+    cache = _cache_root(args)
+    model = resolve_model_path(args.model, cache)
+    record = write_rotated_model(model, Path(args.out), args.rotation, seed=args.seed, steps=args.steps,
+                                 lr=args.lr, seq_len=args.seq_len, data=args.data, batch=args.batch_size,
+                                 rotation_file=args.rotation_file, cache=cache, dtype=args.dtype,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+    _print_json(record)
+    return 0
+
+
 # --------------------------------------------------------------------------- plan
 def cmd_plan(args) -> int:
     from gq_serve.plan import plan_rows, render_table
@@ -516,6 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "may also be a bundled shape (llama-2-7b, llama-2-13b, llama-2-70b, ...)")
     _add_method_options(sq)
     sq.set_defaults(func=cmd_quantize)
+
+    sr = sub.add_parser("rotate", help="fuse norms and SpinQuant rotations (R1, R2) into a Llama-like model")
+    sr.add_argument("model", help="model directory, or `smollm2` for the prepared offline model")
+    sr.add_argument("out", help="output model directory (written atomically)")
+    sr.add_argument("--rotation", required=True, choices=["none", "hadamard", "learned"],
+                    help="none: fused norms, untied lm_head only; hadamard: random Hadamards (QuaRot-style); "
+                         "learned: Cayley SGD under W16A4KV4 (resumes after a kill: rerun the same command)")
+    sr.add_argument("--steps", type=int, default=100, help="learned: training steps")
+    sr.add_argument("--lr", type=float, default=1.5, help="learned: Cayley SGD learning rate (cosine to 0)")
+    sr.add_argument("--batch-size", type=int, default=1, help="learned: windows per step")
+    sr.add_argument("--seq-len", type=int, default=512, help="learned: tokens per calibration window")
+    sr.add_argument("--data", default="sotu:train", help="learned: calibration corpus (sotu:train, a path, hf:NAME...)")
+    sr.add_argument("--seed", type=int, default=0, help="random Hadamard signs and calibration windows")
+    sr.add_argument("--rotation-file", default=None, help="reuse R1/R2 from an earlier rotations.safetensors")
+    sr.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
+                    help="dtype of the saved weights (source: the model's own)")
+    sr.add_argument("--overwrite", action="store_true", help="replace OUT and discard a saved training state")
+    sr.add_argument("--quiet", action="store_true")
+    sr.set_defaults(func=cmd_rotate)
 
     se = sub.add_parser("eval", help="perplexity of a (quantized) checkpoint on held-out text")
     se.add_argument("checkpoint")
