@@ -47,6 +47,11 @@ SHAPES: dict[str, dict] = {
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+    # tiny with a Hadamard-sized MLP (w4a4 rotates down_proj's input): 192 = 12 * 16.
+    "tiny-had": dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
     "tiny": dict(hidden_size=128, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
 }
@@ -92,9 +97,10 @@ def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, se
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    from gq_kernels.registry import get_format
     from gq_kernels.schema import QuantizationConfig
     from gq_serve.checkpoint import quantize_linears
-    from gq_serve.quant_linear import GQLinear
+    from gq_serve.quant_linear import GQLinear, install_kv_cache
 
     config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
@@ -109,9 +115,15 @@ def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, se
                 t.fill_(1.0)
             elif t.dtype.is_floating_point:
                 t.normal_(0.0, 0.02, generator=g)
-            else:  # packed codes: any bit pattern is valid
+            else:  # packed codes: any bit pattern is valid (formats that disagree say so below)
                 info = torch.iinfo(t.dtype)
                 t.random_(info.min, info.max, generator=g)
+        for name, m in model.named_modules():
+            if isinstance(m, GQLinear):
+                fmt = get_format(m.format)
+                ex = fmt.example_tensors(m.params, m.out_features, m.in_features, g, name=name, model_config=config)
+                for tname, t in (ex or {}).items():
+                    getattr(m, tname).copy_(t)
         # The rotary table is computed at construction: on the meta device it never was.
         with torch.device(device):
             model.model.rotary_emb = LlamaRotaryEmbedding(config)
@@ -119,6 +131,8 @@ def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, se
     for m in model.modules():
         if isinstance(m, GQLinear):
             m.select_kernel(device, dtype)
+    if params is not None:
+        install_kv_cache(model, params)
     return model
 
 

@@ -147,6 +147,11 @@ class Format(ABC):
     # False when a linear of this format also quantizes its input (the reference matmul is then
     # more than ``x @ W_hat^T``): weight-only shortcuts (the ``dense`` kernel) must not serve it.
     weight_only: ClassVar[bool] = True
+    # False when whether a range of input columns of a linear is a linear of this format depends on
+    # the values of its tensors, not only on the ``TensorSpec`` units (e.g. a ``layout`` tensor that
+    # asks for an input transform or an activation range over all columns): loaders then load every
+    # column and ask ``slice_columns``, whose None means the range cannot be cut out.
+    columns_split_by_spec: ClassVar[bool] = True
 
     def params(self, **values) -> FormatParams:
         """Validated parameters (a pydantic ValidationError names a bad field)."""
@@ -175,14 +180,22 @@ class Format(ABC):
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def example_tensors(self, params: FormatParams, out_features: int, in_features: int,
-                        generator: torch.Generator) -> dict[str, torch.Tensor] | None:
-        """Random valid tensors of an [out, in] linear with realistic magnitudes, for benchmarks; None
-        (the default) when any bit pattern of the integer tensors with N(0, 0.02^2) float tensors is."""
+                        generator: torch.Generator, name: str = "", model_config=None) -> dict[str, torch.Tensor] | None:
+        """Random valid tensors of an [out, in] linear with realistic magnitudes, on the generator's
+        device, for benchmarks; None (the default) when any bit pattern of the integer tensors with
+        N(0, 0.02^2) float tensors is. ``name`` / ``model_config``: the module name and HF config,
+        for formats whose layers differ by role."""
         return None
 
     def kv_cache(self, params: FormatParams, num_layers: int, store: bool = True):
         """The transformers ``Cache`` a model of this format must run with, or None (the default:
         any cache). ``store=False``: one that keeps nothing, for full-sequence forwards."""
+        return None
+
+    def kv_cache_bits(self, params: FormatParams) -> int | None:
+        """Bits per K/V element of the cache a model of this format was quantized for (what
+        :meth:`kv_cache` builds), or None (the default) when it runs with any floating-point cache.
+        Engines that keep their own KV cache (vLLM) read this to say what they cannot reproduce."""
         return None
 
     def check_shape(self, params: FormatParams, out_features: int, in_features: int) -> None:
@@ -199,8 +212,12 @@ class Format(ABC):
     def slice_columns(self, tensors: dict[str, torch.Tensor], params: FormatParams, in_features: int,
                       start: int, length: int) -> dict[str, torch.Tensor] | None:
         """The tensors of a standalone linear holding input columns [start, start + length), for a
-        tensor-parallel rank whose column range does not fall on the tensors' unit boundaries; None
-        when the format cannot express that range (the loader then keeps a dense weight)."""
+        tensor-parallel rank whose column range does not fall on the tensors' unit boundaries (or of
+        any rank when ``columns_split_by_spec`` is False); None when the format cannot express that
+        range. The loader then keeps a dense weight of the columns when the format is
+        ``weight_only``; otherwise (the linear also quantizes its input, e.g. over all its columns)
+        no column range computes the right function, and the loader keeps the linear whole: every
+        rank gathers the full input and computes its share of the output rows."""
         return None
 
     def check_tensors(self, tensors: dict[str, torch.Tensor], params: FormatParams, out_features: int,

@@ -16,6 +16,8 @@ Stages (docs/gpu.md says what each measures, its budget and the device-tool call
     vllm      benchmarks/vllm_random.py: vLLM 0.26 + our plugin on the same shape, fp16 vs lut 3-bit vs
               vLLM's GPTQ 4-bit, batch 1/8/32 -> e2e rows with engine "vllm"
     qtip      benchmarks/qtip_cost.py: QTIP's Viterbi on CUDA (tiles/s) and one 4096x11008 layer -> qtip_cost_gpu.json
+    w4a4      benchmarks/w4a4_speed.py: W4A4 (integer GEMMs, 4-bit KV cache) vs dense fp16 on a Llama-2-7B-shaped
+              random model, prefill of 2048 tokens and batch-32 decode -> w4a4_speed_gpu.json
 
 `run` writes DIR/<stage>/result.json (stage, result, commit, device, date, wall time, summary) and
 DIR/<stage>/log.txt beside the stage's own files: at most 8 files, 2 folders down (what the device
@@ -74,6 +76,9 @@ STAGES = {s.name: s for s in (
                        "vs vLLM's GPTQ 4-bit (g128), batch 1/8/32, CUDA graphs (vLLM carried in pieces)"),
     Stage("qtip", 420, "benchmarks/qtip_cost.py: QTIP's tail-biting Viterbi on CUDA (tiles/s per code and "
                        "bits) and one 4096x11008 layer quantized end to end, wall time per stage"),
+    Stage("w4a4", 420, "benchmarks/w4a4_speed.py: W4A4KV4 (torch._int_mm, online Hadamard, 4-bit KV cache) vs "
+                       "dense fp16 and bf16 on a Llama-2-7B-shaped random model: prefill of 2048 tokens, batch-32 "
+                       "decode"),
 )}
 VLLM_PIECES = ".vllm-gpu-p"  # ../shared/tools/vllm-gpu/prepare.sh writes .vllm-gpu-p0..pN and .vllm-gpu-tool
 
@@ -238,8 +243,25 @@ def stage_qtip(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, 
     return ("timeout" if timed_out else "pass" if rc == 0 else "fail"), summary
 
 
+def stage_w4a4(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, dict]:
+    argv = [sys.executable, "benchmarks/w4a4_speed.py", "--out", str(out / "w4a4_speed.json")]
+    if smoke:
+        argv += ["--device", "cpu", "--shape", "tiny-had", "--dtype", "fp32", "--variants", "dense:fp32,w4a4",
+                 "--prefill-tokens", "64", "--batch", "4", "--prompt-tokens", "8", "--decode-steps", "2", "--runs", "1"]
+    else:
+        argv += ["--device", "cuda", "--shape", "llama2-7b", "--dtype", "fp16", "--variants",
+                 "dense:fp16,dense:bf16,w4a4", "--prefill-tokens", "2048", "--batch", "32", "--prompt-tokens", "128",
+                 "--decode-steps", "32", "--runs", "3"]
+    rc, timed_out = run_logged(argv, out / "log.txt", env, timeout)
+    summary: dict = {}
+    if (out / "w4a4_speed.json").exists():
+        for r in json.loads((out / "w4a4_speed.json").read_text())["rows"]:
+            summary[f"{r['variant']} {r['case']}"] = {"tok_s": r["tok_s"], "speedup": r["speedup_vs_baseline"]}
+    return ("timeout" if timed_out else "pass" if rc == 0 else "fail"), summary
+
+
 RUNNERS = {"correct": stage_correct, "kernels": stage_kernels, "e2e": stage_e2e, "vllm": stage_vllm,
-           "qtip": stage_qtip}
+           "qtip": stage_qtip, "w4a4": stage_w4a4}
 
 
 def _has(module: str) -> bool:
@@ -449,6 +471,8 @@ def merge(src: Path, results: Path = RESULTS) -> list[str]:
             merge_e2e_rows(json.loads((out / f"{stage}.json").read_text())["rows"], results / "e2e.json")
         elif stage == "qtip":
             shutil.copyfile(out / "qtip_cost.json", results / "qtip_cost_gpu.json")
+        elif stage == "w4a4":
+            shutil.copyfile(out / "w4a4_speed.json", results / "w4a4_speed_gpu.json")
     tmp = status_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status, indent=1) + "\n")
     tmp.replace(status_path)

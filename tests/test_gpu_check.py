@@ -57,6 +57,11 @@ def test_stage_smoke_passes_and_its_files_come_back(stage, tmp_path):
         rows = json.loads((out / "qtip" / "qtip_cost.json").read_text())["rows"]
         assert [r["kind"] for r in rows] == ["viterbi", "layer"] and rows[0]["tiles_per_s"] > 0
         assert rows[1]["time_viterbi_s"] > 0 and rows[1]["shape"] == "32x64"
+    if stage == "w4a4":
+        rows = json.loads((out / "w4a4" / "w4a4_speed.json").read_text())["rows"]
+        assert [(r["variant"], r["case"]) for r in rows] == [("dense:fp32", "prefill"), ("dense:fp32", "decode"),
+                                                            ("w4a4", "prefill"), ("w4a4", "decode")]
+        assert rows[2]["kernels"] == {"w4a4-int": 14} and rows[3]["kv_bits"] == 4
     if stage == "vllm":
         rows = json.loads((out / "vllm" / "vllm.json").read_text())["rows"]
         assert [(r["variant"], r["batch"]) for r in rows] == [("fp16", 1), ("fp16", 2), ("lut:3", 1), ("lut:3", 2)]

@@ -16,7 +16,7 @@ from gq_kernels.registry import choose_kernel, get_format
 from gq_kernels.w4a4 import reference as ref
 from gq_kernels.w4a4.format import W4A4Quant
 from gq_kernels.w4a4.kvcache import QuantizedKVCache
-from gq_kernels.w4a4.ops import quantized_matmul
+from gq_kernels.w4a4.ops import group_codes, quantized_matmul
 from gq_quantize.methods.gptq import inverse_hessian_factor  # noqa: F401
 from gq_quantize.methods.objective import quadratic_objective
 from gq_quantize.methods.spinquant import SpinQuantConfig, clipped_scale, quantize_w4a4
@@ -85,7 +85,7 @@ def test_the_integer_accumulator_is_exact():
     x = torch.randn(5, 256, generator=g)
     codes, s_x, z_x = ref.quantize_act(x, 4, 0)
     exact = (codes[:, 0].double() - z_x[:, 0].double()) @ w.double().t()
-    y = quantized_matmul(x, w, torch.ones(48), w.to(torch.int32).sum(1, keepdim=True), 4, 0, False)
+    y = quantized_matmul(x, group_codes(w, 0), torch.ones(48), w.to(torch.int32).sum(1, keepdim=True), 4, 0, False)
     torch.testing.assert_close(y.double(), exact * s_x[:, 0].double(), rtol=1e-6, atol=1e-5)
 
 
@@ -110,6 +110,33 @@ def test_bad_tensors_are_refused_by_name():
         FMT.check_tensors(t, params, 16, 30)
     with pytest.raises(ValueError, match="act_bits"):
         FMT.params(bits=4, act_bits=5)
+
+
+def test_slice_columns_only_where_a_column_range_is_a_w4a4_linear():
+    """Tensor-parallel hooks (the vLLM plugin): per-head activation groups split at group boundaries,
+    and the ranks' partial outputs sum to the whole layer's; an input Hadamard, per-token ranges or a
+    range crossing a group cannot be split (None: the loader keeps the layer whole)."""
+    g = torch.Generator().manual_seed(3)
+    params = FMT.params(bits=4)
+    t = FMT.example_tensors(params, 24, 64, g)
+    t["layout"] = torch.tensor([0, 16], dtype=torch.int32)
+    x = torch.randn(5, 64, generator=g)
+    halves = [FMT.slice_columns(t, params, 64, s, 32) for s in (0, 32)]
+    for h in halves:
+        FMT.check_tensors(h, params, 24, 32)
+    got = sum(FMT.matmul(x[:, s:s + 32], h, params, 32) for s, h in zip((0, 32), halves))
+    torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
+    assert not FMT.columns_split_by_spec
+    assert FMT.slice_columns(t, params, 64, 8, 32) is None          # crosses a group
+    for layout in ([0, 0], [1, 0], [1, 16]):                          # per-token range / input Hadamard
+        t["layout"] = torch.tensor(layout, dtype=torch.int32)
+        assert FMT.slice_columns(t, params, 64, 0, 32) is None
+    t["layout"] = torch.tensor([0, 0], dtype=torch.int32)
+    fp_act = FMT.params(bits=4, act_bits=16)                          # float activations: any range
+    h = FMT.slice_columns(t, fp_act, 64, 5, 20)
+    torch.testing.assert_close(FMT.matmul(x[:, 5:25], h, fp_act, 20),
+                               x[:, 5:25] @ FMT.dequantize(t, fp_act, 64)[:, 5:25].t(), rtol=1e-5, atol=1e-5)
+    assert FMT.kv_cache_bits(FMT.params(bits=4)) == 4 and FMT.kv_cache_bits(FMT.params(bits=4, kv_bits=16)) is None
 
 
 # ---------------------------------------------------------------------------------------- KV cache
@@ -278,3 +305,27 @@ def test_w4a4_generates_with_its_4bit_cache(w4a4_dir):
     assert out[0, 4:].tolist() == want
     with pytest.raises(ValueError, match="KV cache"):
         make_decoder(model, "static")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 64, 2048])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_int_kernel_matches_the_reference(rows, dtype):
+    """Every path of the integer kernel on CUDA (the exact float carrier at <= 16 rows, torch._int_mm
+    above), per-token, per-head and Hadamard layers of Llama-2-7B shapes."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    params = FMT.params(bits=4)
+    for (in_f, out_f), had, group in (((4096, 11008), 0, 0), ((11008, 4096), 1, 0), ((4096, 4096), 0, 128)):
+        t = FMT.example_tensors(params, out_f, in_f, g)
+        t["layout"] = torch.tensor([had, group], dtype=torch.int32, device="cuda")
+        kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cuda", dtype)
+        x = torch.randn(rows, in_f, device="cuda", generator=g).to(dtype)
+        got = kernel.apply(kernel.prepare(t), x).float()
+        want = FMT.matmul(x.float(), t, params, in_f)
+        assert torch.isfinite(got).all()
+        assert float((got - want).norm() / want.norm()) < 4 * 2.0**-8

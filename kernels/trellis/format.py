@@ -143,7 +143,7 @@ class TrellisFormat(Format):
         return ref.matmul(x, tensors["trellis"], tensors["SU"], tensors["SV"], tensors["Wscale"], tensors.get("tlut"),
                           params.trellis_code, params.bits, params.out_rht_blocks, bias)
 
-    def example_tensors(self, params, out_features, in_features, generator):
+    def example_tensors(self, params, out_features, in_features, generator, name="", model_config=None):
         """Random streams (every one is a valid circular chain), +-1 signs, Wscale 0.02, the default LUT."""
         from gq_kernels.trellis.codes import default_tlut
         from gq_kernels.hadamard import random_signs

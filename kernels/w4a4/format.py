@@ -87,6 +87,16 @@ def effective_weight(codes: torch.Tensor, scale: torch.Tensor, input_hadamard: b
     return hadamard_transform(w, transpose=True) if input_hadamard else w
 
 
+def layer_layout(name: str, model_config) -> tuple[bool, int]:
+    """SpinQuant's per-layer choices for a Llama-family linear ``name``: (input Hadamard R4 on
+    down_proj, activation groups of head_dim on o_proj: one per attention head); (False, 0) else."""
+    if name.endswith("mlp.down_proj"):
+        return True, 0
+    if name.endswith("self_attn.o_proj"):
+        return False, getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return False, 0
+
+
 def read_layout(layout: torch.Tensor) -> tuple[bool, int]:
     """(input_hadamard, act_group_size) from a ``layout`` tensor."""
     vals = [int(v) for v in layout.tolist()]
@@ -98,6 +108,9 @@ class W4A4Format(Format):
     Params = W4A4Params
     Result = W4A4Quant
     weight_only = False
+    # Whether input columns [start, start + length) are a w4a4 linear depends on ``layout``: an input
+    # Hadamard mixes all columns and per-token activation ranges span them (slice_columns).
+    columns_split_by_spec = False
 
     def tensors(self, params: W4A4Params, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         return {
@@ -138,11 +151,32 @@ class W4A4Format(Format):
     def check_shape(self, params, out_features, in_features):
         pass
 
-    def example_tensors(self, params, out_features, in_features, generator):
+    def slice_columns(self, tensors, params: W4A4Params, in_features, start, length):
+        """The linear of input columns [start, start + length): only when the layer has no input
+        Hadamard (R_in mixes every column) and its activations are quantized per group of columns
+        with the range on group boundaries (per-token ranges span every column), or not at all."""
+        had, group = read_layout(tensors["layout"])
+        if had:
+            return None
+        if params.act_bits < 16 and (group == 0 or start % group or length % group):
+            return None
+        codes = ref.unpack_int4(tensors["qweight"], in_features)[:, start:start + length]
+        layout = tensors["layout"].clone()
+        if group and (start % group or length % group):
+            layout[1] = 0  # activations in floating point (act_bits 16): the groups do not matter
+        return {"qweight": ref.pack_int4(codes), "scale": tensors["scale"].clone(), "layout": layout}
+
+    def kv_cache_bits(self, params: W4A4Params) -> int | None:
+        return params.kv_bits if params.kv_bits < 16 else None
+
+    def example_tensors(self, params, out_features, in_features, generator, name="", model_config=None):
         lo, hi = ref.weight_range(params.bits)
-        codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=generator, dtype=torch.int8)
-        scale = (torch.rand(out_features, generator=generator) * 0.004 + 0.002).half()
-        return {"qweight": ref.pack_int4(codes), "scale": scale, "layout": torch.tensor([0, 0], dtype=torch.int32)}
+        dev = generator.device
+        codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=generator, dtype=torch.int8, device=dev)
+        scale = (torch.rand(out_features, generator=generator, device=dev) * 0.004 + 0.002).half()
+        had, group = layer_layout(name, model_config) if model_config is not None else (False, 0)
+        return {"qweight": ref.pack_int4(codes), "scale": scale,
+                "layout": torch.tensor([int(had), group], dtype=torch.int32, device=dev)}
 
     def kv_cache(self, params: W4A4Params, num_layers: int, store: bool = True):
         """A transformers cache holding ``kv_bits``-bit keys and values (None at 16 bits)."""

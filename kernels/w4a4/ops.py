@@ -33,30 +33,37 @@ def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b_t.t())
 
 
-def quantized_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
+def group_codes(w_codes: torch.Tensor, act_group_size: int) -> torch.Tensor:
+    """int8 [N, K] -> [G, N, K/G] contiguous: each activation group's weight columns as one matrix."""
+    N, K = w_codes.shape
+    g = K if act_group_size == 0 else act_group_size
+    return w_codes.reshape(N, K // g, g).transpose(0, 1).contiguous()
+
+
+def quantized_matmul(x: torch.Tensor, w_groups: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                      act_bits: int, act_group_size: int, input_hadamard: bool, act_clip: float = 1.0) -> torch.Tensor:
     """One w4a4 linear with an integer GEMM.
 
     Args:
         x: [..., K] float activations.
-        w_codes: int8 [N, K] weight codes; w_scale float32 [N]; row_sums int32 [N, G] (per
-            activation group, G = 1 for per-token groups).
+        w_groups: int8 [G, N, K/G] weight codes per activation group (:func:`group_codes`; G = 1 for
+            per-token groups); w_scale float32 [N]; row_sums int32 [N, G].
     Returns:
         [..., N] float32.
     """
     xr = ref.prepare_input(rows_2d(x), input_hadamard)
-    N, K = w_codes.shape
+    G, N, gs = w_groups.shape
     if act_bits >= 16:
-        y = xr.float() @ ref.dequantize_weight(w_codes, w_scale.half()).t()
+        w = w_groups.transpose(0, 1).reshape(N, G * gs)
+        y = xr.float() @ ref.dequantize_weight(w, w_scale.half()).t()
         return y.reshape(*x.shape[:-1], N)
     codes, s_x, z_x = ref.quantize_act(xr, act_bits, act_group_size, act_clip)   # [M, G, K/G], [M, G, 1]
-    G, gs = codes.shape[1], codes.shape[2]
     # Codes up to 2^8 - 1 do not fit int8: shift by 2^(a-1) and fold the shift into the zero point.
     shift = 128 if act_bits == 8 else 0
     a = (codes.to(torch.int16) - shift).to(torch.int8)
     y = None
     for g in range(G):
-        acc = int_matmul(a[:, g], w_codes[:, g * gs:(g + 1) * gs])                 # [M, N] int32
+        acc = int_matmul(a[:, g].contiguous(), w_groups[g])                             # [M, N] int32
         zr = (z_x[:, g] - shift) * row_sums[:, g].float()[None, :]                 # [M, N]
         part = s_x[:, g] * (acc.float() - zr)
         y = part if y is None else y + part
@@ -73,10 +80,10 @@ class W4A4IntKernel(LinearKernel):
     def prepare(self, tensors):
         layer = self.layer
         had, group = read_layout(tensors["layout"])
-        codes = ref.unpack_int4(tensors["qweight"], layer.in_features).to(self.device)
+        codes = ref.unpack_int4(tensors["qweight"].to(self.device), layer.in_features)
         g = layer.in_features if group == 0 else group
         sums = codes.to(torch.int32).reshape(codes.shape[0], -1, g).sum(dim=-1)
-        return {"codes": codes.contiguous(), "scale": tensors["scale"].float().to(self.device),
+        return {"codes": group_codes(codes, group), "scale": tensors["scale"].float().to(self.device),
                 "row_sums": sums.contiguous(), "layout": torch.tensor([int(had), group])}
 
     def apply(self, tensors, x, bias=None):

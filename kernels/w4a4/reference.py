@@ -122,8 +122,9 @@ def fake_quant_act(x: torch.Tensor, bits: int, group_size: int = 0, clip: float 
 
 
 def prepare_input(x: torch.Tensor, input_hadamard: bool) -> torch.Tensor:
-    """The activation a linear quantizes: x, or x R_in (over the last axis) when it has one."""
-    return hadamard_transform(x.float()).to(x.dtype) if input_hadamard else x
+    """The activation a linear quantizes: x, or x R_in (over the last axis, float32: the rotated
+    values are quantized without a round trip through x's dtype) when it has one."""
+    return hadamard_transform(x.float()) if input_hadamard else x
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, act_bits: int, act_group_size: int,

@@ -23,7 +23,7 @@ from pydantic import Field, PrivateAttr
 
 from gq_kernels.hadamard import hadamard_transform, has_hadamard
 from gq_kernels.w4a4 import reference as ref
-from gq_kernels.w4a4.format import W4A4Quant
+from gq_kernels.w4a4.format import W4A4Quant, layer_layout
 from gq_quantize.methods.base import MethodConfig
 from gq_quantize.methods.gptq import inverse_hessian_factor
 from gq_quantize.methods.objective import quadratic_objective
@@ -104,10 +104,7 @@ class SpinQuantConfig(MethodConfig):
 
     def for_layer(self, name: str, model_config) -> "SpinQuantConfig":
         c = self.model_copy()
-        c._input_hadamard = name.endswith("mlp.down_proj")
-        if name.endswith("self_attn.o_proj"):
-            c._act_group_size = getattr(model_config, "head_dim", None) or (
-                model_config.hidden_size // model_config.num_attention_heads)
+        c._input_hadamard, c._act_group_size = layer_layout(name, model_config)
         return c
 
 
