@@ -130,8 +130,8 @@ def install_kv_cache(model: nn.Module, params: FormatParams) -> int | None:
     from transformers import DynamicCache
 
     fmt = get_format(params.format)
-    n_layers = model.config.num_hidden_layers
-    if fmt.kv_cache(params, n_layers) is None:
+    config = model.config
+    if fmt.kv_cache(params, config) is None:
         return None
 
     def pre_hook(module, args, kwargs):
@@ -139,9 +139,9 @@ def install_kv_cache(model: nn.Module, params: FormatParams) -> int | None:
         if getattr(cache, "gq_format", None) == params.format:
             return args, kwargs
         if cache is None:
-            kwargs["past_key_values"] = fmt.kv_cache(params, n_layers, store=kwargs.get("use_cache") is not False)
+            kwargs["past_key_values"] = fmt.kv_cache(params, config, store=kwargs.get("use_cache") is not False)
         elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            kwargs["past_key_values"] = fmt.kv_cache(params, n_layers, store=True)
+            kwargs["past_key_values"] = fmt.kv_cache(params, config, store=True)
         else:
             raise ValueError(f"this {params.format} checkpoint keeps its own quantized KV cache; got a "
                              f"{type(cache).__name__} (use the dynamic decoder: --decode dynamic)")

@@ -187,9 +187,10 @@ class Format(ABC):
         for formats whose layers differ by role."""
         return None
 
-    def kv_cache(self, params: FormatParams, num_layers: int, store: bool = True):
-        """The transformers ``Cache`` a model of this format must run with, or None (the default:
-        any cache). ``store=False``: one that keeps nothing, for full-sequence forwards."""
+    def kv_cache(self, params: FormatParams, model_config, store: bool = True):
+        """The transformers ``Cache`` a model (HF ``model_config``) of this format must run with,
+        or None (the default: any cache). ``store=False``: one that keeps nothing, for
+        full-sequence forwards. Raises ValueError when the model cannot have it."""
         return None
 
     def kv_cache_bits(self, params: FormatParams) -> int | None:

@@ -58,6 +58,13 @@ VARIANTS: dict[str, dict] = {
     "lnq-seq": dict(method="lnq", sequential=True),
     "lnq-gq4": dict(method="lnq", guided=True, groups=4),
     "lnq-gq4-seq": dict(method="lnq", guided=True, groups=4, sequential=True),
+    # W4A4KV4 (issue 11): ``rotation`` is the `gq rotate` mode the model goes through first (norms
+    # fused and lm_head untied in every mode); weights 4-bit, activations 4-bit, KV cache 4-bit.
+    "w4a4-rtn": dict(method="spinquant", rtn=True, rotation="none"),
+    "w4a4-gptq": dict(method="spinquant", rotation="none"),
+    "w4a4-quarot": dict(method="spinquant", rotation="hadamard"),
+    "w4a4-spinquant": dict(method="spinquant", rotation="learned"),
+    "w4a4-spinquant-gq": dict(method="spinquant", rotation="learned", guided=True, groups=1),
 }
 
 
@@ -92,6 +99,18 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
+def rotated_model(model_dir: Path, args, mode: str, cache: Path) -> Path:
+    """The model with SpinQuant's rotations fused (`gq rotate`), made once and kept under the
+    cache; learned rotations train on the calibration text (never the evaluation text)."""
+    from gq_quantize.spinquant.train import write_rotated_model
+
+    out = cache / "results" / "rotated" / f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}"
+    if not (out / "rotation.json").exists():
+        write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
+                            data=args.calib, cache=cache, dtype="float32", overwrite=out.exists())
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2", choices=sorted(MODELS))
@@ -100,6 +119,7 @@ def main() -> int:
     p.add_argument("--calib", default="sotu:calib")
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--rotation-steps", type=int, default=100, help="w4a4 variants: Cayley SGD steps of learned rotations")
     p.add_argument("--val", action="store_true", help="evaluate on sotu:val (calibration-domain validation)")
     p.add_argument("--out", default=str(ROOT / "docs/results/quality_variants.json"))
     p.add_argument("--eval-windows", type=int, default=32, choices=(16, 32),
@@ -157,6 +177,8 @@ def main() -> int:
                        {"size_bytes": fp16_bytes})
                 continue
             kw = dict(VARIANTS[variant])
+            rotation = kw.pop("rotation", None)
+            source = model_dir if rotation is None else rotated_model(model_dir, args, rotation, cache)
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
                                                                               seq_len=args.seq_len), **kw)
             # checkpoints calibrated elsewhere than sotu:calib carry their data's name, so a budget
@@ -164,10 +186,11 @@ def main() -> int:
             tag = "" if args.calib == "sotu:calib" else "-" + args.calib.replace(":", "_").replace("/", "_")
             ckpt = ckpt_root / f"{args.model}-{variant}-{bits}bit-{args.n_samples}x{args.seq_len}{tag}"
             t0 = time.perf_counter()
-            summary = quantize_model(model_dir, qconfig, ckpt, cache, overwrite=True)
+            summary = quantize_model(source, qconfig, ckpt, cache, overwrite=True)
             wall = time.perf_counter() - t0
             model = load_quantized_model(ckpt, dtype=torch.float32)
-            record({**base, "method": kw["method"], "config": qconfig.flat()}, model,
+            rot = {} if rotation is None else {"rotation": json.loads((source / "rotation.json").read_text())}
+            record({**base, "method": kw["method"], "config": qconfig.flat(), **rot}, model,
                    {"size_bytes": dir_bytes(ckpt), "fp16_size_bytes": fp16_bytes,
                     "quantize_wall_s": round(wall, 1), "quantize_timings_s": summary["timings_s"],
                     "objective_sum": summary["objective_sum"]})

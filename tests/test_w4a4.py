@@ -329,3 +329,29 @@ def test_gpu_int_kernel_matches_the_reference(rows, dtype):
         want = FMT.matmul(x.float(), t, params, in_f)
         assert torch.isfinite(got).all()
         assert float((got - want).norm() / want.norm()) < 4 * 2.0**-8
+
+
+def test_a_checkpoint_missing_a_scale_is_refused_by_name(w4a4_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gq_serve.checkpoint import load_quantized_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(w4a4_dir, bad)
+    (bad / "gq_manifest.json").unlink()  # else the checksums refuse it first (tested elsewhere)
+    f = next(bad.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    del tensors["model.layers.1.self_attn.q_proj.scale"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj\.scale"):
+        load_quantized_model(bad)
+
+
+def test_a_head_dim_without_hadamard_has_no_4bit_kv_cache():
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match="head_dim 50"):
+        FMT.kv_cache(FMT.params(bits=4), LlamaConfig(hidden_size=200, num_attention_heads=4))
+    assert FMT.kv_cache(FMT.params(bits=4, kv_bits=16), LlamaConfig(hidden_size=96, num_attention_heads=4)) is None

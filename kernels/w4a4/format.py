@@ -178,10 +178,14 @@ class W4A4Format(Format):
         return {"qweight": ref.pack_int4(codes), "scale": scale,
                 "layout": torch.tensor([int(had), group], dtype=torch.int32, device=dev)}
 
-    def kv_cache(self, params: W4A4Params, num_layers: int, store: bool = True):
+    def kv_cache(self, params: W4A4Params, model_config, store: bool = True):
         """A transformers cache holding ``kv_bits``-bit keys and values (None at 16 bits)."""
         if params.kv_bits >= 16:
             return None
         from gq_kernels.w4a4.kvcache import QuantizedKVCache
 
-        return QuantizedKVCache(num_layers, params.kv_bits, params.kv_clip, store=store)
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        if not has_hadamard(head_dim):
+            raise ValueError(f"{self.name}: the {params.kv_bits}-bit KV cache rotates keys by a Hadamard of head_dim "
+                             f"{head_dim}, which has no construction; export with kv_bits 16")
+        return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store)
