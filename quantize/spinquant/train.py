@@ -365,8 +365,9 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
         raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
     started = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    source_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or "float32"
-    source_dtype = str(source_dtype).replace("torch.", "")
+    # The dtype the checkpoint was saved in (the loaded config now says float32).
+    cfg_json = json.loads((model_dir / "config.json").read_text())
+    source_dtype = str(cfg_json.get("dtype") or cfg_json.get("torch_dtype") or "float32").replace("torch.", "")
     save_dtype = source_dtype if dtype == "source" else dtype
     if not isinstance(getattr(torch, save_dtype, None), torch.dtype):
         raise RotationError(f"unknown dtype {dtype!r}: use source, float32, float16 or bfloat16")
