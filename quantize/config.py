@@ -79,6 +79,10 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"--guided needs a Hessian-based method ({', '.join(guidable)}); {self.method!r} has none")
         if self.groups > 1 and not self.guided:
             raise ValueError("--groups > 1 only makes sense with --guided")
+        most = type(self.options).max_groups
+        if most is not None and self.groups > most:
+            raise ValueError(f"method {self.method!r} takes --groups up to {most}: "
+                             f"{type(self.options).max_groups_reason}")
         if self.sequential and "hessian" not in type(self.options).needs:
             seq = [n for n in method_names() if "hessian" in get_method(n).config.needs]
             raise ValueError(f"--sequential changes the layer Hessians, which {self.method!r} does not use; "

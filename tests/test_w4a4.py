@@ -355,3 +355,11 @@ def test_a_head_dim_without_hadamard_has_no_4bit_kv_cache():
     with pytest.raises(ValueError, match="head_dim 50"):
         FMT.kv_cache(FMT.params(bits=4), LlamaConfig(hidden_size=200, num_attention_heads=4))
     assert FMT.kv_cache(FMT.params(bits=4, kv_bits=16), LlamaConfig(hidden_size=96, num_attention_heads=4)) is None
+
+
+def test_spinquant_refuses_guided_groups_above_one():
+    from gq_quantize.config import QuantizeConfig
+
+    with pytest.raises(ValueError, match="up to 1"):
+        QuantizeConfig(method="spinquant", bits=4, guided=True, groups=4)
+    assert QuantizeConfig(method="spinquant", bits=4, rtn=True).needs() == frozenset()

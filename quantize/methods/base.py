@@ -31,6 +31,9 @@ class MethodConfig(BaseModel):
     name: ClassVar[str]
     format: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
+    # GuidedQuant's g this method is exact for (None: any), and why.
+    max_groups: ClassVar[int | None] = None
+    max_groups_reason: ClassVar[str] = ""
 
     bits: int
 
