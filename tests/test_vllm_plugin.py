@@ -714,3 +714,194 @@ def test_trellis_server_three_engines_chat_and_stream(trellis_server):
     full = client.completions.create(**kw).choices[0].text
     chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
     assert len(chunks) >= 2 and "".join(chunks) == full
+
+
+# ============================================================================================ w4a4
+# W4A4 (SpinQuant): integer weights times integer activations, served by the ``w4a4-int`` kernel in
+# vLLM as in the embedded engine. Its own tiny model: FFN 192 (= 12 * 16, a Hadamard size, for
+# down_proj's input rotation R4). Exported with kv_bits 16: vLLM keeps its own K/V cache, so only
+# then do vLLM, the embedded engine and the fake-quant reference compute the same function. Under
+# tensor parallel 2, o_proj (activation groups of head_dim 32) splits at a head boundary (64 columns
+# per rank) and down_proj (input Hadamard, per-token ranges) is kept whole on each rank.
+W4A4_FFN = 192
+
+
+def build_w4a4_checkpoint(root: Path, kv_bits: int = 16) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gq_quantize.config import QuantizeConfig
+    from gq_quantize.export import export_checkpoint
+    from gq_quantize.methods.spinquant import SpinQuantConfig, quantize_w4a4
+
+    src = root / "fp16-w4a4"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=W4A4_FFN, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                      tie_word_embeddings=False, initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    LlamaForCausalLM(cfg).half().save_pretrained(src)
+    _build_tokenizer(src)
+    model = LlamaForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    method = SpinQuantConfig(bits=4, kv_bits=kv_bits, rtn=True)
+    results = {n: quantize_w4a4(m.weight.detach().float(), None, method.for_layer(n, cfg))
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    qc = QuantizeConfig(method="spinquant", bits=4, kv_bits=kv_bits, rtn=True)
+    return export_checkpoint(src, results, qc, root / f"w4a4-kv{kv_bits}")
+
+
+def w4a4_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> list[int]:
+    """Greedy tokens of plain transformers with every quantized linear computing the format's
+    specification (``Format.matmul``: fake-quantized activations times W_hat) from its tensors."""
+    from conftest import greedy_tokens
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gq_serve.checkpoint import read_quantization_config
+
+    qc = read_quantization_config(ckpt)
+    fmt = qc.format_impl
+    raw = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        raw.update(load_file(f))
+    cfg_dict = json.loads((ckpt / "config.json").read_text())
+    cfg_dict.pop("quantization_config")
+    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg_dict)).float().eval()
+    dense = {n: t.float() for n, t in raw.items() if not n.endswith((".qweight", ".scale", ".layout"))}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    assert not unexpected, unexpected
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in raw:
+            t = {s: raw[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
+            mod.forward = (lambda t, i: lambda x: fmt.matmul(x, t, qc.params, i))(t, mod.in_features)
+    return greedy_tokens(model, prompt_ids, n)
+
+
+@pytest.fixture(scope="session")
+def w4a4_ckpt(tmp_path_factory) -> Path:
+    return build_w4a4_checkpoint(tmp_path_factory.mktemp("gq-vllm-w4a4"))
+
+
+@requires_vllm
+def test_w4a4_fused_parts_must_share_their_layout():
+    """vLLM's fused loaders would keep the last part's ``layout`` (out_dim None); ours wants equal ones."""
+    from types import SimpleNamespace
+
+    import gq_serve.vllm_plugin as plugin
+
+    plugin.register()
+    from gq_serve.vllm_plugin.linear_method import GuidedQuantLinearMethod as Base
+
+    layer = SimpleNamespace(prefix="model.layers.0.self_attn.qkv_proj", gq_shared={})
+    load = Base.shared_loader(layer, "layout", torch.int32, (2,))
+    param = torch.nn.Parameter(torch.empty(2, dtype=torch.int32), requires_grad=False)
+    load(param, torch.tensor([0, 0], dtype=torch.int32), "q")
+    load(param, torch.tensor([0, 0], dtype=torch.int32), "k")
+    assert param.tolist() == [0, 0] and set(layer.gq_shared["layout"]) == {"q", "k"}
+    with pytest.raises(ValueError, match=r"qkv_proj\.layout: .*part 'v' has layout \[1, 0\] and part 'q'"):
+        load(param, torch.tensor([1, 0], dtype=torch.int32), "v")
+    with pytest.raises(ValueError, match=r"qkv_proj\.layout must be torch.int32"):
+        load(param, torch.tensor([0, 0], dtype=torch.int64), "v")
+
+
+@requires_vllm
+def test_w4a4_low_bit_kv_cache_is_a_load_warning(caplog, monkeypatch):
+    import gq_serve.vllm_plugin as plugin
+
+    plugin.register()
+    from gq_serve.vllm_plugin import config
+
+    monkeypatch.setattr(config, "_kv_warned", False)
+    block = {"quant_method": "guidedquant", "format": "w4a4", "bits": 4, "format_version": 1, "act_bits": 4,
+             "kv_bits": 4}
+    with caplog.at_level("WARNING", logger=config.__name__):
+        config.GuidedQuantConfig.from_config(block)
+        config.GuidedQuantConfig.from_config(block)  # once per process
+    msgs = [r.getMessage() for r in caplog.records if r.name == config.__name__]
+    assert len(msgs) == 1 and "4-bit KV cache" in msgs[0] and "--kv-cache-dtype fp8" in msgs[0], msgs
+    assert config.warn_kv_cache(config.GuidedQuantConfig.from_config(dict(block, kv_bits=16)).checkpoint) is None
+
+
+@pytest.fixture(scope="session")
+def w4a4_server(w4a4_ckpt, tmp_path_factory):
+    """A vLLM OpenAI server on the w4a4 (kv_bits 16) checkpoint with tensor parallel 2 (fp32, eager)."""
+    if not _have_vllm():
+        pytest.skip("vLLM is not installed")
+    import urllib.request
+
+    from gq_serve.vllm_launch import vllm_env
+
+    run_dir = tmp_path_factory.mktemp("vw")  # short: vLLM's ZMQ socket paths must stay under 107 characters
+    port = _free_port()
+    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(w4a4_ckpt), "--engine", "vllm",
+            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+            "--served-model-name", str(w4a4_ckpt), "--dtype", "float32", "--max-model-len", "256",
+            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8",
+            "--vllm-arg=--tensor-parallel-size", "--vllm-arg=2"]
+    env = vllm_env(run_dir=run_dir)
+    env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    log = open(run_dir / "server.log", "w")
+    t0 = time.time()
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+            if time.time() - t0 > SERVER_START_TIMEOUT_S:
+                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        print(f"\nvLLM w4a4 tp=2 server healthy after {time.time() - t0:.1f} s")
+        yield {"url": url, "ckpt": w4a4_ckpt, "log": run_dir / "server.log"}
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+@requires_vllm
+@pytest.mark.slow
+def test_w4a4_server_tp2_three_engines_chat_and_stream(w4a4_server):
+    """The lut client tests on a w4a4 checkpoint served with tensor parallel 2: vLLM (w4a4-int on
+    every rank; o_proj split at a head boundary, down_proj kept whole and its input gathered), the
+    embedded engine and transformers computing the format's specification give the same greedy
+    tokens; chat and streaming work; no KV-cache warning at kv_bits 16, no fused part overwritten."""
+    from openai import OpenAI
+    from safetensors.torch import load_file
+
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
+
+    ckpt = w4a4_server["ckpt"]
+    raw = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        raw.update(load_file(f))
+    # The layouts that decide the tensor-parallel paths above.
+    assert raw["model.layers.0.mlp.down_proj.layout"].tolist() == [1, 0]
+    assert raw["model.layers.0.self_attn.o_proj.layout"].tolist() == [0, HIDDEN // HEADS]
+    client = OpenAI(base_url=w4a4_server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    r = client.completions.create(model=str(ckpt), prompt=PROMPT_IDS, max_tokens=N_TOKENS, temperature=0.0,
+                                  logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    vllm_tokens = [int(t.split(":", 1)[1]) for t in r.choices[0].logprobs.tokens]
+    model = load_model(str(ckpt), "cpu", torch.float32)
+    assert set(model.gq_kernels) == {"w4a4-int"}
+    engine = Engine(model, load_tokenizer(str(ckpt)), "cpu")
+    try:
+        hf_tokens = [tok for tok, _, _ in engine.generate(PROMPT_IDS, max_tokens=N_TOKENS, ignore_eos=True)]
+    finally:
+        engine.shutdown()
+    assert vllm_tokens == hf_tokens == w4a4_greedy(ckpt, PROMPT_IDS)
+    chat = client.chat.completions.create(model=str(ckpt), messages=[{"role": "user", "content": "hello world"}],
+                                          max_tokens=8, temperature=0.0)
+    assert chat.choices[0].message.role == "assistant" and 1 <= chat.usage.completion_tokens <= 8
+    kw = dict(model=str(ckpt), prompt="hello world the", max_tokens=8, temperature=0.0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert len(chunks) >= 2 and "".join(chunks) == full
+    log = w4a4_server["log"].read_text()
+    assert "-bit KV cache" not in log and "without `output_dim`" not in log

@@ -4,9 +4,15 @@ Importing this module registers the config under ``"guidedquant"`` (see ``__init
 it is only ever imported inside a process that has vLLM. The block is parsed by the same schema as
 every other loader (:mod:`gq_kernels.schema`); every format registered in :mod:`gq_kernels.registry`
 is served by the one linear method of :mod:`.linear_method`.
+
+A format may have been quantized for a low-bit KV cache (``Format.kv_cache_bits``, e.g. W4A4KV4's
+4-bit per-(token, head) groups). vLLM keeps K/V in its own cache dtype, which cannot hold those, so
+:func:`warn_kv_cache` logs once per process, at load, what vLLM keeps instead and that
+``--kv-cache-dtype fp8`` is the closest vLLM option; it never happens silently.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +21,29 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from gq_kernels.schema import QUANT_METHOD, QuantizationConfig as CheckpointConfig, parse_quantization_config
+
+log = logging.getLogger(__name__)
+
+
+_kv_warned = False
+
+
+def warn_kv_cache(qc: CheckpointConfig) -> str | None:
+    """Log, once per process, that vLLM cannot keep the low-bit KV cache a checkpoint's format was
+    quantized for (``Format.kv_cache_bits``); returns the message (None when there is nothing to say)."""
+    global _kv_warned
+    bits = qc.format_impl.kv_cache_bits(qc.params)
+    if bits is None:
+        return None
+    msg = (f"guidedquant: this {qc.format} checkpoint was quantized for a {bits}-bit KV cache (per token and "
+           "head), which vLLM's cache cannot hold: vLLM keeps K/V in its own cache dtype instead (--kv-cache-dtype, "
+           "default 'auto' = the model dtype), so attention reads unquantized keys and values and outputs differ "
+           "from `gq serve --engine hf`, which runs the checkpoint's quantized cache. `--kv-cache-dtype fp8` is "
+           "the closest vLLM option. The quantized linears are served as the checkpoint specifies.")
+    if not _kv_warned:
+        _kv_warned = True
+        log.warning(msg)
+    return msg
 
 
 def _is_module_match(prefix: str, name: str) -> bool:
@@ -77,6 +106,7 @@ class GuidedQuantConfig(QuantizationConfig):
         except ValueError as e:
             raise ValueError(f"guidedquant: {e}") from None
         skip = qc.modules_to_not_convert if "modules_to_not_convert" in config else ["lm_head"]
+        warn_kv_cache(qc)
         return cls(qc, skip)
 
     # ------------------------------------------------------------------ per-layer dispatch

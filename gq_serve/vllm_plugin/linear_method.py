@@ -22,6 +22,26 @@ part (q/k/v, gate/up: each keeps its own tensors), by a loader of ours; after lo
 rank holds entirely keeps its packed tensors and kernel, and a part split by tensor parallelism
 (rows or columns) is dequantized and the rank keeps a dense weight of its rows and columns. ``apply``
 concatenates the parts' outputs.
+
+Formats that also quantize a linear's input (``Format.weight_only`` False, e.g. W4A4: integer
+weights times integer activations) are served by their own kernel on every path, never by a dense
+weight, since ``x @ W_hat^T`` is not their function:
+  * a tensor shared by all rows (``out_dim`` None, e.g. a per-linear ``layout`` record) is loaded by
+    :meth:`GuidedQuantLinearMethod.shared_loader`: vLLM's fused loaders would copy it whole for each
+    part and keep the last; ours requires q/k/v (gate/up) to carry equal tensors and refuses the
+    checkpoint otherwise, naming the layer and the parts;
+  * column-parallel and fused layers split output rows as above (the input is whole on every rank,
+    so per-token activation quantization sees the same values);
+  * a format with ``columns_split_by_spec`` False decides a row-parallel split from its loaded
+    tensors: every column is loaded and ``Format.slice_columns`` cuts the rank's columns out only
+    when that range is a linear of the format (W4A4: no input Hadamard, activation groups not crossing
+    the range; o_proj with per-head groups splits at a head boundary). Otherwise (W4A4's down_proj:
+    its input Hadamard and per-token ranges span every column) the layer is kept whole: each rank
+    holds all columns of its share of the output rows, ``apply`` all-gathers the input columns
+    across the tensor-parallel group, computes those rows with the format's kernel and leaves zeros
+    in the others, and vLLM's all-reduce sums the ranks' outputs into exactly the unsplit result;
+  * such a format whose rows are not independent is refused under a tensor-parallel split of a part
+    (``--tensor-parallel-size 1``).
 """
 from __future__ import annotations
 
@@ -94,11 +114,16 @@ class GuidedQuantLinearMethod(LinearMethodBase):
         # LinearBase sets tp_rank before create_weights runs (0 for replicated / disable_tp layers).
         in_start = getattr(layer, "tp_rank", 0) * in_pp if row_parallel else 0
         on_disk = fmt.tensors(params, out_pp, input_size)  # this layer's rows, every column
-        shard = row_parallel and all(
+        shard = row_parallel and fmt.columns_split_by_spec and all(
             s.in_dim is None or (in_start % s.in_unit == 0 and in_pp % s.in_unit == 0) for s in on_disk.values())
         stored = fmt.tensors(params, out_pp, in_pp) if shard else on_disk
+        layer.gq_shared = {}  # name -> {shard id: tensor} of the tensors every fused part carries
         for name, spec in stored.items():
             attrs = dict(extra_weight_attrs)
+            if spec.out_dim is None and spec.in_dim is None:
+                attrs["weight_loader"] = self.shared_loader(layer, name, spec.dtype, on_disk[name].shape)
+                self.add_param(layer, name, torch.empty(spec.shape, dtype=spec.dtype), attrs)
+                continue
             sliced = set()
             if spec.out_dim is not None:
                 attrs["output_dim"] = spec.out_dim
@@ -118,7 +143,34 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             "loaded_whole": row_parallel and not shard,  # every column loaded: cut this rank's out
             "names": tuple(stored),
             "params_dtype": params_dtype,
+            "n_parts": len(output_partition_sizes),
         }
+
+    @staticmethod
+    def shared_loader(layer, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        """Loader of a tensor shared by all rows (``out_dim`` None, e.g. a layout record).
+
+        vLLM's fused loaders copy such a parameter whole for every part, so the last part would win
+        silently; here every part's tensor must equal the others' (one fused layer runs one kernel
+        configuration), else the load fails naming the layer and the parts."""
+
+        def load(param, loaded_weight, shard_id=None):
+            full = f"{layer.prefix}.{name}" if getattr(layer, "prefix", "") else name
+            if loaded_weight.dtype != dtype:
+                raise ValueError(f"guidedquant: {full} must be {dtype}, the checkpoint has {loaded_weight.dtype}")
+            if tuple(loaded_weight.shape) != tuple(shape):
+                raise ValueError(f"guidedquant: {full} has shape {tuple(loaded_weight.shape)}; expected {tuple(shape)}")
+            seen = layer.gq_shared.setdefault(name, {})
+            for other, t in seen.items():
+                if not torch.equal(t, loaded_weight.cpu()):
+                    raise ValueError(
+                        f"guidedquant: {full}: vLLM fuses the checkpoint's modules into one layer, but part "
+                        f"{shard_id!r} has {name} {loaded_weight.tolist()} and part {other!r} has {t.tolist()}; "
+                        f"every fused part must carry the same {name} (re-export the checkpoint)")
+            seen[shard_id] = loaded_weight.detach().cpu().clone()
+            param.data.copy_(loaded_weight)
+
+        return load
 
     # Formats whose rows are not independent: every fused part loaded whole -------------------
     @staticmethod
@@ -181,6 +233,10 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             out_full = fmt.infer_out_features(tensors, qc.params, part["input_size"])
             fmt.check_tensors(tensors, qc.params, out_full, part["input_size"], prefix=f"{prefix}.")
             whole = size == out_full and part["in_pp"] == part["input_size"]
+            if not whole and not fmt.weight_only:
+                raise ValueError(f"guidedquant: {prefix} (part {i}) is split by tensor parallelism, and a "
+                                 f"{fmt.name} linear quantizes its input, so a dense weight of the rank's share "
+                                 "would compute another function; serve with --tensor-parallel-size 1")
             if whole:
                 spec = LinearSpec(qc.params, out_full, part["input_size"])
                 kernel = choose_kernel(spec, device, dtype, prefer=qc.checkpoint.kernel)
@@ -220,10 +276,19 @@ class GuidedQuantLinearMethod(LinearMethodBase):
         tensors = {name: getattr(layer, name).data for name in part["names"]}
         device = next(iter(tensors.values())).device
         dtype = part["params_dtype"]
+        prefix = getattr(layer, "prefix", "")
+        for name, parts in layer.gq_shared.items():
+            if part["n_parts"] > 1 and len(parts) != part["n_parts"]:
+                raise ValueError(f"guidedquant: {prefix}.{name}: the checkpoint gives it for fused part(s) "
+                                 f"{sorted(map(str, parts))} only; every one of the {part['n_parts']} parts needs it")
+        del layer.gq_shared
         spec = LinearSpec(qc.params, part["out_pp"], part["in_pp"])
         local = tensors
         if part["loaded_whole"]:
             local = fmt.slice_columns(tensors, qc.params, part["input_size"], part["in_start"], part["in_pp"])
+        if local is None and not fmt.weight_only:
+            self._keep_whole(layer, fmt, tensors, device, dtype)
+            return
         if local is None:
             # The format has no packed form of this rank's columns: keep their dense weight.
             lo = part["in_start"]
@@ -243,8 +308,31 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
         layer.gq_kernel, layer.gq_runtime = kernel, tuple(runtime)
 
+    def _keep_whole(self, layer, fmt, tensors, device, dtype) -> None:
+        """A row-parallel layer no column range of which is a linear of its format (it quantizes its
+        input over every column, or rotates it first): each rank keeps every column of its share of
+        the output rows, gathers the full input in ``apply`` and fills in those rows; the other rows
+        are zeros, so vLLM's all-reduce (a sum) assembles the exact output."""
+        part, qc = layer.gq_partition, self.quant_config
+        out, tp_rank, tp_size = part["out_pp"], int(getattr(layer, "tp_rank", 0)), int(getattr(layer, "tp_size", 1))
+        r0, r1 = out * tp_rank // tp_size, out * (tp_rank + 1) // tp_size
+        specs = fmt.tensors(qc.params, out, part["input_size"])
+        rows = {n: t if specs[n].out_dim is None else t.narrow(specs[n].out_dim, r0, r1 - r0).contiguous()
+                for n, t in tensors.items()}
+        kernel = choose_kernel(LinearSpec(qc.params, r1 - r0, part["input_size"]), device, dtype,
+                               prefer=qc.checkpoint.kernel)
+        runtime = kernel.prepare(rows)
+        for name in part["names"]:
+            delattr(layer, name)
+        for name, t in runtime.items():
+            layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+        layer.gq_kernel, layer.gq_runtime = _GatheredRows(kernel, r0, r1, out), tuple(runtime)
+        log.info("guidedquant: %s keeps all %d input columns on every rank (a %s linear that cannot be split "
+                 "by column); rank %d computes output rows %d..%d", getattr(layer, "prefix", ""),
+                 part["input_size"], fmt.name, tp_rank, r0, r1)
+
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(layer.gq_kernel, _Parts):
+        if isinstance(layer.gq_kernel, (_Parts, _GatheredRows)):
             return layer.gq_kernel.apply(layer, x, bias)
         return layer.gq_kernel.apply({name: getattr(layer, name) for name in layer.gq_runtime}, x, bias)
 
@@ -262,3 +350,24 @@ class _Parts:
                 for k, keys in zip(self.kernels, layer.gq_runtime)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y if bias is None else y + bias.to(y.dtype)
+
+
+class _GatheredRows:
+    """A row-parallel layer kept whole on every rank (``_keep_whole``): gather the input's columns
+    from all ranks, compute this rank's output rows [r0, r1) with the format's kernel, zeros elsewhere."""
+
+    def __init__(self, kernel, r0: int, r1: int, out_features: int) -> None:
+        self.kernel, self.r0, self.r1, self.out_features = kernel, r0, r1, out_features
+        self.name = kernel.name
+
+    def apply(self, layer, x, bias=None):
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        full = tensor_model_parallel_all_gather(x.contiguous(), dim=-1) if getattr(layer, "tp_size", 1) > 1 else x
+        rows = self.kernel.apply({name: getattr(layer, name) for name in layer.gq_runtime}, full)
+        if self.r0 == 0 and self.r1 == self.out_features:
+            y = rows
+        else:
+            y = rows.new_zeros(*rows.shape[:-1], self.out_features)
+            y[..., self.r0:self.r1] = rows
+        return y if bias is None else y + bias.to(y.dtype)  # vLLM passes the bias to rank 0 only
