@@ -107,7 +107,7 @@ def rotated_model(model_dir: Path, args, mode: str, cache: Path) -> Path:
     out = cache / "results" / "rotated" / f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}"
     if not (out / "rotation.json").exists():
         write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
-                            data=args.calib, cache=cache, dtype="float32", overwrite=out.exists())
+                            data=args.calib, cache=cache, overwrite=out.exists())
     return out
 
 

@@ -47,7 +47,9 @@ MODES = ("none", "hadamard", "learned")
 STATE_FILE = "rotation_train_state.pt"
 LOSS_JSON = "rotation_loss.json"
 LOSS_PNG = "rotation_loss.png"
-ROTATIONS_FILE = "rotations.safetensors"
+# In a subfolder: every top-level *.safetensors of a model directory is a weight file to loaders
+# and to the exporter, which would carry R1/R2 into the quantized checkpoint as stray tensors.
+ROTATIONS_FILE = "rotation/rotations.safetensors"
 ROTATION_JSON = "rotation.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -418,6 +420,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     for name in _TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, partial / name)
+    (partial / ROTATIONS_FILE).parent.mkdir(exist_ok=True)
     save_file({"R1": r1.contiguous(), **{f"R2.{i}": r.contiguous() for i, r in enumerate(r2)}},
               str(partial / ROTATIONS_FILE), metadata={"format": "gq-spinquant-rotations", "mode": mode})
     record["seconds"] = round(time.time() - started, 1)
