@@ -10,7 +10,7 @@ through an integer GEMM, a 4-bit KV cache) is for the compute-bound cases. For e
 * ``decode``: ``--batch`` sequences of ``--prompt-tokens`` each prefilled, then ``--decode-steps``
   steps of one token per sequence: generated tokens per second over all sequences.
 
-Median of ``--runs`` after a warm-up. Each row carries ``speedup_vs`` (the first variant, the
+Median of ``--runs`` after a warm-up; the variants' runs interleave. Each row carries ``speedup_vs`` (the first variant, the
 baseline) and, on the CPU, its ISA flags (integer GEMM speed depends on VNNI / AMX), threads and
 other jobs' load.
 
@@ -112,22 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     results_io = E2E._results_io()
     rows, base = [], {}
+    # Every variant is built first and the runs interleave (run r of each variant, then run r + 1),
+    # so a change in other jobs' load falls on all variants alike and the ratios stay fair.
+    models = {}
     for label in args.variants.split(","):
         params, dtype = variant(label)
         dtype = dtype or E2E.DTYPES[args.dtype]
         model = E2E.build_model(args.shape, params, device, dtype, args.seed)
         time_prefill(model, min(64, args.prefill_tokens), device)          # warm-up
         time_decode(model, args.batch, 8, 2, device)
-        with results_io.OtherLoad() as other:
-            pre = [time_prefill(model, args.prefill_tokens, device) for _ in range(args.runs)]
-            dec = [time_decode(model, args.batch, args.prompt_tokens, args.decode_steps, device)
-                   for _ in range(args.runs)]
+        models[label] = (model, dtype)
+    pre = {label: [] for label in models}
+    dec = {label: [] for label in models}
+    with results_io.OtherLoad() as other:
+        for _ in range(args.runs):
+            for label, (model, _) in models.items():
+                pre[label].append(time_prefill(model, args.prefill_tokens, device))
+                dec[label].append(time_decode(model, args.batch, args.prompt_tokens, args.decode_steps, device))
+    for label, (model, dtype) in models.items():
         kernels: dict[str, int] = {}
         for m in model.modules():
             if getattr(m, "kernel", None) is not None and hasattr(m, "packed_tensors"):
                 kernels[m.kernel.name] = kernels.get(m.kernel.name, 0) + 1
-        for case, times, n in (("prefill", pre, args.prefill_tokens),
-                               ("decode", dec, args.batch * args.decode_steps)):
+        for case, times, n in (("prefill", pre[label], args.prefill_tokens),
+                               ("decode", dec[label], args.batch * args.decode_steps)):
             tok_s = n / statistics.median(times)
             row = {"case": case, "variant": label, "model": f"{args.shape} (random weights)",
                    "device": E2E.device_name(device), "compute_dtype": str(dtype).removeprefix("torch."),
@@ -144,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                            load_avg_1min=round(os.getloadavg()[0], 2), **features.describe())
             rows.append(row)
             print(f"{label:12s} {case:8s} {tok_s:10.1f} tok/s  x{row['speedup_vs_baseline']:.2f}", file=sys.stderr)
-        del model
     doc = {"benchmark": "w4a4_speed", "baseline": args.variants.split(",")[0], "date": str(date.today()),
            "command": "python " + " ".join([Path(sys.argv[0]).name if argv is None else "benchmarks/w4a4_speed.py",
                                             *(sys.argv[1:] if argv is None else argv)]),
