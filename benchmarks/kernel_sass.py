@@ -1,6 +1,7 @@
 """Offline instruction counts of the GEMV kernels (no GPU needed).
 
-Compiles ``kernels.lut`` / ``kernels.bcq`` GEMV kernels for a given CUDA arch with the configs their
+Compiles ``kernels.lut`` / ``kernels.bcq`` GEMV kernels (and the trellis / w4a4 kernels on request)
+for a given CUDA arch with the configs their
 ``_gemv_config`` returns, disassembles the cubin with the ``nvdisasm`` that ships with Triton, finds
 the main loop (the longest backward branch; the whole kernel when there is none), and reports
 lane-instructions per weight:
@@ -220,10 +221,50 @@ def trellis_cases(arch, shapes, ms, bits_list, dtype="fp16", code="hyb"):
                    block_m=1)
 
 
+# ------------------------------------------------------------------------------------------ w4a4
+def w4a4_cases(arch, shapes, ms, bits_list, dtype="fp16"):
+    """The w4a4 int8 x int4 GEMM (per-token and head_dim-128 groups; the rows given plus a 2048-row
+    prefill tile) and its activation quantization kernel. ``bits_list`` is unused: weights are 4-bit
+    nibbles, activations 4-bit (8-bit only changes a constant shift)."""
+    import gq_kernels.w4a4.triton_kernels as W
+    for n, k in shapes:
+        for m in sorted({*ms, 2048}):
+            for group in (0, 128):
+                if group and k % group:
+                    continue
+                cfg = W.gemm_config(m, n, k, group)
+                sig = {"a_ptr": "*i8", "w_ptr": "*u8", "sx_ptr": "*fp32", "zx_ptr": "*fp32", "rs_ptr": "*i32",
+                       "sw_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "M": "i32", "N": "i32",
+                       "K": "i32", "G": "i32", "GS": "i32", "stride_am": "i32", "stride_wn": "i32",
+                       "stride_ym": "i32", "SHIFT": "constexpr", "MODE": "constexpr", "EVEN_K": "constexpr",
+                       "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                       "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
+                consts = {key: cfg[key] for key in ("MODE", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                consts.update(SHIFT=0, HAS_BIAS=False)
+                aligned = ["a_ptr", "w_ptr", "sx_ptr", "zx_ptr", "rs_ptr", "sw_ptr", "bias_ptr", "y_ptr"] + [
+                    a for a, v in (("N", n), ("K", k), ("stride_am", k), ("stride_wn", k // 2), ("stride_ym", n))
+                    if v % 16 == 0]
+                c = compile_kernel(W._w4a4_gemm_kernel, sig, consts, aligned, arch,
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                # One loop iteration: a [BLOCK_N, BLOCK_K] weight tile shared by the program's warps.
+                yield dict(kernel="w4a4", n=n, k=k, m=m, bits=4, cfg=dict(cfg, group=group), compiled=c,
+                           weights_per_warp=cfg["BLOCK_N"] * cfg["BLOCK_K"] // cfg["num_warps"],
+                           block_m=min(m, cfg["BLOCK_M"]))
+    for block in (1024, 128):
+        sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32", "G": "i32", "GS": "i32",
+               "stride_xm": "i32", "stride_qm": "i32", "clip": "fp32", "MAXQ": "constexpr", "SHIFT": "constexpr",
+               "BLOCK": "constexpr"}
+        consts = dict(MAXQ=15, SHIFT=0, BLOCK=block)
+        c = compile_kernel(W._w4a4_quant_kernel, sig, consts, ["x_ptr", "q_ptr", "s_ptr", "z_ptr"], arch,
+                           num_warps=4 if block >= 512 else 2, enable_fp_fusion=False)
+        yield dict(kernel="w4a4_quant", n=0, k=0, m=block, bits=0, cfg=consts, compiled=c, weights_per_warp=0,
+                   block_m=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90", help="comma-separated SM versions, e.g. 80,86,89,90,120")
-    ap.add_argument("--kernels", default="lut,bcq", help="comma-separated: lut, bcq, trellis")
+    ap.add_argument("--kernels", default="lut,bcq", help="comma-separated: lut, bcq, trellis, w4a4")
     ap.add_argument("--shapes", default="4096x4096", help="NxK list, or 'llama' for the Llama-2-7B shapes + 576x1536")
     ap.add_argument("--m", default="1,8", help="comma-separated x row counts")
     ap.add_argument("--bits", default="2,3,4", help="comma-separated bit widths")
@@ -239,7 +280,7 @@ def main(argv=None) -> int:
         shapes = SHAPES if args.shapes == "llama" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         ms = [int(v) for v in args.m.split(",")]
         bits_list = [int(v) for v in args.bits.split(",")]
-    gens = {"lut": lut_cases, "bcq": bcq_cases, "trellis": trellis_cases}
+    gens = {"lut": lut_cases, "bcq": bcq_cases, "trellis": trellis_cases, "w4a4": w4a4_cases}
     rows, failures, seen = [], 0, set()
     for arch in [int(a) for a in args.arch.split(",")]:
         for name in args.kernels.split(","):

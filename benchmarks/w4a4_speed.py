@@ -2,7 +2,8 @@
 
 Weight-only formats speed up batch-1 decode; W4A4 (``w4a4``: int4 weights x int4 activations
 through an integer GEMM, a 4-bit KV cache) is for the compute-bound cases. For each variant
-(``dense:DTYPE`` or ``w4a4``), on a Llama-shaped model with random weights built in memory
+(``dense:DTYPE`` or ``w4a4``, optionally pinned to one kernel: ``w4a4@w4a4-int``,
+``w4a4@w4a4-triton``), on a Llama-shaped model with random weights built in memory
 (:func:`e2e_random.build_model`), in one process and one session:
 
 * ``prefill``: one forward over a ``--prefill-tokens`` prompt (batch 1, the KV cache filled, the
@@ -16,6 +17,8 @@ other jobs' load.
 
     python benchmarks/w4a4_speed.py --device cpu --shape smollm2 --variants dense:fp32,dense:bf16,w4a4 \\
         --out docs/results/w4a4_speed.json
+    python benchmarks/w4a4_speed.py --device cuda --shape llama2-7b --dtype fp16 \\
+        --variants dense:fp16,w4a4@w4a4-int,w4a4@w4a4-triton --out /tmp/w.json   # both integer GEMMs
     python benchmarks/w4a4_speed.py --device cpu --shape tiny-had --prefill-tokens 64 --batch 4 --out /tmp/w.json  # smoke
 """
 from __future__ import annotations
@@ -85,14 +88,30 @@ def time_decode(model, batch: int, prompt: int, steps: int, device: torch.device
 
 
 def variant(label: str):
-    """(params or None, dtype override or None) for ``dense:DTYPE`` / ``w4a4`` / ``w4a4:A`` (A =
-    activation bits)."""
+    """(params or None, dtype override or None, kernel name or None) for ``dense:DTYPE`` / ``w4a4`` /
+    ``w4a4:A`` (A = activation bits), each optionally pinned to a kernel with ``@NAME`` (e.g.
+    ``w4a4@w4a4-int`` vs ``w4a4@w4a4-triton``; without it the registry chooses)."""
+    label, _, kernel = label.partition("@")
     if label.startswith("dense:"):
-        return None, E2E.DTYPES[label[6:]]
+        if kernel:
+            raise ValueError(f"dense variants have no kernel to pin: {label}@{kernel}")
+        return None, E2E.DTYPES[label[6:]], None
     from gq_kernels.registry import get_format
 
     fmt, _, act = label.partition(":")
-    return get_format(fmt).params(bits=4, **({"act_bits": int(act)} if act else {})), None
+    return get_format(fmt).params(bits=4, **({"act_bits": int(act)} if act else {})), None, kernel or None
+
+
+def pin_kernel(model, kernel: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Serve every quantized linear of ``model`` with the kernel named ``kernel`` (the GQLinear
+    preference; the registry refuses, naming why, where that kernel cannot serve a layer)."""
+    from gq_serve.quant_linear import GQLinear
+
+    for m in model.modules():
+        if isinstance(m, GQLinear):
+            m.kernel_preference = kernel
+            m.reset_cache()
+            m.select_kernel(device, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     # so a change in other jobs' load falls on all variants alike and the ratios stay fair.
     models = {}
     for label in args.variants.split(","):
-        params, dtype = variant(label)
+        params, dtype, kernel = variant(label)
         dtype = dtype or E2E.DTYPES[args.dtype]
         model = E2E.build_model(args.shape, params, device, dtype, args.seed)
+        if kernel:
+            pin_kernel(model, kernel, device, dtype)
         time_prefill(model, min(64, args.prefill_tokens), device)          # warm-up
         time_decode(model, args.batch, 8, 2, device)
         models[label] = (model, dtype)

@@ -26,6 +26,7 @@ _BUILTIN_KERNELS = (
     "gq_kernels.lut.ops:LutTritonKernel",
     "gq_kernels.bcq.ops:BcqTritonKernel",
     "gq_kernels.trellis.ops:TrellisTritonKernel",
+    "gq_kernels.w4a4.ops:W4A4TritonKernel",  # CUDA; elsewhere (and at 16-bit activations) w4a4-int
     "gq_kernels.w4a4.ops:W4A4IntKernel",
     # CPU: each format's variants, best first; a variant the CPU cannot run says which flags it lacks.
     "gq_kernels.lut.cpu:LutCpuAvx512Kernel",

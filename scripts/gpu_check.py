@@ -76,7 +76,8 @@ STAGES = {s.name: s for s in (
                        "vs vLLM's GPTQ 4-bit (g128), batch 1/8/32, CUDA graphs (vLLM carried in pieces)"),
     Stage("qtip", 420, "benchmarks/qtip_cost.py: QTIP's tail-biting Viterbi on CUDA (tiles/s per code and "
                        "bits) and one 4096x11008 layer quantized end to end, wall time per stage"),
-    Stage("w4a4", 420, "benchmarks/w4a4_speed.py: W4A4KV4 (torch._int_mm, online Hadamard, 4-bit KV cache) vs "
+    Stage("w4a4", 420, "benchmarks/w4a4_speed.py: W4A4KV4 (torch._int_mm vs the Triton int8 x int4 GEMM, online "
+                       "Hadamard, 4-bit KV cache) vs "
                        "dense fp16 and bf16 on a Llama-2-7B-shaped random model: prefill of 2048 tokens, batch-32 "
                        "decode"),
 )}
@@ -250,7 +251,8 @@ def stage_w4a4(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, 
                  "--prefill-tokens", "64", "--batch", "4", "--prompt-tokens", "8", "--decode-steps", "2", "--runs", "1"]
     else:
         argv += ["--device", "cuda", "--shape", "llama2-7b", "--dtype", "fp16", "--variants",
-                 "dense:fp16,dense:bf16,w4a4", "--prefill-tokens", "2048", "--batch", "32", "--prompt-tokens", "128",
+                 "dense:fp16,dense:bf16,w4a4@w4a4-int,w4a4@w4a4-triton", "--prefill-tokens", "2048", "--batch", "32",
+                 "--prompt-tokens", "128",
                  "--decode-steps", "32", "--runs", "3"]
     rc, timed_out = run_logged(argv, out / "log.txt", env, timeout)
     summary: dict = {}

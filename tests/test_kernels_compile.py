@@ -1,4 +1,4 @@
-"""The Triton GEMV kernels compile for every supported GPU architecture, without a GPU.
+"""The Triton GEMV kernels (and the w4a4 GEMM) compile for every supported GPU architecture, without a GPU.
 
 Triton ships ptxas, so ``triton.compile`` can target sm_80/86/89/90/120 on this CPU machine
 (benchmarks/kernel_sass.py). This catches what the interpreter cannot: code Triton fails to lower
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = "80,86,89,90,120"  # RTX 30 / 40 / 50 class and A100 / H100
 
 
-@pytest.mark.parametrize("kernels,bits", [("lut", "2,3,4,8"), ("bcq", "2,3,4"), ("trellis", "2,3,4")])
+@pytest.mark.parametrize("kernels,bits", [("lut", "2,3,4,8"), ("bcq", "2,3,4"), ("trellis", "2,3,4"), ("w4a4", "4")])
 def test_gemv_kernels_compile_for_every_arch_without_spills(kernels, bits):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(

@@ -323,7 +323,8 @@ def test_gpu_int_kernel_matches_the_reference(rows, dtype):
     for (in_f, out_f), had, group in (((4096, 11008), 0, 0), ((11008, 4096), 1, 0), ((4096, 4096), 0, 128)):
         t = FMT.example_tensors(params, out_f, in_f, g)
         t["layout"] = torch.tensor([had, group], dtype=torch.int32, device="cuda")
-        kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cuda", dtype)
+        # Pinned: on CUDA the registry prefers w4a4-triton (tests/test_w4a4_triton.py).
+        kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cuda", dtype, prefer="w4a4-int")
         x = torch.randn(rows, in_f, device="cuda", generator=g).to(dtype)
         got = kernel.apply(kernel.prepare(t), x).float()
         want = FMT.matmul(x.float(), t, params, in_f)

@@ -11,12 +11,19 @@ The integer accumulator is exact; the result equals the fake-quant reference up 
 the float epilogue. Where ``torch._int_mm`` refuses a shape (CUDA wants more than 16 rows and
 multiples of 8), the same codes are multiplied as float32, which is exact too: every partial sum is
 an integer below 2^24 (|q_x q_w| <= 120 and K < 139,000).
+
+On CUDA the registry prefers ``w4a4-triton`` (:class:`W4A4TritonKernel`, the ``gq::w4a4_matmul``
+operator over :mod:`.triton_kernels`): the same identity with the activation quantization and an
+int8 x int4 GEMM in Triton, reading the packed weights (no int8 copy) and fusing the epilogue.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 
-from gq_kernels.kernel import LinearKernel, rows_2d
+from gq_kernels.kernel import LinearKernel, TritonKernel, kernels_serve, rows_2d, triton_available
 from gq_kernels.w4a4 import reference as ref
 from gq_kernels.w4a4.format import NAME, read_layout
 
@@ -94,3 +101,86 @@ class W4A4IntKernel(LinearKernel):
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ Triton (GPU)
+def _triton_serves(device: torch.device) -> bool:
+    """CUDA with Triton; or the CPU when the tests run Triton's interpreter (TRITON_INTERPRET=1)."""
+    if kernels_serve(device):
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+
+
+@torch.library.custom_op("gq::w4a4_matmul", mutates_args=())
+def w4a4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor,
+                act_bits: int, act_group_size: int, input_hadamard: bool, act_clip: float,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One w4a4 linear on packed weights: x [..., K] (fp16 / bf16 / fp32) -> [..., N] in x's dtype.
+
+    qweight uint8 [N, ceil(K/2)] (the checkpoint's packing); scale fp32 [N]; row_sums int32 [N, G].
+    With Triton (:mod:`.triton_kernels`): the input Hadamard (when the layer has one), the Triton
+    activation quantization, the Triton int8 x int4 GEMM with the fused epilogue (and bias). Else
+    the same integer arithmetic in torch (:func:`quantized_matmul`, unpacking on every call).
+    """
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    if not _triton_serves(x.device):
+        w = group_codes(ref.unpack_int4(qweight, K), act_group_size)
+        y = quantized_matmul(x, w, scale, row_sums, act_bits, act_group_size, input_hadamard, act_clip)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    from gq_kernels.w4a4.triton_kernels import w4a4_linear
+
+    xr = ref.prepare_input(rows_2d(x), input_hadamard)  # fp32 after a Hadamard, else x's dtype
+    y = w4a4_linear(xr, qweight, scale, row_sums, act_bits, act_group_size, act_clip, bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], N)
+
+
+@w4a4_matmul.register_fake
+def _(x, qweight, scale, row_sums, act_bits, act_group_size, input_hadamard, act_clip, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+class W4A4TritonKernel(TritonKernel):
+    """Packed int4 weights on a CUDA GPU: Triton activation quantization, then a Triton int8 x int4
+    GEMM that unpacks the weight nibbles in registers, accumulates in int32 and fuses the epilogue
+    (per-group scales and zero points, s_w, bias). It keeps the checkpoint's packed ``qweight``
+    (half a byte per weight: half of w4a4-int's int8 codes) plus int32 row sums per activation group.
+    Activations must be quantized (4 or 8 bits); at 16 bits w4a4-int serves the layer. Activation
+    groups that are not a multiple of 32 columns fall back to w4a4-int's path (int8 codes)."""
+
+    name = "w4a4-triton"
+    formats = (NAME,)
+
+    @classmethod
+    def can_implement(cls, layer, device, dtype, rows=None):
+        ok, why = super().can_implement(layer, device, dtype, rows)
+        if not ok:
+            return ok, why
+        if layer.params.act_bits not in (4, 8):
+            return False, f"quantizes activations to 4 or 8 bits, not {layer.params.act_bits}"
+        return True, None
+
+    def prepare(self, tensors):
+        layer = self.layer
+        had, group = read_layout(tensors["layout"])
+        K = layer.in_features
+        if group not in (0, K) and group % 32:
+            # A GEMM K step (>= 32 columns for int8 tensor cores) must not cross an activation
+            # group: such layers (head_dim 16, say) go through w4a4-int's path instead.
+            return W4A4IntKernel(layer, self.device, self.dtype).prepare(tensors)
+        qweight = tensors["qweight"].to(self.device).contiguous()
+        g = K if group == 0 else group
+        # Row sums per group, from a transient unpacked copy (freed on return).
+        sums = ref.unpack_int4(qweight, K).reshape(qweight.shape[0], -1, g).sum(dim=-1, dtype=torch.int32)
+        return {"qweight": qweight, "scale": tensors["scale"].float().to(self.device),
+                "row_sums": sums.contiguous(), "layout": torch.tensor([int(had), group])}
+
+    def apply(self, tensors, x, bias=None):
+        if "codes" in tensors:  # prepared by the w4a4-int fallback
+            return W4A4IntKernel(self.layer, self.device, self.dtype).apply(tensors, x, bias)
+        p = self.layer.params
+        had, group = bool(tensors["layout"][0]), int(tensors["layout"][1])
+        return torch.ops.gq.w4a4_matmul(x, tensors["qweight"], tensors["scale"], tensors["row_sums"], p.act_bits,
+                                        group, had, float(p.act_clip), bias)
