@@ -29,6 +29,11 @@ LABELS = {
     "lnq-seq": "LNQ, sequential",
     "lnq-gq4": "LNQ + GuidedQuant g=4, cached Hessians",
     "lnq-gq4-seq": "LNQ + GuidedQuant g=4, sequential",
+    "w4a4-rtn": "W4A4KV4 RTN, no rotation (norms fused)",
+    "w4a4-gptq": "W4A4KV4 GPTQ, no rotation",
+    "w4a4-quarot": "W4A4KV4 GPTQ, random Hadamard R1/R2 (QuaRot-style)",
+    "w4a4-spinquant": "W4A4KV4 SpinQuant (learned R1/R2, GPTQ)",
+    "w4a4-spinquant-gq": "W4A4KV4 SpinQuant + GuidedQuant g=1",
 }
 
 
@@ -151,6 +156,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         "second_arch": variants_table(rows, GEMMA, ["fp16", "gptq-seq-act-mse", "lnq", "lnq-gq4", "lnq-gq4-seq"],
                                       [3, 4], TEXTS, ["last16x512"]),
     }
+    w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq"]
+    if any(r["variant"] in w4a4[1:] for r in rows):
+        blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     if any(r["eval_data"] == "sotu:val" for r in rows):
         blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)
     return blocks

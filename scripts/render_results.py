@@ -175,6 +175,28 @@ def kernels_table(doc: dict) -> str:
 ONLY: set[str] = set()  # --only: the blocks to rewrite (empty: all)
 
 
+def w4a4_speed_table(doc: dict) -> str:
+    """benchmarks/w4a4_speed.py's rows: tok/s per variant and case, the ratio to the run's baseline."""
+    rows = doc["rows"]
+    lines = ["| variant | kernels | prefill tok/s (1 x {p}) | x {b} | decode tok/s (batch {n}) | x {b} |".format(
+                 p=next((r["prompt_tokens"] for r in rows if r["case"] == "prefill"), "?"), b=doc["baseline"],
+                 n=next((r["batch"] for r in rows if r["case"] == "decode"), "?")),
+             "|---|---|---|---|---|---|"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        pre = next(r for r in rows if r["variant"] == v and r["case"] == "prefill")
+        dec = next(r for r in rows if r["variant"] == v and r["case"] == "decode")
+        kern = ", ".join(f"{k} x{n}" for k, n in pre["kernels"].items()) or "dense"
+        lines.append(f"| {v} | {kern} | {pre['tok_s']:.1f} | {pre['speedup_vs_baseline']:.2f} | "
+                     f"{dec['tok_s']:.1f} | {dec['speedup_vs_baseline']:.2f} |")
+    first = rows[0]
+    cpu = (f"; CPU {first.get('cpu_model', '?')}, {first.get('threads')} threads, flags "
+           f"{' '.join(first.get('cpu_flags', []))}, other jobs' load {first.get('other_cpu_load')} cores"
+           if "cpu_flags" in first else "")
+    lines += ["", f"{first['model']}, {first['device']}, measured {doc['date']}: `{doc['command']}`{cpu}. "
+              "Median of the runs, the variants' runs interleaved; ratios against the first variant in the same run."]
+    return "\n".join(lines)
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
     if ONLY and name not in ONLY:
         return doc
@@ -209,6 +231,9 @@ def main() -> int:
     kernels = RESULTS / "kernels.json"
     if kernels.exists():
         doc = replace_block(doc, "kernels", kernels_table(json.loads(kernels.read_text())))
+    w4a4_speed = RESULTS / "w4a4_speed.json"
+    if w4a4_speed.exists():
+        doc = replace_block(doc, "w4a4_speed", w4a4_speed_table(json.loads(w4a4_speed.read_text())))
     variants = RESULTS / "quality_variants.json"
     if variants.exists():
         from render_quality_variants import render_blocks  # scripts/: this script's own folder

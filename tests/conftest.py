@@ -107,6 +107,21 @@ def build_tiny_lm(out_dir: Path, max_position_embeddings: int = 128) -> Path:
     return out_dir
 
 
+def write_tiny_corpus(path: Path, seed: int = 0) -> Path:
+    """Four documents of 200 random words of the tiny tokenizer's vocabulary: calibration text."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A tiny calibration corpus (:func:`write_tiny_corpus`, seed 0) per test module."""
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus") / "text.txt")
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))

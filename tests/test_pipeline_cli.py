@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -13,15 +12,7 @@ from gq_serve.checkpoint import load_quantized_model
 from gq_serve.cli import main
 from gq_quantize import pipeline
 
-from conftest import _TINY_WORDS
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
-    return path
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ OpenAI server. The real Gemma 3 270M (`gq prepare --only gemma3`) is the `model`
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -52,13 +51,6 @@ def build_tiny_gemma3(out: Path) -> Path:
 def gemma_dir(tmp_path_factory) -> Path:
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
-    return path
 
 
 def test_windows_start_with_bos_for_a_bos_tokenizer(gemma_dir, corpus, tmp_path):

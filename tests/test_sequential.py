@@ -3,7 +3,6 @@ the objective it writes, resuming, and the per-layer call capture it shares with
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,9 @@ from gq_quantize.data import calibration_windows
 from gq_quantize.methods.objective import quadratic_objective
 from gq_serve.checkpoint import load_quantized_model
 
-from conftest import _TINY_WORDS
 
 N, SEQ = 4, 16
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
-    return path
 
 
 def qconfig(corpus: Path, **kw) -> QuantizeConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -20,17 +19,14 @@ from gq_quantize.calibration.streamed import StreamedModel, StreamingError, stre
 from gq_quantize.config import CalibrationConfig, QuantizeConfig
 from gq_serve.checkpoint import load_quantized_model
 
-from conftest import _TINY_WORDS
+from conftest import write_tiny_corpus
 
 N, SEQ = 4, 16
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
-    return path
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus") / "text.txt", seed=1)
 
 
 def in_memory(model_dir: Path):

@@ -3,7 +3,6 @@ reference, the quantized KV cache, the method, and a tiny model quantized, expor
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from gq_quantize.methods.gptq import inverse_hessian_factor  # noqa: F401
 from gq_quantize.methods.objective import quadratic_objective
 from gq_quantize.methods.spinquant import SpinQuantConfig, clipped_scale, quantize_w4a4
 
-from conftest import _TINY_WORDS
 
 FMT = get_format("w4a4")
 
@@ -226,13 +224,6 @@ def test_down_proj_is_quantized_in_the_hadamard_basis_and_o_proj_per_head():
 # ------------------------------------------------------------------------- a tiny model end to end
 N, SEQ = 4, 16
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choices(_TINY_WORDS, k=200)) for _ in range(4)))
-    return path
 
 
 @pytest.fixture(scope="module")
