@@ -47,6 +47,13 @@ def group_codes(w_codes: torch.Tensor, act_group_size: int) -> torch.Tensor:
     return w_codes.reshape(N, K // g, g).transpose(0, 1).contiguous()
 
 
+def group_row_sums(codes: torch.Tensor, act_group_size: int) -> torch.Tensor:
+    """r[n, g] = sum of row n's codes over activation group g: int8 [N, K] -> int32 [N, G]."""
+    N, K = codes.shape
+    g = K if act_group_size == 0 else act_group_size
+    return codes.reshape(N, K // g, g).sum(dim=-1, dtype=torch.int32).contiguous()
+
+
 def quantized_matmul(x: torch.Tensor, w_groups: torch.Tensor, w_scale: torch.Tensor, row_sums: torch.Tensor,
                      act_bits: int, act_group_size: int, input_hadamard: bool, act_clip: float = 1.0) -> torch.Tensor:
     """One w4a4 linear with an integer GEMM.
@@ -88,10 +95,8 @@ class W4A4IntKernel(LinearKernel):
         layer = self.layer
         had, group = read_layout(tensors["layout"])
         codes = ref.unpack_int4(tensors["qweight"].to(self.device), layer.in_features)
-        g = layer.in_features if group == 0 else group
-        sums = codes.to(torch.int32).reshape(codes.shape[0], -1, g).sum(dim=-1)
         return {"codes": group_codes(codes, group), "scale": tensors["scale"].float().to(self.device),
-                "row_sums": sums.contiguous(), "layout": torch.tensor([int(had), group])}
+                "row_sums": group_row_sums(codes, group), "layout": torch.tensor([int(had), group])}
 
     def apply(self, tensors, x, bias=None):
         p = self.layer.params
@@ -169,17 +174,18 @@ class W4A4TritonKernel(TritonKernel):
         if group not in (0, K) and group % 32:
             # A GEMM K step (>= 32 columns for int8 tensor cores) must not cross an activation
             # group: such layers (head_dim 16, say) go through w4a4-int's path instead.
-            return W4A4IntKernel(layer, self.device, self.dtype).prepare(tensors)
+            self._fallback = W4A4IntKernel(layer, self.device, self.dtype)
+            return self._fallback.prepare(tensors)
+        self._fallback = None
         qweight = tensors["qweight"].to(self.device).contiguous()
-        g = K if group == 0 else group
         # Row sums per group, from a transient unpacked copy (freed on return).
-        sums = ref.unpack_int4(qweight, K).reshape(qweight.shape[0], -1, g).sum(dim=-1, dtype=torch.int32)
         return {"qweight": qweight, "scale": tensors["scale"].float().to(self.device),
-                "row_sums": sums.contiguous(), "layout": torch.tensor([int(had), group])}
+                "row_sums": group_row_sums(ref.unpack_int4(qweight, K), group),
+                "layout": torch.tensor([int(had), group])}
 
     def apply(self, tensors, x, bias=None):
         if "codes" in tensors:  # prepared by the w4a4-int fallback
-            return W4A4IntKernel(self.layer, self.device, self.dtype).apply(tensors, x, bias)
+            return self._fallback.apply(tensors, x, bias)
         p = self.layer.params
         had, group = bool(tensors["layout"][0]), int(tensors["layout"][1])
         return torch.ops.gq.w4a4_matmul(x, tensors["qweight"], tensors["scale"], tensors["row_sums"], p.act_bits,
