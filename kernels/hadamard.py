@@ -231,9 +231,10 @@ def unrotate_weight(wt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, out_bl
     return (a * sv.float()[:, None] * su.float()[None, :]).contiguous()
 
 
-def rotate_hessian(H: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
-    """``H~ = R_n^T S_U H S_U R_n`` for H [n, n] or a stack [g, n, n] (symmetrised)."""
-    s = su.to(H.dtype)
+def rotate_hessian(H: torch.Tensor, su: torch.Tensor | None = None) -> torch.Tensor:
+    """``H~ = R_n^T S_U H S_U R_n`` for H [n, n] or a stack [g, n, n] (symmetrised); without ``su``,
+    ``R_n^T H R_n`` (the Hessian of the inputs ``x R_n``)."""
+    s = 1.0 if su is None else su.to(H.dtype)
     a = hadamard_transform(H * s)                     # H S_U R_n (rows of H, last axis)
     a = hadamard_transform(a.transpose(-1, -2) * s)  # (S_U H S_U R_n)^T S_U R_n ... = (R_n^T S_U H S_U R_n)^T
     a = a.transpose(-1, -2)

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, PrivateAttr
 
-from gq_kernels.hadamard import hadamard_transform, has_hadamard
+from gq_kernels.hadamard import hadamard_transform, has_hadamard, rotate_hessian
 from gq_kernels.w4a4 import reference as ref
 from gq_kernels.w4a4.format import W4A4Quant, layer_layout
 from gq_quantize.methods.base import MethodConfig
@@ -121,8 +121,7 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
                              "SpinQuant supports sizes K * 2^m with K in gq_kernels.hadamard.K_ORDER")
         w = hadamard_transform(w.float())                       # W R4
         if H is not None:
-            H = hadamard_transform(hadamard_transform(H.float()).t().contiguous()).t()   # R4^T H R4
-            H = 0.5 * (H + H.t())
+            H = rotate_hessian(H.float())                           # R4^T H R4
     scale = clipped_scale(w.float(), cfg.bits, cfg.w_clip)
     stats = {}
     if H is None or cfg.rtn:
