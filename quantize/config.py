@@ -83,7 +83,7 @@ class QuantizeConfig(BaseModel):
         if most is not None and self.groups > most:
             raise ValueError(f"method {self.method!r} takes --groups up to {most}: "
                              f"{type(self.options).max_groups_reason}")
-        if self.sequential and "hessian" not in type(self.options).needs:
+        if self.sequential and "hessian" not in self.needs():
             seq = [n for n in method_names() if "hessian" in get_method(n).config.needs]
             raise ValueError(f"--sequential changes the layer Hessians, which {self.method!r} does not use; "
                              f"it applies to {', '.join(seq)}")
