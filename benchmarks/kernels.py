@@ -13,8 +13,8 @@ all) and batch it times the kernel ``gq_kernels.registry.choose_kernel`` picks f
   a ``--copy-mb`` (default 1024 MiB) device-to-device ``dst.copy_(src)`` measured in the same run
   and counted as bytes read + written (2 * size / time).
 * speedup_vs_fp16 = median time of the dense ``F.linear`` (in ``--dtype``) / our median time.
-* Once per configuration the output is checked against ``F.linear`` in float32 with the
-  dequantized weight; max_rel_err = max|y - ref| / max|ref|. A configuration above the bound is
+* Once per configuration the output is checked against the format's reference matmul in float32
+  (``x @ W_hat.T``; w4a4 also quantizes x as its spec says); max_rel_err = max|y - ref| / max|ref|. A configuration above the bound is
   not timed (its speed fields are null) and the script exits 1 after writing the JSON.
 
     python benchmarks/kernels.py                                   # all: -> docs/results/kernels.json + .png
@@ -81,8 +81,8 @@ CONVENTIONS = {
             "counts only the packed inputs) or reference",
     "speedup_vs_fp16": "fp16_us / us; fp16_us is torch.nn.functional.linear(x, W) with W [n, k] in the "
                        "run's dtype (fp16 or bf16), same shape, same run",
-    "max_rel_err": "max|y - ref| / max|ref|, ref = F.linear(x.float(), W_hat) with W_hat the float32 "
-                   "dequantized weight (null if the call raised or gave non-finite values / wrong shape or "
+    "max_rel_err": "max|y - ref| / max|ref|, ref = the format's reference matmul on x.float() "
+                   "(F.linear with the float32 dequantized weight; w4a4 quantizes x first) (null if the call raised or gave non-finite values / wrong shape or "
                    "dtype); check_ok = max_rel_err <= tolerance, speed fields null otherwise",
     "error": "why the call failed (exception or wrong output dtype), null when it ran",
 }
@@ -261,9 +261,10 @@ def kernel_call(spec: LinearSpec, tensors: dict, x: torch.Tensor, kernel: str | 
     return (lambda: k.apply(runtime, x)), k.path(x)
 
 
-def dequantized(spec: LinearSpec, tensors: dict) -> torch.Tensor:
-    """The float32 weight the kernel must be computing with (the format's reference)."""
-    return get_format(spec.format).dequantize(tensors, spec.params, spec.in_features)
+def reference_output(spec: LinearSpec, tensors: dict, x: torch.Tensor) -> torch.Tensor:
+    """What the kernel must compute, in float32: the format's reference matmul (its spec) on x in
+    float32 -- ``x @ W_hat.T`` for weight-only formats, activation quantization included for w4a4."""
+    return get_format(spec.format).matmul(x.float(), tensors, spec.params, spec.in_features)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +455,6 @@ def main(argv: list[str] | None = None, call=None) -> int:
                     continue
                 spec = LinearSpec(params, n, k)
                 tensors = random_tensors(spec, g, device)
-                w_hat = dequantized(spec, tensors)
                 for batch in args.batches:
                     done += 1
                     x = xs[batch]
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None, call=None) -> int:
                         fn, path = call_of(spec, tensors, x)
                         y = fn()
                         error = None if y.dtype == dtype else f"output dtype {y.dtype}, expected {dtype}"
-                        err = max_rel_err(y, F.linear(x.float(), w_hat)) if error is None else math.inf
+                        err = max_rel_err(y, reference_output(spec, tensors, x)) if error is None else math.inf
                     except Exception as e:  # a kernel that cannot run this shape is a failed row, not a lost run
                         error, err = f"{type(e).__name__}: {e}"[:500], math.inf
                     ok = err <= tol
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None, call=None) -> int:
                         failed.append(what)
                         print(f"{what}: CHECK FAILED (max_rel_err {err:.3g} > {tol}"
                               + (f"; {error}" if error else "") + "); not timed", flush=True)
-                del w_hat, tensors
+                del tensors
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

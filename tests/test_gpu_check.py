@@ -47,8 +47,8 @@ def test_stage_smoke_passes_and_its_files_come_back(stage, tmp_path):
     if stage == "correct":
         assert res["summary"]["collected"] > 100 and res["summary"]["errors"] == 0  # every gpu test collected
     if stage == "kernels":
-        # bits x batches x the Triton-served formats (lut, bcq, trellis)
-        assert res["summary"]["rows"] == 2 * 2 * 3 and res["summary"]["failed_checks"] == 0
+        # bits x batches x the Triton-served formats (lut, bcq, trellis, w4a4), each checked against its spec
+        assert res["summary"]["rows"] == 2 * 2 * 4 and res["summary"]["failed_checks"] == 0
     if stage == "e2e":
         rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
         assert [r["variant"] for r in rows] == ["dense", "lut:2", "bcq:4"]
