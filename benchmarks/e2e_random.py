@@ -25,7 +25,6 @@ docs/results/e2e.json plus:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -38,6 +37,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from gq_serve.util import import_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,15 +69,26 @@ def _results_io():
 
 def _bench_kernels():
     """benchmarks/kernels.py (its copy-bandwidth probe), loaded by path: the name ``kernels`` is not ours."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+
+
+HEAD_SUFFIX = "+head-"  # e.g. lut:3+head-int8: the variant with gq_serve.head's --head int8
+
+
+def split_head(label: str) -> tuple[str, str]:
+    """``lut:3+head-int8`` -> (``lut:3``, ``int8``); without the suffix the head is ``model``."""
+    base, _, head = label.partition(HEAD_SUFFIX)
+    return base, head or "model"
 
 
 def parse_variant(text: str, group_size: int):
     """``dense`` or ``dense:DTYPE`` -> None; ``FORMAT:BITS`` -> the format's params (group size where it
-    has groups)."""
+    has groups); either may end in ``+head-HEAD`` (:func:`split_head`)."""
+    from gq_serve.head import HEADS
+
+    text, head = split_head(text)
+    if head not in HEADS:
+        raise argparse.ArgumentTypeError(f"variant suffix +head-{head}: expected one of {', '.join(HEADS)}")
     if text == "dense" or text.startswith("dense:"):
         if text != "dense" and text[6:] not in DTYPES:
             raise argparse.ArgumentTypeError(f"variant {text!r}: dense:DTYPE takes one of {sorted(DTYPES)}")
@@ -147,8 +159,9 @@ def step_bytes(model, kv_positions: int, dtype: torch.dtype) -> int:
             total += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
         elif isinstance(m, torch.nn.Embedding):
             total += m.weight.shape[1] * m.weight.element_size()
-        else:
-            total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        else:  # buffers too: an Int8Head (--head int8) holds its weights as buffers
+            total += sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False),
+                                                                 *m.buffers(recurse=False)])
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
@@ -163,6 +176,7 @@ def memory_mb(device: torch.device) -> float:
 
 def variant_dtype(label: str, default: torch.dtype) -> torch.dtype:
     """``dense:DTYPE`` runs in DTYPE; every other variant in ``--dtype``."""
+    label = split_head(label)[0]
     return DTYPES[label[6:]] if label.startswith("dense:") else default
 
 
@@ -177,6 +191,7 @@ def current_rss_mb() -> float:
 def run_variant(shape: str, label: str, params, args, device, dtype, copy_gbps: float) -> dict:
     from gq_serve.bench import time_decode
     from gq_serve.decode import make_decoder
+    from gq_serve.head import apply_head
     from gq_serve.quant_linear import GQLinear
 
     dtype = variant_dtype(label, dtype)
@@ -185,6 +200,7 @@ def run_variant(shape: str, label: str, params, args, device, dtype, copy_gbps: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(shape, params, device, dtype, args.seed)
+    head = apply_head(model, split_head(label)[1])
     prompt = list(range(1, args.prompt_tokens + 1))
     max_len = args.prompt_tokens + args.new_tokens
     decoder = make_decoder(model, args.decode, device, max_len=max_len, compile=args.compile)
@@ -207,7 +223,7 @@ def run_variant(shape: str, label: str, params, args, device, dtype, copy_gbps: 
         "engine": "hf", "model": f"{shape} (random weights)",
         "format": {v: k for k, v in DTYPES.items()}[dtype] if params is None else params.format,
         "bits": torch.finfo(dtype).bits if params is None else params.bits,
-        "variant": label, "batch": 1, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
+        "variant": label, "head": head, "batch": 1, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
         "tok_s": round(tok_s, 2), "tok_s_runs": [round(r, 2) for r in rates],
         "ms_per_token": round(1e3 / tok_s, 3),
         "decode": decoder.slot_mode(len(prompt), args.new_tokens),
@@ -287,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     ap.add_argument("--variants", default="dense,lut:2,lut:3,lut:4,bcq:4",
-                    help="comma list: dense (in --dtype) or FORMAT:BITS; the first is the ratio's baseline")
+                    help="comma list: dense (in --dtype) or FORMAT:BITS, either optionally +head-int8 (the "
+                         "lm_head in int8, CPU); the first is the ratio's baseline")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="activations and dense weights")
     ap.add_argument("--group-size", type=int, default=128, help="for formats with groups")
     ap.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto")

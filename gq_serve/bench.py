@@ -78,6 +78,7 @@ def bench_offline(
             "label": label,
             "device": str(param.device),
             "dtype": str(param.dtype).removeprefix("torch."),
+            "head": getattr(model, "gq_head", "model"),
             # What ran: a bucket whose capture failed degrades (e.g. to "static"), logged.
             "decode": decoder.slot_mode(len(prompt_ids), new_tokens),
             "prompt_tokens": len(prompt_ids),

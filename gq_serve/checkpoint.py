@@ -335,10 +335,17 @@ def load_quantized_model(ckpt_dir: Path, device: str | torch.device = "cpu", dty
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
-               kernel: str | None = None):
+               kernel: str | None = None, head: str = "model"):
     """A quantized checkpoint or a plain HF directory as an eval-mode causal LM; ``dtype`` as in
-    :func:`resolve_dtype` ("auto": fp16 on a GPU, fp32 on the CPU)."""
-    return load_quantized_model(Path(path), device=device, dtype=resolve_dtype(dtype, device), kernel=kernel)
+    :func:`resolve_dtype` ("auto": fp16 on a GPU, fp32 on the CPU); ``head`` as in
+    :func:`gq_serve.head.apply_head` (kept as ``model.gq_head``)."""
+    from gq_serve.head import HEADS, apply_head
+
+    if head not in HEADS:  # before the load: a typo should not cost one
+        raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    model = load_quantized_model(Path(path), device=device, dtype=resolve_dtype(dtype, device), kernel=kernel)
+    model.gq_head = apply_head(model, head)
+    return model
 
 
 def load_tokenizer(path: str | Path):

@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
     ckpt = resolve_model_path(args.checkpoint, cache)
     if not (ckpt / "config.json").is_file():
         raise CliError(f"{ckpt} is not a model directory (no config.json)")
-    model = load_model(ckpt, device=_device(args.device), dtype=args.dtype, kernel=args.kernel)
+    model = load_model(ckpt, device=_device(args.device), dtype=args.dtype, kernel=args.kernel, head=args.head)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     rows = []
     for spec in args.data:
@@ -265,9 +265,11 @@ def serve_hf(args) -> None:
         raise SystemExit(f"gq serve: checkpoint directory '{ckpt}' does not exist")
     name = args.served_model_name or os.path.basename(os.path.normpath(ckpt))
     log.info("loading %s on %s (%s)", ckpt, args.device, args.dtype)
-    model = load_model(ckpt, device=args.device, dtype=args.dtype, kernel=args.kernel)
+    model = load_model(ckpt, device=args.device, dtype=args.dtype, kernel=args.kernel, head=args.head)
     if model.gq_kernels:
         log.info("kernels: %s", ", ".join(f"{k} ({n} layers)" for k, n in model.gq_kernels.items()))
+    if model.gq_head != "model":
+        log.info("lm_head: %s", model.gq_head)
     engine = Engine(model, load_tokenizer(ckpt), device=args.device, max_queue=args.max_queue,
                     max_model_len=args.max_model_len, decode=args.decode, compile=args.compile)
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
@@ -278,6 +280,9 @@ def serve_vllm(args) -> None:
     """`gq serve --engine vllm`: exec vLLM's OpenAI server with our plugin and the same options."""
     from gq_serve.vllm_launch import VllmNotInstalledError, vllm_serve_main
 
+    if args.head != "model":
+        raise SystemExit(f"gq serve: error: --head {args.head} is for --engine hf on the CPU; vLLM keeps its own "
+                         "lm_head: drop --head")
     # Same default model id as the hf engine: the checkpoint directory's name.
     extra = ["--served-model-name", args.served_model_name or Path(args.ckpt).resolve().name]
     if args.max_model_len:
@@ -319,7 +324,7 @@ def cmd_bench_offline(args) -> list[dict]:
     models = {}
     for spec in args.models:
         label, path = _parse_model_arg(spec)
-        models[label] = (load_model(path, device=args.device, dtype=args.dtype, kernel=args.kernel),
+        models[label] = (load_model(path, device=args.device, dtype=args.dtype, kernel=args.kernel, head=args.head),
                          load_tokenizer(path))
     rows = bench_offline(models, new_tokens=args.new_tokens, runs=args.runs, prompt=args.prompt,
                          decode=args.decode)
@@ -387,6 +392,14 @@ def _add_kernel_arg(p: argparse.ArgumentParser) -> None:
                         "see docs/internals.md, e.g. dense, reference, lut-triton)")
 
 
+def _add_head_arg(p: argparse.ArgumentParser) -> None:
+    from gq_serve.head import HEADS
+
+    p.add_argument("--head", choices=HEADS, default="model",
+                   help="lm_head precision on the CPU: model (as loaded), int8 (rounded per row at load, "
+                        "multiplied by the int8 CPU kernel: a quarter of the fp32 head's bytes per token)")
+
+
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API")
     p.add_argument("ckpt", help="quantized checkpoint or plain Hugging Face model directory")
@@ -418,6 +431,7 @@ def _add_serve_parser(sub) -> None:
                    help="--engine hf, static decode on a GPU: torch.compile the step before its CUDA graph "
                         "capture (default: on)")
     _add_kernel_arg(p)
+    _add_head_arg(p)
     p.add_argument("--log-level", default="info")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="--engine vllm: one more argument for vLLM's server (repeatable), e.g. "
@@ -442,6 +456,7 @@ def _add_bench_parser(sub) -> None:
                      help="decode loop, as `gq serve --decode`: auto (static on CUDA, dynamic on CPU), "
                           "static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache)")
     _add_kernel_arg(off)
+    _add_head_arg(off)
     off.add_argument("--output", "-o", default=None, help="write rows as JSON here")
     off.set_defaults(func=cmd_bench_offline)
 
@@ -559,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     se.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     _add_kernel_arg(se)
+    _add_head_arg(se)
     se.add_argument("--json", help="also write the rows to this file")
     se.add_argument("--quiet", action="store_true")
     se.set_defaults(func=cmd_eval)

@@ -14,7 +14,8 @@ cores, measures the cores they used during the timed runs (``other_cpu_load``) a
 whose runs were disturbed (up to --attempts, keeping the least disturbed). Each row records the CPU,
 its flags, that load and the load average.
 The checkpoints are those of scripts/reproduce_quality.py (``--keep-checkpoints``): LNQ +
-GuidedQuant (g=4) ``lut`` at 2/3/4 bits and GPTQ ``bcq`` at 4 bits.
+GuidedQuant (g=4) ``lut`` at 2/3/4 bits and GPTQ ``bcq`` at 4 bits. ``--heads model int8`` runs
+every model a second time with ``--head int8`` (label suffix ``+head-int8``; ``head`` in each row).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def rss_mb() -> float:
 
 
 def child(label: str, path: str, threads: int, new_tokens: int, runs: int, decode: str = "auto",
-          compile: bool = False) -> dict:
+          compile: bool = False, head: str = "model") -> dict:
     """One model in this (fresh) process: load, decode, measure."""
     import resource
 
@@ -53,7 +54,7 @@ def child(label: str, path: str, threads: int, new_tokens: int, runs: int, decod
 
     torch.set_num_threads(threads)
     load0 = os.getloadavg()[0]
-    model = load_model(path, "cpu", torch.float32)
+    model = load_model(path, "cpu", torch.float32, head=head)
     with OtherLoad() as other:
         (row,) = bench_offline({label: (model, load_tokenizer(path))}, new_tokens=new_tokens, runs=runs,
                                decode=decode, compile=compile or None)
@@ -88,10 +89,14 @@ def main() -> int:
     p.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto", help="as gq serve --decode")
     p.add_argument("--compile", action="store_true",
                    help="with --decode static: compile each bucket's step (Inductor; on the CPU no graph)")
-    p.add_argument("--child", nargs=2, metavar=("LABEL", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--heads", nargs="+", choices=("model", "int8"), default=["model"],
+                   help="lm_head precisions (gq serve --head) to run every model with")
+    p.add_argument("--child", nargs=3, metavar=("LABEL", "PATH", "HEAD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.new_tokens, args.runs, args.decode, args.compile)))
+        label, path, head = args.child
+        print(json.dumps(child(label, path, args.threads, args.new_tokens, args.runs, args.decode, args.compile,
+                               head)))
         return 0
     cache = cache_root()
     ckpts = cache / "results" / "checkpoints"
@@ -109,11 +114,14 @@ def main() -> int:
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py --keep-checkpoints "
                          "(or gq quantize) first")
+    runs = [(label if head == "model" else f"{label}+head-{head}", label, head)
+            for label in paths for head in args.heads]
     rows = []
-    for label, path in paths.items():
+    for label, ckpt_label, head in runs:
+        path = paths[ckpt_label]
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                "--runs", str(args.runs), "--decode", args.decode, *(["--compile"] if args.compile else []),
-               "--child", label, str(path)]
+               "--child", label, str(path), head]
         best = None
         for attempt in range(1, args.attempts + 1):
             waited = wait_for_quiet(args.max_other_load, args.quiet_wait)
@@ -132,18 +140,18 @@ def main() -> int:
     prov = provenance()
     prov["command"] = "python scripts/bench_e2e_cpu.py " + " ".join(sys.argv[1:])
     out_rows = []
-    for r, label in zip(rows, paths):
+    for r, (label, ckpt_label, head) in zip(rows, runs):
         out_rows.append({
             "device": f"CPU ({platform.machine()}, {args.threads} threads)", "engine": "hf", "model": MODEL,
             "variant": label, "format": r["format"], "bits": r["bits"], "group_size": r["group_size"], "batch": 1,
             "new_tokens": args.new_tokens, "tok_s": round(r["tok_per_s"], 1),
             "tok_s_runs": [round(x, 2) for x in r["tok_per_s_runs"]], "ms_per_token": round(r["ms_per_token"], 2),
-            "baseline": "fp32", "fp16_tok_s": round(base["tok_per_s"], 1),
+            "baseline": runs[0][0], "fp16_tok_s": round(base["tok_per_s"], 1),
             "ratio": round(r["tok_per_s"] / base["tok_per_s"], 3), "rss_mb": r["rss_mb"],
             "baseline_rss_mb": base["rss_mb"], "rss_ratio": round(r["rss_mb"] / base["rss_mb"], 3),
             "peak_rss_mb": r["peak_rss_mb"], "kernels": r["kernels"], "compute_dtype": "float32",
-            "decode": r.get("decode"),
-            "checkpoint": Path(paths[label]).name,
+            "decode": r.get("decode"), "head": head,
+            "checkpoint": Path(paths[ckpt_label]).name,
             "threads": args.threads, "load_avg_1min": r["load_avg_1min"], "other_cpu_load": r["other_cpu_load"],
             "attempts": r["attempts"], "cpu_model": r["cpu_model"],
             "cpu_flags": r["cpu_flags"], **{k: prov[k] for k in ("date", "torch", "command")},

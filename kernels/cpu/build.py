@@ -1,7 +1,7 @@
 """The CPU kernels' C++ extension: compiled on first use, cached, loaded once per process.
 
-One shared library holds every variant: ``csrc/bitplane_isa.cpp`` compiled once per instruction
-set (``portable``; on x86-64 also ``avx2`` and ``avx512``, each with its own ``-m`` flags) and
+One shared library holds every variant: ``csrc/bitplane_isa.cpp`` and ``csrc/rowint8_isa.cpp``
+compiled once per instruction set (``portable``; on x86-64 also ``avx2`` and ``avx512``, each with its own ``-m`` flags) and
 ``csrc/ops.cpp`` (the torch operators, built against the running torch's headers). The operators
 call a variant only when asked for it, and the kernels ask only for variants the CPU runs
 (:mod:`.features`), so the AVX-512 code sits unused on an AVX2 machine.
@@ -38,9 +38,10 @@ from gq_kernels.cpu import features
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bitplane.h", "bitplane_isa.cpp", "ops.cpp")
+ISA_SOURCES = ("bitplane_isa.cpp", "rowint8_isa.cpp")  # compiled once per variant
+SOURCES = ("bitplane.h", "rowint8.h", *ISA_SOURCES, "ops.cpp")
 LIBRARY = "libgq_cpu.so"
-FORMAT_VERSION = 1  # bump to force a rebuild when this file's build logic changes
+FORMAT_VERSION = 2  # bump to force a rebuild when this file's build logic changes
 
 # Flags of the variant objects (no torch headers; C++17). -ffp-contract=off: no FMA contraction
 # of a weight's s * q + o, which the reference computes with two roundings.
@@ -116,8 +117,9 @@ def _compile(plan: dict, out_dir: Path) -> None:
     cxx = plan["compiler"]
     jobs = []
     for unit, flags in plan["units"].items():
-        src = CSRC / ("ops.cpp" if unit == "ops" else "bitplane_isa.cpp")
-        jobs.append((unit, [cxx, *flags, "-c", str(src), "-o", str(out_dir / f"{unit}.o")]))
+        for src in ("ops.cpp",) if unit == "ops" else ISA_SOURCES:
+            obj = f"{unit}.o" if unit == "ops" else f"{unit}-{Path(src).stem}.o"
+            jobs.append((obj, [cxx, *flags, "-c", str(CSRC / src), "-o", str(out_dir / obj)]))
     width = max(1, min(len(jobs), os.cpu_count() or 1))
     logs = []
     for i in range(0, len(jobs), width):
@@ -129,7 +131,7 @@ def _compile(plan: dict, out_dir: Path) -> None:
                 (out_dir / "build.log").write_text("\n".join(logs))
                 raise ExtensionUnavailable(f"compiling the CPU kernels ({unit}) failed with {cxx}:\n"
                                            f"{output[-3000:]}")
-    objs = [str(out_dir / f"{unit}.o") for unit in plan["units"]]
+    objs = [str(out_dir / obj) for obj, _ in jobs]
     cmd = [cxx, *objs, "-o", str(out_dir / LIBRARY), *plan["link"]]
     proc = _run(cmd, out_dir)
     output, _ = proc.communicate()

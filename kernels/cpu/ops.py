@@ -14,3 +14,8 @@ def _(x, qweight, table, scales, offsets, group_size, in_features, isa):
 @torch.library.register_fake("gq_cpu::bitplane_dequantize")
 def _(qweight, table, scales, offsets, group_size, in_features, rounding, isa):
     return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("gq_cpu::int8_matmul")
+def _(x, qweight, scale, isa):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

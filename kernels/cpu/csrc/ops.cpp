@@ -7,6 +7,8 @@
 //   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
 //       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
 //   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
+//   gq_cpu::int8_matmul(x, qweight, scale, isa), gq_cpu::int8_matmul_out(..., out): int8 weights
+//       [N, K] with an fp32 scale per row [N] (rowint8.h): x @ (scale * q).T, the same row split
 //
 // A decoder is either `table` (fp32 [N, 2^bits], one table per output row, already rounded to
 // x's dtype) or `scales` + `offsets` (fp16 [N, G], w = s * q + o per group of group_size columns,
@@ -25,17 +27,22 @@
 #include <vector>
 
 #include "bitplane.h"
+#include "rowint8.h"
 
 GQ_CPU_DECLARE(portable)
+GQ_CPU_DECLARE_INT8(portable)
 #if defined(GQ_WITH_X86)
 GQ_CPU_DECLARE(avx2)
 GQ_CPU_DECLARE(avx512)
+GQ_CPU_DECLARE_INT8(avx2)
+GQ_CPU_DECLARE_INT8(avx512)
 #endif
 
 namespace {
 
 using GemvFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t);
 using DequantFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t, float*, int64_t);
+using Int8GemvFn = void (*)(const gq_cpu::Int8Problem*, int64_t, int64_t);
 
 constexpr int64_t kTileBytes = int64_t{4} << 20;  // bound of the dequantized tile above kMaxRows
 constexpr int64_t kGrainWeights = int64_t{1} << 15;  // weights per task at least (tiny layers: one thread)
@@ -44,21 +51,23 @@ struct Variant {
   GemvFn gemv;
   DequantFn dequant;
   int32_t (*x_layout)();
+  Int8GemvFn int8_gemv;
 };
 
 Variant variant(int64_t isa) {
-  if (isa == 0) return {gq_cpu_portable_gemv, gq_cpu_portable_dequant, gq_cpu_portable_x_layout};
+  if (isa == 0)
+    return {gq_cpu_portable_gemv, gq_cpu_portable_dequant, gq_cpu_portable_x_layout, gq_cpu_portable_int8_gemv};
 #if defined(GQ_WITH_X86)
   if (isa == 1) {
     TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
                 "gq_cpu: the avx2 variant needs AVX2 and FMA, which this CPU lacks");
-    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant, gq_cpu_avx2_x_layout};
+    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant, gq_cpu_avx2_x_layout, gq_cpu_avx2_int8_gemv};
   }
   if (isa == 2) {
     TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
                 "gq_cpu: the avx512 variant needs AVX-512 F/BW/VL/DQ, which this CPU lacks");
-    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant, gq_cpu_avx512_x_layout};
+    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant, gq_cpu_avx512_x_layout, gq_cpu_avx512_int8_gemv};
   }
 #endif
   TORCH_CHECK(false, "gq_cpu: variant ", isa, " is not built into this library");
@@ -235,6 +244,63 @@ at::Tensor bitplane_dequantize(const at::Tensor& qweight, const std::optional<at
   return out;
 }
 
+// ------------------------------------------------------------------ int8 rows (rowint8.h)
+void check_int8(const at::Tensor& qweight, const at::Tensor& scale) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+                  qweight.is_contiguous(),
+              "gq_cpu: qweight must be a contiguous CPU int8 [N, K] tensor, got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.dim() == 1 && scale.size(0) == qweight.size(0),
+              "gq_cpu: scale must be a contiguous CPU fp32 [N=", qweight.size(0), "] tensor, got ",
+              scale.scalar_type(), " ", scale.sizes());
+}
+
+// x2: fp32 [m, k] contiguous; out: fp32 [m, n] contiguous. Writes every element of out.
+void int8_matmul_into(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scale, const Variant& v,
+                      at::Tensor& out) {
+  const int64_t n = qweight.size(0), k = qweight.size(1), m = x2.size(0);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    out.zero_();
+  } else if (m <= gq_cpu::kInt8MaxRows) {
+    gq_cpu::Int8Problem p{x2.data_ptr<float>(), k, m, k, n, qweight.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                          out.data_ptr<float>(), n};
+    at::parallel_for(0, n, grain_rows(k), [&](int64_t n0, int64_t n1) { v.int8_gemv(&p, n0, n1); });
+  } else {
+    // Tile by tile, as matmul_into: never a dense fp32 copy of the whole matrix.
+    const int64_t tile = std::min(n, std::max<int64_t>(16, kTileBytes / (4 * k)));
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t t = std::min(tile, n - t0);
+      const at::Tensor w = qweight.narrow(0, t0, t).to(at::kFloat).mul_(scale.narrow(0, t0, t).unsqueeze(1));
+      out.narrow(1, t0, t).copy_(at::mm(x2, w.t()));
+    }
+  }
+}
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, int64_t isa) {
+  check_int8(qweight, scale);
+  const Variant v = variant(isa);
+  const at::Tensor x2 = rows_fp32(x, qweight.size(1));
+  at::Tensor out = at::empty({x2.size(0), qweight.size(0)}, x2.options());
+  int8_matmul_into(x2, qweight, scale, v, out);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = qweight.size(0);
+  return (x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type())).view(shape);
+}
+
+void int8_matmul_out(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, int64_t isa,
+                     at::Tensor& out) {
+  check_int8(qweight, scale);
+  const Variant v = variant(isa);
+  const at::Tensor x2 = rows_fp32(x, qweight.size(1));
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x2.size(0) &&
+                  out.size(1) == qweight.size(0),
+              "gq_cpu: out must be contiguous fp32 [", x2.size(0), ", ", qweight.size(0), "], got ",
+              out.scalar_type(), " ", out.sizes());
+  int8_matmul_into(x2, qweight, scale, v, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gq_cpu, m) {
@@ -250,6 +316,8 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def(
       "bitplane_dequantize_out(Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
       "int group_size, int in_features, int rounding, int isa, Tensor(a!) out) -> ()");
+  m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
+  m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
   m.def("built_variants() -> int[]", &built_variants);
 }
 
@@ -258,4 +326,6 @@ TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("bitplane_dequantize", &bitplane_dequantize);
   m.impl("bitplane_matmul_out", &bitplane_matmul_out);
   m.impl("bitplane_dequantize_out", &bitplane_dequantize_out);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_matmul_out", &int8_matmul_out);
 }

@@ -1,0 +1,67 @@
+"""The lm_head's precision at load time (``--head``): ``model`` keeps the checkpoint's head,
+``int8`` replaces it by int8 weights with an fp32 scale per row, multiplied by the CPU kernel of
+:mod:`gq_kernels.cpu.rowint8` without widening the matrix.
+
+Why: the head is the largest matrix a decode step reads (SmolLM2 ties its 49152 x 576 head to the
+embedding: 113 MB of fp32 per token, more than the 210 quantized decoder linears of a 3-bit
+checkpoint together). Rounding it per row to int8 is a load-time choice, not part of the
+checkpoint; its perplexity cost is measured in docs/results.md (scripts/head_precision.py). A tied
+head is untied: the input embedding keeps its values (a lookup reads one row per token).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from gq_kernels.cpu.rowint8 import best_isa, int8_matmul, quantize_rows
+
+log = logging.getLogger(__name__)
+
+HEADS = ("model", "int8")
+
+
+class Int8Head(nn.Module):
+    """``x @ (scale * q).T (+ bias)`` from int8 ``qweight`` [out, in] and fp32 ``scale`` [out]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        q, scale = quantize_rows(weight.detach())
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.isa, why = best_isa()
+        if self.isa is None:
+            log.warning("--head int8: the CPU kernel is unavailable (%s); the reference runs instead, "
+                        "which widens the matrix on every call", why)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_matmul(x, self.qweight, self.scale, self.isa)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, kernel={self.isa}"
+
+
+def apply_head(model: nn.Module, head: str) -> str:
+    """Give ``model`` (an HF causal LM) the ``head`` precision; returns a description for logs and
+    benchmark rows. ValueError names the problem: an unknown choice, a device other than the CPU,
+    a head that is not a plain ``nn.Linear``."""
+    if head not in HEADS:
+        raise ValueError(f"unknown --head {head!r}; expected one of {', '.join(HEADS)}")
+    if head == "model":
+        return "model"
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, nn.Linear):
+        raise ValueError(f"--head {head}: the model's lm_head is a {type(lm_head).__name__}, not a plain "
+                         "nn.Linear (already quantized?); drop --head")
+    device = lm_head.weight.device
+    if device.type != "cpu":
+        raise ValueError(f"--head {head} is a CPU kernel and the model is on {device}; drop --head there "
+                         "(a GPU reads the fp16 head at full bandwidth)")
+    new = Int8Head(lm_head.weight, lm_head.bias)
+    model.set_output_embeddings(new)
+    model.config.tie_word_embeddings = False  # nothing may tie the embedding back to a module without .weight
+    return f"int8 ({new.isa or 'reference'})"
