@@ -23,7 +23,6 @@ embedded engine's rows), ``throughput_tok_s`` = B x N / wall time of the whole g
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import statistics
@@ -34,16 +33,14 @@ import time
 from datetime import date
 from pathlib import Path
 
+from gq_serve.util import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 600
 
 
 def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
 
 
 def write_model_dir(path: Path, shape: str, variant: str, group_size: int, dtype: str) -> str | None:

@@ -24,7 +24,6 @@ other jobs' load.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -34,17 +33,12 @@ from pathlib import Path
 
 import torch
 
+from gq_serve.util import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-E2E = _load("e2e_random", ROOT / "benchmarks" / "e2e_random.py")
+E2E = import_file("e2e_random", ROOT / "benchmarks" / "e2e_random.py")
 
 
 def _sync(device: torch.device) -> None:

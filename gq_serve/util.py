@@ -8,15 +8,27 @@ another user could not read.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 DISTRIBUTION = "gq-serve"
+
+
+def import_file(name: str, path: Path):
+    """Import a script that is not part of a package (``benchmarks/``, ``scripts/``) as module
+    ``name``, registered in ``sys.modules`` (dataclasses look their module up while it loads)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def cache_root() -> Path:

@@ -1,11 +1,12 @@
 """Row logic of scripts/bench_e2e_vllm_cpu.py (no vLLM needed: the script imports vLLM only in its worker)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from gq_serve.util import import_file
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -14,10 +15,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def bench():
     sys.path.insert(0, str(SCRIPTS))  # the script imports results_io from its own folder at run time
     try:
-        spec = importlib.util.spec_from_file_location("bench_e2e_vllm_cpu", SCRIPTS / "bench_e2e_vllm_cpu.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
+        yield import_file("bench_e2e_vllm_cpu", SCRIPTS / "bench_e2e_vllm_cpu.py")
     finally:
         sys.path.remove(str(SCRIPTS))
 

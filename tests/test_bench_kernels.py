@@ -2,7 +2,6 @@
 CUDA, an --allow-cpu smoke run on tiny shapes, and the docs/results.md table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,18 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from gq_serve.util import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bk = _load("bench_kernels", ROOT / "benchmarks" / "kernels.py")
-render = _load("render_results", ROOT / "scripts" / "render_results.py")
+bk = import_file("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+render = import_file("render_results", ROOT / "scripts" / "render_results.py")
 
 ROW_KEYS = {"device", "format", "bits", "batch", "n", "k", "shape", "dtype", "group_size", "path", "us", "fp16_us",
             "bytes_read", "gbps", "fp16_gbps", "pct_copy_bw", "speedup_vs_fp16", "max_rel_err", "check_ok",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from gq_serve.util import import_file
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -37,15 +38,8 @@ K8S_VERSIONS = ("1.32.0", "1.37.0")
 UID = 10001
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-entrypoint = _load("gq_deploy_entrypoint", DEPLOY / "entrypoint.py")
-healthcheck = _load("gq_deploy_healthcheck", DEPLOY / "healthcheck.py")
+entrypoint = import_file("gq_deploy_entrypoint", DEPLOY / "entrypoint.py")
+healthcheck = import_file("gq_deploy_healthcheck", DEPLOY / "healthcheck.py")
 
 
 @pytest.fixture(scope="module")

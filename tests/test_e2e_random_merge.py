@@ -1,17 +1,15 @@
 """benchmarks/e2e_random.py --e2e-json: how its rows join docs/results/e2e.json (nothing is run)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from gq_serve.util import import_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("e2e_random", ROOT / "benchmarks" / "e2e_random.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file("e2e_random", ROOT / "benchmarks" / "e2e_random.py")
 
 
 def _row(model: str, device: str, date: str, tok_s: float) -> dict:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gq_serve.util import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-gc = importlib.util.module_from_spec(spec)
-sys.modules["gpu_check"] = gc  # dataclasses look their module up while the module loads
-spec.loader.exec_module(gc)
+gc = import_file("gpu_check", ROOT / "scripts" / "gpu_check.py")
 
 # Not on the GPU machine's image (../.library/device/KINDS.md): a stage that imports one fails here too.
 DEVICE_MISSING = ["fastapi", "uvicorn", "vllm", "gguf"]

@@ -1,17 +1,15 @@
 """scripts/render_results.py's table of benchmarks/cpu_kernels.py's JSON (no kernels run)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from gq_serve.util import import_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _render():
-    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_file("render_results", ROOT / "scripts" / "render_results.py")
 
 
 def _row(impl: str, rows: int, us: float, detail: str | None = None) -> dict:
