@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict] = {
     "w4a4-quarot": dict(method="spinquant", rotation="hadamard"),
     "w4a4-spinquant": dict(method="spinquant", rotation="learned"),
     "w4a4-spinquant-gq": dict(method="spinquant", rotation="learned", guided=True, groups=1),
+    # the same with rotations learned on 8 windows per Cayley step (the paper's batch) instead of 1
+    "w4a4-spinquant-b8": dict(method="spinquant", rotation="learned", rotation_batch=8),
+    "w4a4-spinquant-gq-b8": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1),
 }
 
 
@@ -99,15 +102,17 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
-def rotated_model(model_dir: Path, args, mode: str, cache: Path) -> Path:
+def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1) -> Path:
     """The model with SpinQuant's rotations fused (`gq rotate`), made once and kept under the
-    cache; learned rotations train on the calibration text (never the evaluation text)."""
+    cache; learned rotations train on the calibration text (never the evaluation text), ``batch``
+    windows per step."""
     from gq_quantize.spinquant.train import write_rotated_model
 
-    out = cache / "results" / "rotated" / f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}"
+    name = f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}" + (f"-b{batch}" if batch > 1 else "")
+    out = cache / "results" / "rotated" / name
     if not (out / "rotation.json").exists():
         write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
-                            data=args.calib, cache=cache, overwrite=out.exists())
+                            batch=batch, data=args.calib, cache=cache, overwrite=out.exists())
     return out
 
 
@@ -178,7 +183,8 @@ def main() -> int:
                 continue
             kw = dict(VARIANTS[variant])
             rotation = kw.pop("rotation", None)
-            source = model_dir if rotation is None else rotated_model(model_dir, args, rotation, cache)
+            batch = kw.pop("rotation_batch", 1)
+            source = model_dir if rotation is None else rotated_model(model_dir, args, rotation, cache, batch)
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
                                                                               seq_len=args.seq_len), **kw)
             # checkpoints calibrated elsewhere than sotu:calib carry their data's name, so a budget

@@ -34,6 +34,8 @@ LABELS = {
     "w4a4-quarot": "W4A4KV4 GPTQ, random Hadamard R1/R2 (QuaRot-style)",
     "w4a4-spinquant": "W4A4KV4 SpinQuant (learned R1/R2, GPTQ)",
     "w4a4-spinquant-gq": "W4A4KV4 SpinQuant + GuidedQuant g=1",
+    "w4a4-spinquant-b8": "W4A4KV4 SpinQuant, rotations learned at batch 8",
+    "w4a4-spinquant-gq-b8": "W4A4KV4 SpinQuant (batch 8) + GuidedQuant g=1",
 }
 
 
@@ -156,7 +158,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         "second_arch": variants_table(rows, GEMMA, ["fp16", "gptq-seq-act-mse", "lnq", "lnq-gq4", "lnq-gq4-seq"],
                                       [3, 4], TEXTS, ["last16x512"]),
     }
-    w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq"]
+    w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq",
+            "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     if any(r["eval_data"] == "sotu:val" for r in rows):
