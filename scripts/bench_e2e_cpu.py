@@ -158,9 +158,12 @@ def main() -> int:
         })
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
-    # Earlier days' rows stay (what was measured when); a re-run on the same day replaces that day's.
+    # Earlier days' rows stay (what was measured when); a re-run on the same day replaces that day's
+    # rows of the same variants and thread count.
+    fresh = {(r["variant"], r["threads"]) for r in out_rows}
     keep = [r for r in old if not (r["engine"] == "hf" and r["device"].startswith("CPU") and r["model"] == MODEL
-                                   and r.get("date") == prov["date"])]
+                                   and r.get("date") == prov["date"]
+                                   and (r["variant"], r.get("threads")) in fresh)]
     write_json(out, keep + out_rows)
     print(json.dumps(out_rows, indent=1))
     return 0

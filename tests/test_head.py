@@ -21,6 +21,8 @@ def test_quantize_rows_rounds_within_half_a_step():
     assert int(q.abs().max()) == 127 and int(q.min()) >= -127
     assert float(s[3]) == 1.0 and not q[3].any()
     assert bool(((dequantize_rows(q, s) - w).abs() <= s[:, None] / 2 + 1e-7).all())
+    q2, s2 = quantize_rows(w, chunk_bytes=3 * 45 * 4)  # three rows at a time: the same result
+    assert torch.equal(q2, q) and torch.equal(s2, s)
 
 
 @needs_ext

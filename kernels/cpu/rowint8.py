@@ -19,13 +19,21 @@ ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2}  # csrc/ops.cpp variant()
 PREFERENCE = ("avx512", "avx2", "portable")
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w float [n, k] -> (q int8 [n, k] in [-127, 127], scale fp32 [n]); a zero row gets scale 1."""
-    w = w.float()
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_rows(w: torch.Tensor, chunk_bytes: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float [n, k] -> (q int8 [n, k] in [-127, 127], scale fp32 [n]); a zero row gets scale 1.
+    Rows go ``chunk_bytes`` of fp32 at a time, so that rounding a 262 MB head does not briefly need
+    three more copies of it."""
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    step = max(1, chunk_bytes // (4 * max(k, 1)))
+    for r0 in range(0, n, step):
+        block = w[r0:r0 + step].float()
+        amax = block.abs().amax(dim=1) if k else torch.zeros(block.shape[0], device=w.device)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        q[r0:r0 + step] = torch.round(block / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r0:r0 + step] = s
+    return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
