@@ -80,7 +80,7 @@ def variants_table(rows: list[dict], model: str, variants: list[str], bits: list
                     vals.append(_ppl(cell["ppl"]))
             first = next(c for c in cells if c)
             secs = first.get("quantize_wall_s")
-            answer = (first.get("answer") or "–").replace("|", "/").replace("\n", " ")
+            answer = " ".join((first.get("answer") or "–").replace("|", "/").split())  # \r too: a doc edit reads it as \n
             if len(answer) > 60:
                 answer = answer[:57] + "..."
             lines.append(f"| {LABELS.get(variant, variant)} | {b} | " + " | ".join(vals)
