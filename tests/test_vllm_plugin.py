@@ -18,6 +18,7 @@ vLLM spawns worker processes that re-import ``__main__``, so that code sits unde
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -189,34 +190,34 @@ def _free_port() -> int:
 API_KEY = "gq-test-key"
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tiny_ckpts, tmp_path_factory):
-    """ONE vLLM OpenAI server per session, on the lut 3-bit checkpoint, fp32, eager."""
-    if not _have_vllm():
-        pytest.skip("vLLM is not installed")
+@contextlib.contextmanager
+def served(ckpt: Path, run_dir: Path, *vllm_args: str, env: dict | None = None):
+    """`gq serve CKPT --engine vllm` (which execs vLLM's OpenAI server: the way users start it) on a
+    free port, fp32, eager; yields (url, seconds to healthy); the process group is killed after."""
     import urllib.request
 
-    from gq_serve.vllm_launch import check_vllm_installed, vllm_env
+    from gq_serve.vllm_launch import vllm_env
 
-    check_vllm_installed()
-    run_dir = tmp_path_factory.mktemp("vllm-run")
     port = _free_port()
-    # Started the way users start it: `gq serve CKPT --engine vllm` (which execs vLLM's server).
-    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(tiny_ckpts["lut"]), "--engine", "vllm",
+    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(ckpt), "--engine", "vllm",
             "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-            "--served-model-name", str(tiny_ckpts["lut"]), "--dtype", "float32", "--max-model-len", "256",
-            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8"]
-    log = open(run_dir / "server.log", "w")
+            "--served-model-name", str(ckpt), "--dtype", "float32", "--max-model-len", "256",
+            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8",
+            *(f"--vllm-arg={a}" for a in vllm_args)]
+    log_path = run_dir / "server.log"
+    log = open(log_path, "w")
     t0 = time.time()
     # New session: the server spawns an engine-core process; killing the group reaps both.
-    proc = subprocess.Popen(argv, env=vllm_env(run_dir=run_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, env={**vllm_env(run_dir=run_dir), **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
             if time.time() - t0 > SERVER_START_TIMEOUT_S:
-                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s:\n{(run_dir / 'server.log').read_text()[-6000:]}")
+                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s:\n"
+                                   f"{log_path.read_text()[-6000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -225,11 +226,24 @@ def vllm_server(tiny_ckpts, tmp_path_factory):
                 pass
             time.sleep(1)
         startup = time.time() - t0
-        print(f"\nvLLM server healthy after {startup:.1f} s (log: {run_dir / 'server.log'})")
-        yield {"url": url, "ckpt": tiny_ckpts["lut"], "startup_s": startup, "log": run_dir / "server.log"}
+        print(f"\nvLLM server on {ckpt.name} healthy after {startup:.1f} s (log: {log_path})")
+        yield url, startup
     finally:
         _kill_group(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_ckpts, tmp_path_factory):
+    """ONE vLLM OpenAI server per session, on the lut 3-bit checkpoint, fp32, eager."""
+    if not _have_vllm():
+        pytest.skip("vLLM is not installed")
+    from gq_serve.vllm_launch import check_vllm_installed
+
+    check_vllm_installed()
+    run_dir = tmp_path_factory.mktemp("vllm-run")
+    with served(tiny_ckpts["lut"], run_dir) as (url, startup):
+        yield {"url": url, "ckpt": tiny_ckpts["lut"], "startup_s": startup, "log": run_dir / "server.log"}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -651,38 +665,9 @@ def trellis_server(trellis_ckpt, tmp_path_factory):
     """A vLLM OpenAI server on the trellis checkpoint (fp32, eager), for the client tests."""
     if not _have_vllm():
         pytest.skip("vLLM is not installed")
-    import urllib.request
-
-    from gq_serve.vllm_launch import vllm_env
-
     run_dir = tmp_path_factory.mktemp("vt")  # short: vLLM's ZMQ socket paths must stay under 107 characters
-    port = _free_port()
-    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(trellis_ckpt), "--engine", "vllm",
-            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-            "--served-model-name", str(trellis_ckpt), "--dtype", "float32", "--max-model-len", "256",
-            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8"]
-    log = open(run_dir / "server.log", "w")
-    t0 = time.time()
-    proc = subprocess.Popen(argv, env=vllm_env(run_dir=run_dir), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
-            if time.time() - t0 > SERVER_START_TIMEOUT_S:
-                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+    with served(trellis_ckpt, run_dir) as (url, _):
         yield {"url": url, "ckpt": trellis_ckpt}
-    finally:
-        _kill_group(proc)
-        log.close()
 
 
 @requires_vllm
@@ -826,41 +811,10 @@ def w4a4_server(w4a4_ckpt, tmp_path_factory):
     """A vLLM OpenAI server on the w4a4 (kv_bits 16) checkpoint with tensor parallel 2 (fp32, eager)."""
     if not _have_vllm():
         pytest.skip("vLLM is not installed")
-    import urllib.request
-
-    from gq_serve.vllm_launch import vllm_env
-
     run_dir = tmp_path_factory.mktemp("vw")  # short: vLLM's ZMQ socket paths must stay under 107 characters
-    port = _free_port()
-    argv = [sys.executable, "-m", "gq_serve.cli", "serve", str(w4a4_ckpt), "--engine", "vllm",
-            "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-            "--served-model-name", str(w4a4_ckpt), "--dtype", "float32", "--max-model-len", "256",
-            "--vllm-arg=--enforce-eager", "--vllm-arg=--max-num-seqs", "--vllm-arg=8",
-            "--vllm-arg=--tensor-parallel-size", "--vllm-arg=2"]
-    env = vllm_env(run_dir=run_dir)
-    env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
-    log = open(run_dir / "server.log", "w")
-    t0 = time.time()
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{(run_dir / 'server.log').read_text()[-6000:]}")
-            if time.time() - t0 > SERVER_START_TIMEOUT_S:
-                raise RuntimeError(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        print(f"\nvLLM w4a4 tp=2 server healthy after {time.time() - t0:.1f} s")
+    with served(w4a4_ckpt, run_dir, "--tensor-parallel-size", "2",
+                env=dict(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")) as (url, _):
         yield {"url": url, "ckpt": w4a4_ckpt, "log": run_dir / "server.log"}
-    finally:
-        _kill_group(proc)
-        log.close()
 
 
 @requires_vllm
