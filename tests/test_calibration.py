@@ -93,6 +93,19 @@ def test_guided_update_with_ones_is_plain():
     torch.testing.assert_close(guided_update(x, torch.ones(50, 1))[0], plain_update(x))
 
 
+def test_updates_accumulate_in_place_as_sums():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(30, 8, generator=g) for _ in range(3)]
+    ss = [torch.rand(30, 2, generator=g) for _ in range(3)]
+    acc_p, acc_g = plain_update(xs[0]), guided_update(xs[0], ss[0])
+    for x, s in zip(xs[1:], ss[1:]):
+        assert plain_update(x, acc_p) is acc_p and guided_update(x, s, acc_g) is acc_g
+    x, s = torch.cat(xs), torch.cat(ss)
+    torch.testing.assert_close(acc_p, x.T @ x, rtol=1e-5, atol=1e-5)
+    for k in range(2):
+        torch.testing.assert_close(acc_g[k], x.T @ (s[:, k:k + 1] * x), rtol=1e-5, atol=1e-5)
+
+
 def test_hessian_pass_ones_saliency_equals_plain():
     model, windows = make_model(), make_windows()
     n_tok = windows.numel()

@@ -25,18 +25,21 @@ class _StopForward(Exception):
 
 
 # ---------------------------------------------------------------- pure math
-def plain_update(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, in] (any float) -> float32 [in, in] = x^T x (unnormalized)."""
+def plain_update(x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in] (any float) -> float32 [in, in] = x^T x (unnormalized), added in place to ``acc``
+    when given (no second [in, in] buffer: the accumulators are the pass's largest tensors)."""
     x = x.float()
-    return x.T @ x
+    return x.T @ x if acc is None else acc.addmm_(x.T, x)
 
 
-def guided_update(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x: [T, in], s: [T, g] -> float32 [g, in, in], entry k = x^T Diag(s[:, k]) x (unnormalized)."""
+def guided_update(x: torch.Tensor, s: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, in], s: [T, g] -> float32 [g, in, in], entry k = x^T Diag(s[:, k]) x (unnormalized),
+    added in place to ``acc`` when given."""
     x = x.float()
     s = s.to(device=x.device, dtype=torch.float32)
     # [g, in, T] @ [T, in]: one batched matmul instead of g separate ones.
-    return (x.T.unsqueeze(0) * s.T.unsqueeze(1)) @ x
+    xs = x.T.unsqueeze(0) * s.T.unsqueeze(1)
+    return xs @ x if acc is None else acc.baddbmm_(xs, x.unsqueeze(0).expand(xs.shape[0], -1, -1))
 
 
 def coarsen_groups(h: torch.Tensor, groups: int) -> torch.Tensor:
@@ -226,13 +229,11 @@ def run_layer(
                 raise RuntimeError(f"input sharing of {name} changed between windows")
             x2 = x.reshape(-1, x.shape[-1])
             if own == name:
-                upd = plain_update(x2)
-                plain[name] = upd if name not in plain else plain[name].add_(upd)
+                plain[name] = plain_update(x2, plain.get(name))
             if saliency is not None:
                 w = window["idx"]
                 s = saliency[name][w * seq_len : (w + 1) * seq_len].to(x2.device)
-                upd = guided_update(x2, s)
-                guided[name] = upd if name not in guided else guided[name].add_(upd)
+                guided[name] = guided_update(x2, s, guided.get(name))
             window["fired"].add(name)
             if not outputs and len(window["fired"]) == len(linears):
                 raise _StopForward
@@ -259,8 +260,9 @@ def run_layer(
         for h in handles:
             h.remove()
     tokens = float(n * seq_len)
-    plain = {k: (v / tokens).cpu() for k, v in plain.items()}
-    guided = {k: (v / tokens).cpu() for k, v in guided.items()}
+    # In place: a copy would double the layer's largest tensors for a moment.
+    plain = {k: v.div_(tokens).cpu() for k, v in plain.items()}
+    guided = {k: v.div_(tokens).cpu() for k, v in guided.items()}
     return LayerHessians(plain, owner, guided), out_all
 
 
