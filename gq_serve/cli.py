@@ -327,7 +327,7 @@ def cmd_bench_offline(args) -> list[dict]:
         models[label] = (load_model(path, device=args.device, dtype=args.dtype, kernel=args.kernel, head=args.head),
                          load_tokenizer(path))
     rows = bench_offline(models, new_tokens=args.new_tokens, runs=args.runs, prompt=args.prompt,
-                         decode=args.decode)
+                         decode=args.decode, compile=args.compile)
     print(format_offline(rows))
     if args.output:
         write_json(Path(args.output), {"protocol": "batch1-greedy-ignore-eos", "rows": rows})
@@ -455,6 +455,8 @@ def _add_bench_parser(sub) -> None:
     off.add_argument("--decode", choices=DECODE_MODES, default="auto",
                      help="decode loop, as `gq serve --decode`: auto (static on CUDA, dynamic on CPU), "
                           "static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache)")
+    off.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="with static decode: torch.compile each bucket's step (default: on a GPU only)")
     _add_kernel_arg(off)
     _add_head_arg(off)
     off.add_argument("--output", "-o", default=None, help="write rows as JSON here")

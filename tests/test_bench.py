@@ -52,3 +52,24 @@ def test_bench_cli_offline(tiny_lm_dir, tmp_path, capsys):
     rows = args.func(args)
     assert rows[0]["label"] == "tiny" and json.loads(out.read_text())["rows"][0]["new_tokens"] == 4
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_bench_cli_offline_static_compile(tiny_lm_dir, tmp_path):
+    """--decode static --compile reaches the static decoder (its compiled step is what runs)."""
+    from unittest import mock
+
+    from gq_serve import static_decode
+
+    seen = {}
+    real = static_decode.StaticDecoder.__init__
+
+    def spy(self, *a, **kw):
+        seen["compile"] = kw.get("compile")
+        real(self, *a, **{**kw, "compile": False})  # the flag's route is the test; compiling takes minutes here
+
+    args = build_parser().parse_args(["bench", "offline", f"tiny={tiny_lm_dir}", "--new-tokens", "3", "--runs", "1",
+                                      "--dtype", "float32", "--decode", "static", "--compile",
+                                      "-o", str(tmp_path / "o.json")])
+    with mock.patch.object(static_decode.StaticDecoder, "__init__", spy):
+        rows = args.func(args)
+    assert seen["compile"] is True and rows[0]["decode"].startswith("static")
