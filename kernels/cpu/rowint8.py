@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from gq_kernels.cpu import build, features
+from gq_kernels.cpu.kernel import ISA_CODES
 
-ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2}  # csrc/ops.cpp variant()
 PREFERENCE = ("avx512", "avx2", "portable")
 
 
