@@ -108,11 +108,9 @@ def needs(m: ModelConfig, s: Settings) -> dict[str, dict[str, dict[str, int]]]:
                          "disk": chunk * hidden * L if s.offload else 0},
         }
     layer_io = 2 * s.n_samples * hidden  # one layer's inputs and outputs for every window, on the host
-    # The finished layer's Hessians wait on the host until its file is written. Counted twice:
-    # safetensors 0.8 writes from the tensors without a copy, yet the measured streamed peak of the
-    # 1B model (docs/internals.md) is ~0.5 GB above a single count (not yet traced); a plan
-    # that chooses the mode for --max-device-memory must not fall short.
-    saving = 2 * hessian_bytes(m, s)
+    # The finished layer's Hessians wait on the host until its file is written (once: safetensors
+    # writes from the tensors, and the pass drops them before the next layer starts).
+    saving = hessian_bytes(m, s)
     out["hessians"] = {
         "in_memory": {"device": all_params + hessian_bytes(m, s) + 4 * hidden, "host": layer_io + saving},
         "streamed": {"device": max(layer + hessian_bytes(m, s, stagewise=True) + 4 * hidden, head),

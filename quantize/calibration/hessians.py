@@ -325,6 +325,9 @@ def hessian_pass(
                                           progress_bar)
         del sal
         on_layer_done(idx, hess, outputs)
+        # Drop this layer's Hessians before the next layer accumulates its own: still bound here,
+        # they would stay alive through the whole next layer (1.1 GB at g=4 on a 1B model).
+        del hess
         inputs = outputs  # the previous layer's inputs are dropped here
 
 
