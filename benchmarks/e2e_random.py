@@ -211,7 +211,7 @@ def run_variant(shape: str, label: str, params, args, device, dtype, copy_gbps: 
         timings = [time_decode(decoder, prompt, args.new_tokens) for _ in range(args.runs)]
     rates = [(args.new_tokens - 1) / t["decode_s"] for t in timings]
     tok_s = statistics.median(rates)
-    static = decoder.mode != "dynamic"
+    static = decoder.mode.startswith("static")
     kv_positions = decoder.bucket_for(decoder.cache_length(len(prompt), args.new_tokens)) if static else \
         len(prompt) + args.new_tokens // 2
     nbytes = step_bytes(model, kv_positions, dtype)
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "lm_head in int8, CPU); the first is the ratio's baseline")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="activations and dense weights")
     ap.add_argument("--group-size", type=int, default=128, help="for formats with groups")
-    ap.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto")
+    ap.add_argument("--decode", choices=("auto", "static", "dynamic", "lean"), default="auto")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile the static step before its CUDA-graph capture (slow to build)")
     ap.add_argument("--new-tokens", type=int, default=100)

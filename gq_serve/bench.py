@@ -54,7 +54,7 @@ def bench_offline(
     EOS ignored, after `warmup` unmeasured runs; report the median over `runs`.
     `tok_per_s` is decode only (tokens 2..N over their time, i.e. excluding the prefill step);
     `e2e_tok_per_s` is N tokens over the whole call. The first label is the baseline of `speedup`.
-    `decode` ("auto" | "static" | "dynamic", as `gq serve --decode`) picks the loop; a static
+    `decode` ("auto" | "static" | "dynamic" | "lean", as `gq serve --decode`) picks the loop; a static
     decoder captures its CUDA graph during the warm-up runs, outside the measurement.
     """
     if new_tokens < 2:

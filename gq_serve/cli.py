@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Short names for models that `gq prepare` puts in the cache.
 MODEL_ALIASES = {"smollm2": "models/SmolLM2-135M-Instruct", "gemma3": "models/gemma-3-270m"}
-DECODE_MODES = ("auto", "static", "dynamic")  # gq_serve.decode.DECODE_MODES, without importing torch
+DECODE_MODES = ("auto", "static", "dynamic", "lean")  # gq_serve.decode.DECODE_MODES, without importing torch
 
 
 class CliError(Exception):
@@ -425,8 +425,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; lower it on a shared machine)")
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
-                   help="--engine hf: auto (static on CUDA, dynamic on CPU), static (static KV cache; "
-                        "on a GPU the decode step replays as a CUDA graph), dynamic (DynamicCache)")
+                   help="--engine hf: auto (static on CUDA; on the CPU lean, or dynamic for a model lean does "
+                        "not serve), static (static KV cache; on a GPU the decode step replays as a CUDA "
+                        "graph), dynamic (DynamicCache), lean (Llama-layout models: fused projections, "
+                        "preallocated KV cache, few ops per layer)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="--engine hf, static decode on a GPU: torch.compile the step before its CUDA graph "
                         "capture (default: on)")
@@ -453,8 +455,9 @@ def _add_bench_parser(sub) -> None:
     off.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
     off.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     off.add_argument("--decode", choices=DECODE_MODES, default="auto",
-                     help="decode loop, as `gq serve --decode`: auto (static on CUDA, dynamic on CPU), "
-                          "static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache)")
+                     help="decode loop, as `gq serve --decode`: auto (static on CUDA, lean or dynamic on "
+                          "the CPU), static (static KV cache, CUDA graph on a GPU), dynamic (DynamicCache), "
+                          "lean (Llama-layout models)")
     off.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="with static decode: torch.compile each bucket's step (default: on a GPU only)")
     _add_kernel_arg(off)

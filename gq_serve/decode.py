@@ -19,20 +19,21 @@ from transformers import DynamicCache
 
 from gq_serve.sampling import SamplingParams, sample_step
 
-DECODE_MODES = ("auto", "static", "dynamic")
+DECODE_MODES = ("auto", "static", "dynamic", "lean")
 
 
 def resolve_decode_mode(mode: str, device: torch.device | str) -> str:
-    """`--decode` -> "static" or "dynamic".
+    """`--decode` -> "static", "dynamic" or "lean".
 
     auto: static (static KV cache + CUDA graph) on a CUDA device, where kernel launches dominate a
-    batch-1 step; dynamic on the CPU, where there is no graph to capture and a dynamic cache attends
-    only over the tokens so far.
+    batch-1 step; lean on the CPU (:mod:`gq_serve.lean_decode`: no graph to capture there, so the
+    per-op cost is cut instead; :func:`make_decoder` takes the dynamic loop for a model it does
+    not serve).
     """
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {mode!r}: use one of {', '.join(DECODE_MODES)}")
     if mode == "auto":
-        return "static" if torch.device(device).type == "cuda" else "dynamic"
+        return "static" if torch.device(device).type == "cuda" else "lean"
     return mode
 
 
@@ -93,7 +94,7 @@ class DynamicDecoder:
 
 def make_decoder(model: torch.nn.Module, mode: str = "auto", device: torch.device | str | None = None,
                  max_len: int | None = None, compile: bool | None = None):
-    """The decoder for ``--decode mode`` ("auto" | "static" | "dynamic").
+    """The decoder for ``--decode mode`` ("auto" | "static" | "dynamic" | "lean").
 
     ``max_len``: the longest request a static decoder serves from its cache (default: the model's
     context); ``compile``: torch.compile the static step before capturing it (default: on a GPU).
@@ -105,7 +106,17 @@ def make_decoder(model: torch.nn.Module, mode: str = "auto", device: torch.devic
             raise ValueError(f"this checkpoint keeps a {model.gq_kv_bits}-bit KV cache, which the static "
                              "decoder cannot hold; use --decode dynamic (or auto)")
         return DynamicDecoder(model, device)
-    if resolve_decode_mode(mode, device) == "dynamic":
+    resolved = resolve_decode_mode(mode, device)
+    if resolved == "lean":
+        from gq_serve.lean_decode import LeanDecoder, can_implement
+
+        ok, why = can_implement(model)
+        if ok:
+            return LeanDecoder(model, device)
+        if mode == "lean":
+            raise ValueError(f"--decode lean cannot run this model: {why}; use --decode dynamic (or auto)")
+        resolved = "dynamic"
+    if resolved == "dynamic":
         return DynamicDecoder(model, device)
     from gq_serve.static_decode import StaticDecoder
 

@@ -137,7 +137,7 @@ class RequestHandle:
 class Engine:
     """Batch-1 engine over a loaded model: requests run one at a time, in submission order.
 
-    decode: "auto" | "static" | "dynamic" (see `gq_serve.decode.make_decoder`); static uses a
+    decode: "auto" | "static" | "dynamic" | "lean" (see `gq_serve.decode.make_decoder`); static uses a
     `StaticDecoder` sized to max_model_len, so every request check_context admits fits its cache.
     compile: torch.compile the static decode step before its CUDA graph capture (default: on a GPU).
     """
@@ -168,7 +168,8 @@ class Engine:
         except Exception:
             if decode != "auto":  # asked for explicitly: say so
                 raise
-            log.exception("static decode is not available for this model: using dynamic decode")
+            log.exception("the %s decoder is not available for this model: using dynamic decode",
+                          "static" if self.device.type == "cuda" else "lean")
             self.decoder = make_decoder(model, "dynamic", self.device)
         self.max_queue = max_queue
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue)
@@ -215,13 +216,13 @@ class Engine:
 
     @property
     def decode(self) -> str:
-        """The decode loop in use: "static" or "dynamic"."""
-        return "dynamic" if self.decoder.mode == "dynamic" else "static"
+        """The decode loop in use: "static", "dynamic" or "lean"."""
+        return self.decoder.mode if self.decoder.mode in ("dynamic", "lean") else "static"
 
     @property
     def static_decoder(self):
-        """The `StaticDecoder`, or None with dynamic decode."""
-        return None if self.decode == "dynamic" else self.decoder
+        """The `StaticDecoder`, or None with dynamic or lean decode."""
+        return self.decoder if self.decode == "static" else None
 
     def submit(
         self,

@@ -85,6 +85,14 @@ class LinearKernel(ABC):
     def apply(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W_hat.T (+ bias)`` for x [..., in] in ``self.dtype``; returns [..., out] in x's dtype."""
 
+    @classmethod
+    def apply_shared(cls, members: list[tuple[LinearKernel, dict[str, torch.Tensor]]],
+                     x: torch.Tensor) -> torch.Tensor | None:
+        """Several layers fed the same ``x`` (q/k/v, gate/up) in one call: their outputs side by side,
+        [..., out_0 + out_1 + ...], or None where this kernel has no such call (the caller then
+        applies each member). ``members``: (kernel, prepared tensors) pairs, no biases."""
+        return None
+
     def path(self, x: torch.Tensor) -> str:
         """What serves a call on ``x`` (for benchmarks and logs): the kernel's name, plus the
         per-call path for kernels that pick one by the number of rows."""

@@ -86,7 +86,8 @@ def main() -> int:
     p.add_argument("--attempts", type=int, default=3, help="runs of a model while other jobs load the cores")
     p.add_argument("--max-other-load", type=float, default=0.3, help="cores other jobs may use during a run")
     p.add_argument("--quiet-wait", type=float, default=600, help="s to wait for a quiet machine before a run")
-    p.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto", help="as gq serve --decode")
+    p.add_argument("--decode", choices=("auto", "static", "dynamic", "lean"), default="auto",
+                   help="as gq serve --decode")
     p.add_argument("--compile", action="store_true",
                    help="with --decode static: compile each bucket's step (Inductor; on the CPU no graph)")
     p.add_argument("--heads", nargs="+", choices=("model", "int8"), default=["model"],
@@ -159,11 +160,11 @@ def main() -> int:
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
     # Earlier days' rows stay (what was measured when); a re-run on the same day replaces that day's
-    # rows of the same variants and thread count.
-    fresh = {(r["variant"], r["threads"]) for r in out_rows}
+    # rows of the same variants, thread count and decode loop.
+    fresh = {(r["variant"], r["threads"], r["decode"]) for r in out_rows}
     keep = [r for r in old if not (r["engine"] == "hf" and r["device"].startswith("CPU") and r["model"] == MODEL
                                    and r.get("date") == prov["date"]
-                                   and (r["variant"], r.get("threads")) in fresh)]
+                                   and (r["variant"], r.get("threads"), r.get("decode")) in fresh)]
     write_json(out, keep + out_rows)
     print(json.dumps(out_rows, indent=1))
     return 0

@@ -208,10 +208,10 @@ def test_step_traces_as_one_graph_for_every_position(tiny_lm):
 
 
 def test_resolve_decode_mode():
-    assert resolve_decode_mode("auto", "cpu") == "dynamic"
+    assert resolve_decode_mode("auto", "cpu") == "lean"  # make_decoder: dynamic where lean does not apply
     assert resolve_decode_mode("auto", torch.device("cuda", 0)) == "static"
     assert resolve_decode_mode("static", "cpu") == "static"
-    with pytest.raises(ValueError, match="auto, static, dynamic"):
+    with pytest.raises(ValueError, match="auto, static, dynamic, lean"):
         resolve_decode_mode("graph", "cpu")
 
 
@@ -219,7 +219,7 @@ def test_engine_static_decode(tiny_lm):
     model, tokenizer = tiny_lm
     prompt = tokenizer("the cat sat on the mat").input_ids
     static = Engine(model, tokenizer, device="cpu", max_queue=4, decode="static")
-    plain = Engine(model, tokenizer, device="cpu", max_queue=4)
+    plain = Engine(model, tokenizer, device="cpu", max_queue=4, decode="dynamic")
     try:
         assert static.decode == "static" and static.static_decoder is not None
         assert plain.decode == "dynamic" and plain.static_decoder is None
@@ -242,7 +242,7 @@ def test_engine_static_decode(tiny_lm):
 def test_bench_offline_static(tiny_lm):
     model, tokenizer = tiny_lm
     rows = bench_offline({"dyn": (model, tokenizer), "static": (model, tokenizer)}, new_tokens=6, runs=1)
-    assert [r["decode"] for r in rows] == ["dynamic", "dynamic"]  # auto on the CPU
+    assert [r["decode"] for r in rows] == ["lean", "lean"]  # auto on the CPU, a Llama model
     rows = bench_offline({"static": (model, tokenizer)}, new_tokens=6, runs=1, decode="static")
     assert rows[0]["decode"] == "static" and rows[0]["tok_per_s"] > 0
 

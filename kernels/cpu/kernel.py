@@ -61,6 +61,19 @@ class BitplaneCpuKernel(LinearKernel):
         y = torch.ops.gq_cpu.bitplane_matmul(x, *self._decoder(tensors), ISA_CODES[self.isa])
         return y if bias is None else y + bias.to(y.dtype)
 
+    @classmethod
+    def apply_shared(cls, members, x):
+        kernels = [k for k, _ in members]
+        if not all(isinstance(k, BitplaneCpuKernel) and k.isa == kernels[0].isa and k.dtype == x.dtype
+                   for k in kernels):
+            return None
+        decoders = [k._decoder(t) for k, t in members]
+        if len({d[5] for d in decoders}) != 1 or x.shape[-1] != decoders[0][5]:
+            return None
+        return torch.ops.gq_cpu.bitplane_matmul_multi(
+            x, [d[0] for d in decoders], [d[1] for d in decoders], [d[2] for d in decoders],
+            [d[3] for d in decoders], [d[4] for d in decoders], decoders[0][5], ISA_CODES[kernels[0].isa])
+
     def _decoder(self, tensors) -> tuple:
         return (tensors["qweight"], tensors.get("table"), tensors.get("scales"), tensors.get("offsets"),
                 self.group_size, self.layer.in_features)

@@ -4,6 +4,8 @@
 //       x [..., K] (fp32 / bf16 / fp16) -> [..., N] in x's dtype: x @ W_hat.to(x.dtype).T
 //   gq_cpu::bitplane_dequantize(qweight, table?, scales?, offsets?, group_size, in_features,
 //                               rounding, isa) -> W fp32 [N, K]
+//   gq_cpu::bitplane_matmul_multi(x, qweights[], tables?[], scales?[], offsets?[], group_sizes[], in_features, isa)
+//       several weights sharing x: [..., K] -> [..., N_0 + N_1 + ...] in one call
 //   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
 //       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
 //   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
@@ -139,7 +141,8 @@ int32_t rounding_for(at::ScalarType dtype) {
 
 int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(k, 1)); }
 
-// x2: fp32 [m, k] contiguous; out: fp32 [m, n] contiguous. Writes every element of out.
+// x2: fp32 [m, k] contiguous; out: fp32 [m, n] with unit column stride (a column block of a wider
+// contiguous output is fine). Writes every element of out.
 void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::Tensor& out) {
   const int64_t k = p.k, n = p.n, m = x2.size(0);
   if (m == 0 || n == 0) return;
@@ -162,7 +165,7 @@ void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::
     }
     p.m = m;
     p.y = out.data_ptr<float>();
-    p.y_stride = n;
+    p.y_stride = out.stride(0);
     at::parallel_for(0, n, grain_rows(k), [&](int64_t n0, int64_t n1) { v.gemv(&p, n0, n1); });
   } else {
     // Tile by tile: at most kTileBytes of fp32 weights exist at a time, never the whole matrix.
@@ -199,6 +202,42 @@ at::Tensor bitplane_matmul(const at::Tensor& x, const at::Tensor& qweight, const
   matmul_into(x2, p, v, out);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = p.n;
+  return (dtype == at::kFloat ? out : out.to(dtype)).view(shape);
+}
+
+// Several weights with the same input (q/k/v, gate/up) in one call: [..., K] -> [..., N_0 + N_1 + ...],
+// the outputs side by side in the order given. One call instead of one per weight: a decode step
+// of a small model pays the per-call cost 210 times otherwise (gq_serve.lean_decode).
+at::Tensor bitplane_matmul_multi(const at::Tensor& x, at::TensorList qweights,
+                                 const c10::List<std::optional<at::Tensor>>& tables,
+                                 const c10::List<std::optional<at::Tensor>>& scales,
+                                 const c10::List<std::optional<at::Tensor>>& offsets, at::IntArrayRef group_sizes,
+                                 int64_t in_features, int64_t isa) {
+  const size_t count = qweights.size();
+  TORCH_CHECK(count >= 1 && tables.size() == count && scales.size() == count && offsets.size() == count &&
+                  group_sizes.size() == count,
+              "gq_cpu: bitplane_matmul_multi needs one qweight, table, scales, offsets and group_size per weight, "
+              "got ", count, ", ", tables.size(), ", ", scales.size(), ", ", offsets.size(), ", ", group_sizes.size());
+  const at::ScalarType dtype = x.scalar_type();
+  const Variant v = variant(isa);
+  std::vector<gq_cpu::Problem> problems;
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    problems.push_back(describe(qweights[i], tables.get(i), scales.get(i), offsets.get(i), group_sizes[i],
+                                in_features));
+    problems.back().rounding = rounding_for(dtype);
+    total += problems.back().n;
+  }
+  const at::Tensor x2 = rows_fp32(x, in_features);
+  at::Tensor out = at::empty({x2.size(0), total}, x2.options());
+  int64_t col = 0;
+  for (const gq_cpu::Problem& p : problems) {
+    at::Tensor block = out.narrow(1, col, p.n);
+    matmul_into(x2, p, v, block);
+    col += p.n;
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = total;
   return (dtype == at::kFloat ? out : out.to(dtype)).view(shape);
 }
 
@@ -316,6 +355,9 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def(
       "bitplane_dequantize_out(Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
       "int group_size, int in_features, int rounding, int isa, Tensor(a!) out) -> ()");
+  m.def(
+      "bitplane_matmul_multi(Tensor x, Tensor[] qweights, Tensor?[] tables, Tensor?[] scales, Tensor?[] offsets, "
+      "int[] group_sizes, int in_features, int isa) -> Tensor");
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
   m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
   m.def("built_variants() -> int[]", &built_variants);
@@ -323,6 +365,7 @@ TORCH_LIBRARY(gq_cpu, m) {
 
 TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("bitplane_matmul", &bitplane_matmul);
+  m.impl("bitplane_matmul_multi", &bitplane_matmul_multi);
   m.impl("bitplane_dequantize", &bitplane_dequantize);
   m.impl("bitplane_matmul_out", &bitplane_matmul_out);
   m.impl("bitplane_dequantize_out", &bitplane_dequantize_out);

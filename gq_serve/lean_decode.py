@@ -1,0 +1,226 @@
+"""Batch-1 decode of Llama-family models in a handful of functions, without transformers' per-layer
+machinery: the CPU decoder (``--decode lean``, and ``auto`` on the CPU where it applies).
+
+Why: on the CPU nothing hides the cost of an op. A decode step of a small model runs ~45 small ops
+per layer through transformers' modules (the DynamicCache's concatenations, mask building,
+RMSNorm in six ops, rotary in ten, SDPA's dispatch), ~4 ms of SmolLM2's step besides its linears,
+and 210 separate calls into the packed-weight kernels. Here a layer is about twenty ops: q/k/v and
+gate/up each one kernel call where the kernel can take several weights at once
+(:meth:`gq_kernels.kernel.LinearKernel.apply_shared`), a preallocated KV cache written in place,
+and attention for one query as two batched matmuls and a softmax.
+
+Scope (:func:`can_implement`): decoder-only models with Llama's layer (LlamaForCausalLM and the
+same layout: RMSNorm, rotary q/k, grouped-query attention without bias, SiLU-gated MLP), no hooks
+and no replaced ``forward`` on any module (a format that keeps its own KV cache installs a hook),
+every layer attending to every earlier position. Everything else decodes with :class:`gq_serve.decode.DynamicDecoder`. The
+modules are the model's own: the same weights, kernels and lm_head (``--head``), no copies.
+
+Exactness: the same math as transformers' Llama in the model's dtype, up to summation order
+(``tests/test_lean_decode.py`` checks logits and greedy tokens against the dynamic loop).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gq_serve.sampling import SamplingParams, sample_step
+
+MODEL_TYPES = ("llama", "mistral")
+
+
+def can_implement(model: nn.Module) -> tuple[bool, str | None]:
+    """(True, None) when the lean decoder computes exactly what ``model`` does, else (False, why)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in MODEL_TYPES:
+        return False, f"serves model types {list(MODEL_TYPES)}, not {getattr(cfg, 'model_type', None)!r}"
+    if getattr(model, "gq_kv_bits", None) is not None:
+        return False, "the checkpoint keeps its own quantized KV cache"
+    if getattr(cfg, "sliding_window", None) is not None:
+        return False, "sliding-window attention"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return False, "biased attention or MLP projections"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False, "an activation other than SiLU, or pretraining_tp > 1"
+    hooked = [name or "model" for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)]
+    if hooked:
+        return False, f"forward hooks or a replaced forward on {hooked[0]} (they would not run)"
+    inner = getattr(model, "model", None)
+    for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(inner, part):
+            return False, f"model.model has no {part}"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in names) or not all(
+                hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return False, "a decoder layer without Llama's q/k/v/o and gate/up/down projections"
+    return True, None
+
+
+class Projections:
+    """Linears fed the same input (q/k/v; gate/up): one kernel call where the kernel allows it."""
+
+    def __init__(self, linears: Sequence[nn.Module]) -> None:
+        self.linears = list(linears)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> the outputs side by side [..., out_0 + out_1 + ...]."""
+        members = []
+        for lin in self.linears:
+            select = getattr(lin, "select_kernel", None)
+            if select is None or lin.bias is not None:
+                break
+            members.append((select(x.device, x.dtype), lin._runtime))
+        else:
+            y = type(members[0][0]).apply_shared(members, x)
+            if y is not None:
+                return y
+        return torch.cat([lin(x) for lin in self.linears], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Llama RMSNorm: in fp32, scaled by the weight in the input's dtype."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (the half-split form transformers' Llama uses); x [T, heads, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of one request: [layers, kv_heads, capacity, head_dim] each, written in place;
+    the capacity doubles when full (one copy per doubling)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
+        shape = (layers, kv_heads, max(capacity, 1), head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def reserve(self, length: int) -> None:
+        cap = self.k.shape[2]
+        if length <= cap:
+            return
+        while cap < length:
+            cap *= 2
+        grown = [t.new_zeros((*t.shape[:2], cap, t.shape[3])) for t in (self.k, self.v)]
+        for new, old in zip(grown, (self.k, self.v)):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        self.k, self.v = grown
+
+
+class LeanLlama:
+    """The forward of a Llama-layout model over its own modules, into a :class:`KVCache`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        ok, why = can_implement(model)
+        if not ok:
+            raise ValueError(f"the lean decoder cannot run this model: {why}; use --decode dynamic")
+        cfg, inner = model.config, model.model
+        self.model, self.inner = model, inner
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.layers = [(layer, Projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                        Projections([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in inner.layers]
+
+    def new_cache(self, capacity: int, device) -> KVCache:
+        dtype = self.inner.embed_tokens.weight.dtype
+        return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, dtype, device)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """ids long [T] at positions cache.length.. -> logits [T or 1, vocab] (the last row unless
+        ``all_logits``). A prompt (T > 1) must start an empty cache."""
+        t, start = ids.shape[0], cache.length
+        if t > 1 and start:
+            raise ValueError("the lean decoder prefills only into an empty cache")
+        cache.reserve(start + t)
+        h = self.inner.embed_tokens(ids)  # [T, hidden]
+        pos = torch.arange(start, start + t, device=ids.device)
+        cos, sin = self.inner.rotary_emb(h, pos[None])
+        cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)  # [T, 1, D]
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        for i, (layer, qkv_proj, gate_up_proj) in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = qkv_proj(rms_norm(h, layer.input_layernorm))
+            q = rotate(qkv[:, : nq * d].view(t, nq, d), cos, sin)
+            k = rotate(qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d), cos, sin)
+            cache.k[i, :, start : start + t] = k.transpose(0, 1)
+            cache.v[i, :, start : start + t] = qkv[:, (nq + nkv) * d :].view(t, nkv, d).transpose(0, 1)
+            keys, values = cache.k[i, :, : start + t], cache.v[i, :, : start + t]  # [KV, S, D]
+            out = attention(q, keys, values, attn.scaling, causal=t > 1)  # [T, H * D]
+            h = h + attn.o_proj(out)
+            gate_up = gate_up_proj(rms_norm(h, layer.post_attention_layernorm))
+            half = gate_up.shape[-1] // 2
+            h = h + layer.mlp.down_proj(F.silu(gate_up[:, :half]) * gate_up[:, half:])
+        cache.length = start + t
+        h = rms_norm(h if all_logits else h[-1:], self.inner.norm)
+        return self.model.lm_head(h)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q [T, H, D], keys/values [KV, S, D] (H a multiple of KV) -> [T, H * D]."""
+    t, nq, d = q.shape
+    nkv = keys.shape[0]
+    if causal:  # the prompt: one fused call
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
+                                             scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(t, nq * d)
+    # One query: grouped heads as a batch of [group, D] x [D, S] products.
+    qg = q[0].view(nkv, nq // nkv, d)
+    probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)).mul_(scale).float(), dim=-1).to(q.dtype)
+    return torch.bmm(probs, values).reshape(1, nq * d)
+
+
+class LeanDecoder:
+    """``DynamicDecoder``'s interface over :class:`LeanLlama` (batch 1, one request at a time)."""
+
+    mode = "lean"
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+        self.lean = LeanLlama(model)
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def warmup(self, prompt_len: int = 1, max_new_tokens: int = 1) -> None:
+        """Nothing to prepare."""
+
+    def slot_mode(self, prompt_len: int, max_new_tokens: int) -> str:
+        return self.mode
+
+    def iter_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        generator: torch.Generator | None = None,
+        eos_ids: Sequence[int] = (),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[int]:
+        """As :meth:`gq_serve.decode.DynamicDecoder.iter_tokens`."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
+        eos = set(int(i) for i in eos_ids)
+        cache = self.lean.new_cache(len(prompt_ids) + params.max_tokens, self.device)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
+        for step in range(params.max_tokens):
+            if should_stop is not None and should_stop():
+                return
+            full = step == 0 and params.prompt_logprobs is not None
+            with torch.inference_mode():
+                logits = self.lean.forward(ids, cache, all_logits=full)
+                token = sample_step(logits[-1], params, generator, prompt_logits=logits if full else None,
+                                    prompt_ids=prompt_ids)
+            yield token
+            if token in eos:
+                return
+            ids = torch.tensor([int(token)], dtype=torch.long, device=self.device)
