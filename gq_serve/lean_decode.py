@@ -6,7 +6,7 @@ per layer through transformers' modules (the DynamicCache's concatenations, mask
 RMSNorm in six ops, rotary in ten, SDPA's dispatch), ~4 ms of SmolLM2's step besides its linears,
 and 210 separate calls into the packed-weight kernels. Here a layer is about twenty ops: q/k/v and
 gate/up each one kernel call where the kernel can take several weights at once
-(:meth:`gq_kernels.kernel.LinearKernel.apply_shared`), a preallocated KV cache written in place,
+(:meth:`gq_kernels.kernel.LinearKernel.shared`), a preallocated KV cache written in place,
 and attention for one query as two batched matmuls and a softmax.
 
 Scope (:func:`can_implement`): decoder-only models with Llama's layer (LlamaForCausalLM and the
@@ -62,24 +62,32 @@ def can_implement(model: nn.Module) -> tuple[bool, str | None]:
 
 
 class Projections:
-    """Linears fed the same input (q/k/v; gate/up): one kernel call where the kernel allows it."""
+    """Linears fed the same input (q/k/v; gate/up; or a single one): one kernel call where their
+    kernel offers it (:meth:`gq_kernels.kernel.LinearKernel.shared`), else each module in turn."""
 
     def __init__(self, linears: Sequence[nn.Module]) -> None:
         self.linears = list(linears)
+        self._kernels: tuple | None = None  # the kernels self._call was made for
+        self._call: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> the outputs side by side [..., out_0 + out_1 + ...]."""
-        members = []
-        for lin in self.linears:
-            select = getattr(lin, "select_kernel", None)
-            if select is None or lin.bias is not None:
-                break
-            members.append((select(x.device, x.dtype), lin._runtime))
-        else:
-            y = type(members[0][0]).apply_shared(members, x)
-            if y is not None:
-                return y
+        kernels = tuple(getattr(lin, "kernel", None) for lin in self.linears)
+        if kernels != self._kernels or None in kernels or kernels[0].dtype != x.dtype:
+            self._bind(x)
+        if self._call is not None:
+            return self._call(x)
+        if len(self.linears) == 1:
+            return self.linears[0](x)
         return torch.cat([lin(x) for lin in self.linears], dim=-1)
+
+    def _bind(self, x: torch.Tensor) -> None:
+        """Choose the kernels for x's device and dtype, and their one call if they have one."""
+        self._call = None
+        if all(hasattr(lin, "select_kernel") and lin.bias is None for lin in self.linears):
+            members = [(lin.select_kernel(x.device, x.dtype), lin._runtime) for lin in self.linears]
+            self._call = type(members[0][0]).shared(members)
+        self._kernels = tuple(getattr(lin, "kernel", None) for lin in self.linears)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -131,7 +139,8 @@ class LeanLlama:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = [(layer, Projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                        Projections([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in inner.layers]
+                        Projections([layer.self_attn.o_proj]), Projections([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                        Projections([layer.mlp.down_proj])) for layer in inner.layers]
 
     def new_cache(self, capacity: int, device) -> KVCache:
         dtype = self.inner.embed_tokens.weight.dtype
@@ -149,7 +158,7 @@ class LeanLlama:
         cos, sin = self.inner.rotary_emb(h, pos[None])
         cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)  # [T, 1, D]
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
-        for i, (layer, qkv_proj, gate_up_proj) in enumerate(self.layers):
+        for i, (layer, qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self.layers):
             attn = layer.self_attn
             qkv = qkv_proj(rms_norm(h, layer.input_layernorm))
             q = rotate(qkv[:, : nq * d].view(t, nq, d), cos, sin)
@@ -158,10 +167,10 @@ class LeanLlama:
             cache.v[i, :, start : start + t] = qkv[:, (nq + nkv) * d :].view(t, nkv, d).transpose(0, 1)
             keys, values = cache.k[i, :, : start + t], cache.v[i, :, : start + t]  # [KV, S, D]
             out = attention(q, keys, values, attn.scaling, causal=t > 1)  # [T, H * D]
-            h = h + attn.o_proj(out)
+            h = h + o_proj(out)
             gate_up = gate_up_proj(rms_norm(h, layer.post_attention_layernorm))
             half = gate_up.shape[-1] // 2
-            h = h + layer.mlp.down_proj(F.silu(gate_up[:, :half]) * gate_up[:, half:])
+            h = h + down_proj(F.silu(gate_up[:, :half]) * gate_up[:, half:])
         cache.length = start + t
         h = rms_norm(h if all_logits else h[-1:], self.inner.norm)
         return self.model.lm_head(h)

@@ -13,6 +13,8 @@ tensor handling of a loader on any device).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import functools
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -86,11 +88,13 @@ class LinearKernel(ABC):
         """``x @ W_hat.T (+ bias)`` for x [..., in] in ``self.dtype``; returns [..., out] in x's dtype."""
 
     @classmethod
-    def apply_shared(cls, members: list[tuple[LinearKernel, dict[str, torch.Tensor]]],
-                     x: torch.Tensor) -> torch.Tensor | None:
-        """Several layers fed the same ``x`` (q/k/v, gate/up) in one call: their outputs side by side,
-        [..., out_0 + out_1 + ...], or None where this kernel has no such call (the caller then
-        applies each member). ``members``: (kernel, prepared tensors) pairs, no biases."""
+    def shared(cls, members: list[tuple[LinearKernel, dict[str, torch.Tensor]]]
+               ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """One call for several layers fed the same input (q/k/v, gate/up; or one layer, called
+        without the module around it): a function x [..., in] -> their outputs side by side
+        [..., out_0 + out_1 + ...], made once and valid while the members' kernels are; or None
+        where this kernel has no such call (the caller applies each member). ``members``:
+        (kernel, prepared tensors) pairs of layers without bias, ``cls`` the first one's class."""
         return None
 
     def path(self, x: torch.Tensor) -> str:

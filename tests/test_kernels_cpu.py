@@ -280,7 +280,7 @@ def test_build_cache_is_keyed_locked_and_atomic(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("isa", VARIANTS)
-def test_apply_shared_equals_each_layer_side_by_side(isa):
+def test_shared_call_equals_each_layer_side_by_side(isa):
     # q/k/v-like weights of different formats and widths, one input: the one-call path must write
     # exactly what separate calls do (same kernel per output row), for the GEMV and the tiled path.
     k = 100
@@ -290,9 +290,9 @@ def test_apply_shared_equals_each_layer_side_by_side(isa):
     g = torch.Generator().manual_seed(0)
     for shape in ((1, k), (3, k), (2, 5, k)):  # 1 and 3 rows: the GEMV; 10 rows: the tiled path
         x = torch.randn(shape, generator=g)
-        y = type(members[0][0]).apply_shared(members, x)
+        y = type(members[0][0]).shared(members)(x)
         assert y.shape == (*shape[:-1], 48 + 17 + 33)
         assert torch.equal(y, torch.cat([kern.apply(p, x) for kern, p in members], dim=-1))
     # Kernels it cannot combine (another variant or dtype): None, so the caller applies each.
     other = make("lut", {}, 3, 8, k, isa, dtype=torch.bfloat16)[2:4]
-    assert type(members[0][0]).apply_shared([members[0], other], torch.randn(1, k)) is None
+    assert type(members[0][0]).shared([members[0], other]) is None

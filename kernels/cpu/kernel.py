@@ -62,17 +62,15 @@ class BitplaneCpuKernel(LinearKernel):
         return y if bias is None else y + bias.to(y.dtype)
 
     @classmethod
-    def apply_shared(cls, members, x):
-        kernels = [k for k, _ in members]
-        if not all(isinstance(k, BitplaneCpuKernel) and k.isa == kernels[0].isa and k.dtype == x.dtype
-                   for k in kernels):
+    def shared(cls, members):
+        first = members[0][0]
+        if not all(isinstance(k, BitplaneCpuKernel) and (k.isa, k.dtype, k.device, k.layer.in_features) ==
+                   (first.isa, first.dtype, first.device, first.layer.in_features) for k, _ in members):
             return None
-        decoders = [k._decoder(t) for k, t in members]
-        if len({d[5] for d in decoders}) != 1 or x.shape[-1] != decoders[0][5]:
-            return None
-        return torch.ops.gq_cpu.bitplane_matmul_multi(
-            x, [d[0] for d in decoders], [d[1] for d in decoders], [d[2] for d in decoders],
-            [d[3] for d in decoders], [d[4] for d in decoders], decoders[0][5], ISA_CODES[kernels[0].isa])
+        parts = list(zip(*(k._decoder(t)[:5] for k, t in members)))  # qweights, tables, scales, offsets, sizes
+        op, k, isa = torch.ops.gq_cpu.bitplane_matmul_multi, first.layer.in_features, ISA_CODES[first.isa]
+        qweights, tables, scales, offsets, sizes = (list(p) for p in parts)
+        return lambda x: op(x, qweights, tables, scales, offsets, sizes, k, isa)
 
     def _decoder(self, tensors) -> tuple:
         return (tensors["qweight"], tensors.get("table"), tensors.get("scales"), tensors.get("offsets"),

@@ -141,28 +141,32 @@ int32_t rounding_for(at::ScalarType dtype) {
 
 int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(k, 1)); }
 
+// x2 (fp32 [m, k] contiguous) in the layout the variant's GEMV reads: x2 itself (kNatural) or, for
+// kSplit32, per 32 columns the 16 even then the 16 odd ones, zero past k.
+at::Tensor gemv_input(const at::Tensor& x2, const gq_cpu::Problem& p, const Variant& v) {
+  if (v.x_layout() != gq_cpu::kSplit32) return x2;
+  const int64_t m = x2.size(0), k = p.k, width = p.words * 32;
+  at::Tensor xs = at::zeros({m, width}, x2.options());
+  const float* src = x2.data_ptr<float>();
+  float* dst = xs.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < k; ++c) dst[r * width + (c & ~int64_t{31}) + (c & 1) * 16 + ((c & 31) >> 1)] = src[r * k + c];
+  return xs;
+}
+
 // x2: fp32 [m, k] contiguous; out: fp32 [m, n] with unit column stride (a column block of a wider
-// contiguous output is fine). Writes every element of out.
-void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::Tensor& out) {
+// contiguous output is fine). Writes every element of out. xg: x2 as gemv_input made it, when the
+// caller already has it (several weights, one input).
+void matmul_into(const at::Tensor& x2, gq_cpu::Problem p, const Variant& v, at::Tensor& out,
+                 const at::Tensor* xg = nullptr) {
   const int64_t k = p.k, n = p.n, m = x2.size(0);
   if (m == 0 || n == 0) return;
   if (k == 0) {
     out.zero_();
   } else if (m <= gq_cpu::kMaxRows) {
-    at::Tensor xs;
-    if (v.x_layout() == gq_cpu::kSplit32) {
-      const int64_t width = p.words * 32;
-      xs = at::zeros({m, width}, x2.options());
-      const float* src = x2.data_ptr<float>();
-      float* dst = xs.data_ptr<float>();
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t c = 0; c < k; ++c) dst[r * width + (c & ~int64_t{31}) + (c & 1) * 16 + ((c & 31) >> 1)] = src[r * k + c];
-      p.x = dst;
-      p.x_stride = width;
-    } else {
-      p.x = x2.data_ptr<float>();
-      p.x_stride = k;
-    }
+    const at::Tensor xs = xg != nullptr ? *xg : gemv_input(x2, p, v);
+    p.x = xs.data_ptr<float>();
+    p.x_stride = xs.stride(0);
     p.m = m;
     p.y = out.data_ptr<float>();
     p.y_stride = out.stride(0);
@@ -230,10 +234,12 @@ at::Tensor bitplane_matmul_multi(const at::Tensor& x, at::TensorList qweights,
   }
   const at::Tensor x2 = rows_fp32(x, in_features);
   at::Tensor out = at::empty({x2.size(0), total}, x2.options());
+  // The GEMV's input layout, made once: the same for every weight (same k).
+  const at::Tensor xg = x2.size(0) <= gq_cpu::kMaxRows ? gemv_input(x2, problems[0], v) : x2;
   int64_t col = 0;
   for (const gq_cpu::Problem& p : problems) {
     at::Tensor block = out.narrow(1, col, p.n);
-    matmul_into(x2, p, v, block);
+    matmul_into(x2, p, v, block, &xg);
     col += p.n;
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
