@@ -38,7 +38,8 @@ def resolve_decode_mode(mode: str, device: torch.device | str) -> str:
 
 
 class DynamicDecoder:
-    """The plain loop: a ``DynamicCache``, one eager forward per token."""
+    """The plain loop: a ``DynamicCache``, one eager forward per token. Subclasses change what a
+    request's state is (``_start``) and how a step computes its logits (``_step``)."""
 
     mode = "dynamic"
 
@@ -72,8 +73,8 @@ class DynamicDecoder:
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
         eos = set(int(i) for i in eos_ids)
-        cache = DynamicCache(config=getattr(self.model, "config", None))
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        state = self._start(len(prompt_ids), params.max_tokens)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
         for step in range(params.max_tokens):
             if should_stop is not None and should_stop():
                 return
@@ -81,15 +82,23 @@ class DynamicDecoder:
             # prompt's log-probabilities (echo): then every position's.
             full = step == 0 and params.prompt_logprobs is not None
             with torch.inference_mode():
-                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=0 if full else 1)
-                cache = out.past_key_values
-                token = sample_step(out.logits[0, -1], params, generator,
-                                    prompt_logits=out.logits[0] if full else None, prompt_ids=prompt_ids)
+                logits, state = self._step(ids, state, full)
+                token = sample_step(logits[-1], params, generator, prompt_logits=logits if full else None,
+                                    prompt_ids=prompt_ids)
             yield token
             if token in eos:
                 return
-            input_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            ids = torch.tensor([int(token)], dtype=torch.long, device=self.device)
+
+    def _start(self, prompt_len: int, max_new_tokens: int):
+        """A new request's state: here its ``DynamicCache``."""
+        return DynamicCache(config=getattr(self.model, "config", None))
+
+    def _step(self, ids: torch.Tensor, cache, full: bool) -> tuple[torch.Tensor, object]:
+        """ids long [T] -> (logits [T, vocab] if ``full`` else [1, vocab], the state to carry on).
+        The model may replace the cache (a format with its own KV cache does)."""
+        out = self.model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=0 if full else 1)
+        return out.logits[0], out.past_key_values
 
 
 def make_decoder(model: torch.nn.Module, mode: str = "auto", device: torch.device | str | None = None,

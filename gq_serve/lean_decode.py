@@ -20,13 +20,13 @@ Exactness: the same math as transformers' Llama in the model's dtype, up to summ
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gq_serve.sampling import SamplingParams, sample_step
+from gq_serve.decode import DynamicDecoder
 
 MODEL_TYPES = ("llama", "mistral")
 
@@ -190,46 +190,18 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
     return torch.bmm(probs, values).reshape(1, nq * d)
 
 
-class LeanDecoder:
-    """``DynamicDecoder``'s interface over :class:`LeanLlama` (batch 1, one request at a time)."""
+class LeanDecoder(DynamicDecoder):
+    """The decode loop of :class:`gq_serve.decode.DynamicDecoder` over :class:`LeanLlama` (batch 1,
+    one request at a time): its state is a :class:`KVCache` sized for the whole request."""
 
     mode = "lean"
 
     def __init__(self, model: nn.Module, device: torch.device | str | None = None) -> None:
         self.lean = LeanLlama(model)
-        self.model = model
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        super().__init__(model, device)
 
-    def warmup(self, prompt_len: int = 1, max_new_tokens: int = 1) -> None:
-        """Nothing to prepare."""
+    def _start(self, prompt_len: int, max_new_tokens: int) -> KVCache:
+        return self.lean.new_cache(prompt_len + max_new_tokens, self.device)
 
-    def slot_mode(self, prompt_len: int, max_new_tokens: int) -> str:
-        return self.mode
-
-    def iter_tokens(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        *,
-        generator: torch.Generator | None = None,
-        eos_ids: Sequence[int] = (),
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[int]:
-        """As :meth:`gq_serve.decode.DynamicDecoder.iter_tokens`."""
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty: the decode loop needs at least one prompt token")
-        eos = set(int(i) for i in eos_ids)
-        cache = self.lean.new_cache(len(prompt_ids) + params.max_tokens, self.device)
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
-        for step in range(params.max_tokens):
-            if should_stop is not None and should_stop():
-                return
-            full = step == 0 and params.prompt_logprobs is not None
-            with torch.inference_mode():
-                logits = self.lean.forward(ids, cache, all_logits=full)
-                token = sample_step(logits[-1], params, generator, prompt_logits=logits if full else None,
-                                    prompt_ids=prompt_ids)
-            yield token
-            if token in eos:
-                return
-            ids = torch.tensor([int(token)], dtype=torch.long, device=self.device)
+    def _step(self, ids: torch.Tensor, cache: KVCache, full: bool) -> tuple[torch.Tensor, KVCache]:
+        return self.lean.forward(ids, cache, all_logits=full), cache
