@@ -120,16 +120,18 @@ def qconfig(corpus: Path, **kw) -> QuantizeConfig:
     return QuantizeConfig(calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ), **kw)
 
 
-def build_cache(model_dir: Path, corpus: Path, root: Path, streamed: bool, **kw) -> CalibrationCache:
+def build_cache(model_dir: Path, corpus: Path, root: Path, streamed: bool, device: str = "cpu",
+                **kw) -> CalibrationCache:
     from transformers import AutoTokenizer
 
     from gq_quantize.data import calibration_windows
 
     windows = calibration_windows(AutoTokenizer.from_pretrained(model_dir), str(corpus), N, SEQ, 0, root)
-    sm = StreamedModel(model_dir) if streamed else None
+    sm = StreamedModel(model_dir, device=device) if streamed else None
     model = sm.model if streamed else in_memory(model_dir)
     return CalibrationCache.open_or_build(root, model, model_dir, windows, groups=2, need_guided=True,
-                                          need_fisher=True, progress=False, chunk_windows=2, streamed=sm, **kw)
+                                          need_fisher=True, progress=False, chunk_windows=2, streamed=sm,
+                                          device=device, **kw)
 
 
 def test_streamed_cache_is_the_in_memory_cache(tiny_lm_dir, corpus, tmp_path):
@@ -141,6 +143,20 @@ def test_streamed_cache_is_the_in_memory_cache(tiny_lm_dir, corpus, tmp_path):
                                    rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a.hessian(name, guided=False), b.hessian(name, guided=False), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a.weight_fisher(name), b.weight_fisher(name), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_cache_on_cuda_is_the_cpu_cache(tiny_lm_dir, corpus, tmp_path):
+    # The 24 GB-card case: one layer on the GPU at a time, the rest on the host; same results.
+    cpu = build_cache(tiny_lm_dir, corpus, tmp_path / "cpu", streamed=False)
+    gpu = build_cache(tiny_lm_dir, corpus, tmp_path / "gpu", streamed=True, device="cuda",
+                      offload_dir=tmp_path / "off")
+    for name in cpu.manifest["linears"]:
+        for a, b in ((cpu.hessian(name, guided=True, groups=2), gpu.hessian(name, guided=True, groups=2)),
+                     (cpu.hessian(name, guided=False), gpu.hessian(name, guided=False)),
+                     (cpu.weight_fisher(name), gpu.weight_fisher(name))):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()), msg=name)
 
 
 def dequantized(ckpt: Path) -> dict[str, torch.Tensor]:
