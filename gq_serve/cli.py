@@ -428,7 +428,7 @@ def _add_serve_parser(sub) -> None:
                    help="--engine hf: auto (static on CUDA; on the CPU lean, or dynamic for a model lean does "
                         "not serve), static (static KV cache; on a GPU the decode step replays as a CUDA "
                         "graph), dynamic (DynamicCache), lean (Llama-layout models: fused projections, "
-                        "preallocated KV cache, few ops per layer)")
+                        "KV cache written in place, few ops per layer)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="--engine hf, static decode on a GPU: torch.compile the step before its CUDA graph "
                         "capture (default: on)")

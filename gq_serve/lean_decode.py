@@ -6,7 +6,7 @@ per layer through transformers' modules (the DynamicCache's concatenations, mask
 RMSNorm in six ops, rotary in ten, SDPA's dispatch), ~4 ms of SmolLM2's step besides its linears,
 and 210 separate calls into the packed-weight kernels. Here a layer is about twenty ops: q/k/v and
 gate/up each one kernel call where the kernel can take several weights at once
-(:meth:`gq_kernels.kernel.LinearKernel.shared`), a preallocated KV cache written in place,
+(:meth:`gq_kernels.kernel.LinearKernel.shared`), a KV cache allocated per request and written in place,
 and attention for one query as two batched matmuls and a softmax.
 
 Scope (:func:`can_implement`): decoder-only models with Llama's layer (LlamaForCausalLM and the
@@ -29,6 +29,7 @@ from torch import nn
 from gq_serve.decode import DynamicDecoder
 
 MODEL_TYPES = ("llama", "mistral")
+INITIAL_NEW_POSITIONS = 256  # a request's KV cache starts at prompt + this many, then doubles
 
 
 def can_implement(model: nn.Module) -> tuple[bool, str | None]:
@@ -192,7 +193,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
 
 class LeanDecoder(DynamicDecoder):
     """The decode loop of :class:`gq_serve.decode.DynamicDecoder` over :class:`LeanLlama` (batch 1,
-    one request at a time): its state is a :class:`KVCache` sized for the whole request."""
+    one request at a time): its state is a :class:`KVCache` that grows with the request."""
 
     mode = "lean"
 
@@ -201,7 +202,9 @@ class LeanDecoder(DynamicDecoder):
         super().__init__(model, device)
 
     def _start(self, prompt_len: int, max_new_tokens: int) -> KVCache:
-        return self.lean.new_cache(prompt_len + max_new_tokens, self.device)
+        # Not sized for max_new_tokens up front: a chat request's default is the rest of the
+        # context (SmolLM2: 8k positions, 377 MB of cache) and most answers end far sooner.
+        return self.lean.new_cache(prompt_len + min(max_new_tokens, INITIAL_NEW_POSITIONS), self.device)
 
     def _step(self, ids: torch.Tensor, cache: KVCache, full: bool) -> tuple[torch.Tensor, KVCache]:
         return self.lean.forward(ids, cache, all_logits=full), cache

@@ -59,6 +59,15 @@ def test_tokens_match_the_dynamic_loop(quantized_dir, head):
         assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-4
 
 
+def test_a_long_request_grows_its_cache(tiny_lm, monkeypatch):
+    import gq_serve.lean_decode as lean_mod
+
+    model, _ = tiny_lm
+    monkeypatch.setattr(lean_mod, "INITIAL_NEW_POSITIONS", 4)  # prompt 6 + 4: grows 10 -> 20 -> 40 -> 80
+    assert tokens(LeanDecoder(model), [1, 5, 6, 7, 8, 9], 70) == tokens(DynamicDecoder(model), [1, 5, 6, 7, 8, 9], 70)
+    assert LeanDecoder(model)._start(6, 1000).k.shape[2] == 10
+
+
 def test_eos_and_should_stop(tiny_lm):
     model, _ = tiny_lm
     lean = LeanDecoder(model)
