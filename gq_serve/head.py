@@ -6,7 +6,8 @@ Why: the head is the largest matrix a decode step reads (SmolLM2 ties its 49152 
 embedding: 113 MB of fp32 per token, more than the 210 quantized decoder linears of a 3-bit
 checkpoint together). Rounding it per row to int8 is a load-time choice, not part of the
 checkpoint; its perplexity cost is measured in docs/results.md (scripts/head_precision.py). A tied
-head is untied: the input embedding keeps its values (a lookup reads one row per token).
+head is untied: the input embedding keeps its values (a lookup reads one row per token), stored in
+fp16 when they all are fp16 numbers (:func:`shrink_embedding`: the same lookups in half the memory).
 """
 from __future__ import annotations
 
@@ -45,6 +46,40 @@ class Int8Head(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, kernel={self.isa}"
 
 
+class Fp16Embedding(nn.Module):
+    """An embedding table stored in fp16 whose rows come out in ``dtype``: for an fp32 table whose
+    values are all fp16 numbers (a checkpoint saved in fp16), the same lookups in half the memory."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight16", weight.detach().half())
+        self.dtype, self.padding_idx = weight.dtype, padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.weight16).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, stored fp16, rows in {self.dtype}"
+
+
+def shrink_embedding(model: nn.Module) -> bool:
+    """Store an untied plain fp32 input embedding in fp16 when that loses nothing (every value an fp16
+    number); True when it did. With ``--head int8`` the embedding no longer shares the head's
+    tensor, and a lookup reads one row per token: its fp32 copy is only memory (SmolLM2: 113 MB)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding or emb.weight.dtype != torch.float32 or emb.max_norm is not None:
+        return False  # subclasses may scale their rows (Gemma): leave them as they are
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        return False
+    w = emb.weight.detach()
+    if not torch.equal(w.half().float(), w):
+        return False
+    model.set_input_embeddings(Fp16Embedding(w, emb.padding_idx))
+    return True
+
+
 def apply_head(model: nn.Module, head: str) -> str:
     """Give ``model`` (an HF causal LM) the ``head`` precision; returns a description for logs and
     benchmark rows. ValueError names the problem: an unknown choice, a device other than the CPU,
@@ -64,4 +99,5 @@ def apply_head(model: nn.Module, head: str) -> str:
     new = Int8Head(lm_head.weight, lm_head.bias)
     model.set_output_embeddings(new)
     model.config.tie_word_embeddings = False  # nothing may tie the embedding back to a module without .weight
-    return f"int8 ({new.isa or 'reference'})"
+    shrunk = shrink_embedding(model)
+    return f"int8 ({new.isa or 'reference'})" + (", embedding stored in fp16" if shrunk else "")

@@ -144,7 +144,7 @@ class LeanLlama:
                         Projections([layer.mlp.down_proj])) for layer in inner.layers]
 
     def new_cache(self, capacity: int, device) -> KVCache:
-        dtype = self.inner.embed_tokens.weight.dtype
+        dtype = self.inner.norm.weight.dtype  # the model's (the embedding may be stored narrower)
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity, dtype, device)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:

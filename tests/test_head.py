@@ -104,6 +104,47 @@ def test_tied_head_is_untied_and_the_embedding_keeps_its_values():
     assert logits.shape == (1, 3, 50) and torch.isfinite(logits).all()
 
 
+def test_an_untied_fp16_valued_embedding_is_stored_in_fp16_with_the_same_rows():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gq_serve.head import Fp16Embedding, apply_head, shrink_embedding
+
+    def tiny(tied: bool) -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=tied)).eval()
+
+    model = tiny(tied=True)
+    with torch.no_grad():  # a checkpoint saved in fp16, loaded in fp32: every value an fp16 number
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.half().float())
+    emb = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.tensor([[1, 2, 3, 49]])
+    with torch.no_grad():
+        ref_hidden = model.model(ids).last_hidden_state
+    assert not shrink_embedding(model)  # still tied to the head: nothing to gain
+    assert apply_head(model, "int8").endswith(", embedding stored in fp16")
+    assert isinstance(model.model.embed_tokens, Fp16Embedding)
+    assert model.model.embed_tokens.weight16.dtype == torch.float16
+    with torch.no_grad():
+        rows = model.model.embed_tokens(ids)
+        assert rows.dtype == torch.float32 and torch.equal(rows, emb[ids])
+        assert torch.equal(model.model(ids).last_hidden_state, ref_hidden)
+    # values that are not all fp16 numbers, or an embedding subclass (Gemma scales its rows): kept
+    other = tiny(tied=False)
+    assert not apply_head(other, "int8").endswith("fp16")
+    assert type(other.model.embed_tokens) is torch.nn.Embedding
+
+    class Scaled(torch.nn.Embedding):
+        pass
+
+    scaled = tiny(tied=False)
+    with torch.no_grad():
+        scaled.model.embed_tokens.weight.copy_(scaled.model.embed_tokens.weight.half().float())
+    scaled.set_input_embeddings(Scaled.from_pretrained(scaled.model.embed_tokens.weight.detach().clone()))
+    assert not shrink_embedding(scaled)
+
+
 def test_bad_head_choices_are_refused_with_the_fix(tiny_lm_dir):
     from gq_serve.checkpoint import load_model
     from gq_serve.head import apply_head
