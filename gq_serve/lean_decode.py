@@ -68,13 +68,15 @@ class Projections:
 
     def __init__(self, linears: Sequence[nn.Module]) -> None:
         self.linears = list(linears)
-        self._kernels: tuple | None = None  # the kernels self._call was made for
+        self._kernels: tuple | None = None  # the kernels self._call was made for (None: not bound yet)
         self._call: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> the outputs side by side [..., out_0 + out_1 + ...]."""
         kernels = tuple(getattr(lin, "kernel", None) for lin in self.linears)
-        if kernels != self._kernels or None in kernels or kernels[0].dtype != x.dtype:
+        # Rebind when a kernel changed (a move or reload resets it) or x's dtype did; dense
+        # linears have no kernel and bind once, to "call each module".
+        if kernels != self._kernels or (kernels[0] is not None and kernels[0].dtype != x.dtype):
             self._bind(x)
         if self._call is not None:
             return self._call(x)
