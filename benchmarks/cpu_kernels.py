@@ -16,7 +16,10 @@ Implementations:
   and compiled by ``torch.compile`` (Inductor's C++ backend, vectorized for this CPU), in two forms,
   ``x @ W.T`` (Inductor leaves the product to the BLAS) and ``(x[:, None] * W).sum(-1)`` (one fused
   loop nest); the faster one is reported (``impl_detail``);
-* ``dense``: ``F.linear`` on the dequantized fp32 weight (the old CPU path, 4 bytes per weight).
+* ``dense``: ``F.linear`` on the dequantized fp32 weight (the old CPU path, 4 bytes per weight);
+* ``lut-cpu-q8`` (variant ``q8``, ``lut`` only, AVX-512 VBMI + VNNI): int8 activations
+  (:mod:`gq_kernels.cpu.q8`); its outputs are checked within 2% of the reference (it rounds x and
+  the tables), the others' within 1e-4.
 
     python benchmarks/cpu_kernels.py --threads 2 --out docs/results/cpu_kernels.json
     python benchmarks/cpu_kernels.py --shapes 1536x576 --bits 3 --rows 1 --iters 5 --out /tmp/k.json   # smoke
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--group-size", type=int, default=128, help="bcq")
-    ap.add_argument("--variants", default="avx512,avx2,portable")
+    ap.add_argument("--variants", default="avx512,avx2,portable,q8")
     ap.add_argument("--inductor", default=",".join(INDUCTOR_SHAPES),
                     help="shapes (names) that also time the Inductor implementation (compiles are slow); '' for none")
     ap.add_argument("--inductor-bits", type=int, nargs="+", default=[3])
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                     t_dense = timer(lambda: F.linear(x, dense_w))
                     impls = {}
                     for isa in args.variants.split(","):
-                        if not features.isa_support(isa)[0]:
+                        if isa == "q8" and fmt != "lut":
+                            continue
+                        if not features.isa_support("avx512vnni" if isa == "q8" else isa)[0]:
                             continue
                         kern = choose_kernel(spec, "cpu", torch.float32, prefer=f"{fmt}-cpu-{isa}")
                         prepared = kern.prepare(tensors)
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     for label, (fn, path) in impls.items():
                         y = fn()
                         err = ((y - y_ref).norm() / y_ref.norm()).item()
-                        if not err < 1e-4:
+                        if not err < (2e-2 if label == "lut-cpu-q8" else 1e-4):
                             print(f"  {label}: WRONG (rel err {err:.2e}), not timed", flush=True)
                             continue
                         t = timer(fn)

@@ -4,10 +4,12 @@ machinery: the CPU decoder (``--decode lean``, and ``auto`` on the CPU where it 
 Why: on the CPU nothing hides the cost of an op. A decode step of a small model runs ~45 small ops
 per layer through transformers' modules (the DynamicCache's concatenations, mask building,
 RMSNorm in six ops, rotary in ten, SDPA's dispatch), ~4 ms of SmolLM2's step besides its linears,
-and 210 separate calls into the packed-weight kernels. Here a layer is about twenty ops: q/k/v and
+and 210 separate calls into the packed-weight kernels. Here a layer is about a dozen ops: q/k/v and
 gate/up each one kernel call where the kernel can take several weights at once
 (:meth:`gq_kernels.kernel.LinearKernel.shared`), a KV cache allocated per request and written in place,
-and attention for one query as two batched matmuls and a softmax.
+and in fp32 on the CPU RMSNorm, rotary, the SiLU gate and one query's attention one fused op each of
+the CPU extension (``csrc/decode_ops.cpp``; elsewhere the PyTorch expressions below, attention for
+one query as two batched matmuls and a softmax).
 
 Scope (:func:`can_implement`): decoder-only models with Llama's layer (LlamaForCausalLM and the
 same layout: RMSNorm, rotary q/k, grouped-query attention without bias, SiLU-gated MLP), no hooks
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gq_kernels.cpu import build
 from gq_serve.decode import DynamicDecoder
 
 MODEL_TYPES = ("llama", "mistral")
@@ -93,16 +96,21 @@ class Projections:
         self._kernels = tuple(getattr(lin, "kernel", None) for lin in self.linears)
 
 
-def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' Llama RMSNorm: in fp32, scaled by the weight in the input's dtype."""
+def rms_norm(x: torch.Tensor, norm: nn.Module, fused: bool = False) -> torch.Tensor:
+    """transformers' Llama RMSNorm: in fp32, scaled by the weight in the input's dtype. ``fused``:
+    one call into the CPU extension (fp32 x and weight on the CPU; see :func:`fused_ok`)."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    if fused and norm.weight.dtype == torch.float32:
+        return torch.ops.gq_cpu.rms_norm(x, norm.weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return norm.weight * x32.to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Rotary embedding (the half-split form transformers' Llama uses); x [T, heads, D], cos/sin [T, 1, D]."""
+    if fused:
+        return torch.ops.gq_cpu.rope(x, cos, sin)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -161,25 +169,40 @@ class LeanLlama:
         cos, sin = self.inner.rotary_emb(h, pos[None])
         cos, sin = cos[0, :, None, :].to(h.dtype), sin[0, :, None, :].to(h.dtype)  # [T, 1, D]
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        fused = fused_ok(h)
         for i, (layer, qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self.layers):
             attn = layer.self_attn
-            qkv = qkv_proj(rms_norm(h, layer.input_layernorm))
-            q = rotate(qkv[:, : nq * d].view(t, nq, d), cos, sin)
-            k = rotate(qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d), cos, sin)
+            qkv = qkv_proj(rms_norm(h, layer.input_layernorm, fused))
+            q = rotate(qkv[:, : nq * d].view(t, nq, d), cos, sin, fused)
+            k = rotate(qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d), cos, sin, fused)
             cache.k[i, :, start : start + t] = k.transpose(0, 1)
             cache.v[i, :, start : start + t] = qkv[:, (nq + nkv) * d :].view(t, nkv, d).transpose(0, 1)
             keys, values = cache.k[i, :, : start + t], cache.v[i, :, : start + t]  # [KV, S, D]
-            out = attention(q, keys, values, attn.scaling, causal=t > 1)  # [T, H * D]
+            out = attention(q, keys, values, attn.scaling, causal=t > 1, fused=fused)  # [T, H * D]
             h = h + o_proj(out)
-            gate_up = gate_up_proj(rms_norm(h, layer.post_attention_layernorm))
-            half = gate_up.shape[-1] // 2
-            h = h + down_proj(F.silu(gate_up[:, :half]) * gate_up[:, half:])
+            gate_up = gate_up_proj(rms_norm(h, layer.post_attention_layernorm, fused))
+            h = h + down_proj(silu_mul(gate_up, fused))
         cache.length = start + t
-        h = rms_norm(h if all_logits else h[-1:], self.inner.norm)
+        h = rms_norm(h if all_logits else h[-1:], self.inner.norm, fused)
         return self.model.lm_head(h)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+def fused_ok(h: torch.Tensor) -> bool:
+    """Whether the step's small ops can be the CPU extension's fused ones (gq_cpu::rms_norm, rope,
+    silu_mul, decode_attention): fp32 on the CPU, with the extension built (else PyTorch's ops)."""
+    return h.dtype == torch.float32 and h.device.type == "cpu" and build.status()[0]
+
+
+def silu_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """gate_up [T, 2F] -> silu(gate) * up [T, F]."""
+    if fused:
+        return torch.ops.gq_cpu.silu_mul(gate_up)
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, causal: bool,
+              fused: bool = False) -> torch.Tensor:
     """q [T, H, D], keys/values [KV, S, D] (H a multiple of KV) -> [T, H * D]."""
     t, nq, d = q.shape
     nkv = keys.shape[0]
@@ -187,6 +210,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
                                              scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(t, nq * d)
+    if fused:
+        return torch.ops.gq_cpu.decode_attention(q[0], keys, values, scale)
     # One query: grouped heads as a batch of [group, D] x [D, S] products.
     qg = q[0].view(nkv, nq // nkv, d)
     probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)).mul_(scale).float(), dim=-1).to(q.dtype)

@@ -32,6 +32,7 @@ _BUILTIN_KERNELS = (
     "gq_kernels.lut.cpu:LutCpuAvx512Kernel",
     "gq_kernels.lut.cpu:LutCpuAvx2Kernel",
     "gq_kernels.lut.cpu:LutCpuPortableKernel",
+    "gq_kernels.lut.cpu:LutCpuQ8Kernel",  # int8 activations: by name only (not auto)
     "gq_kernels.bcq.cpu:BcqCpuAvx512Kernel",
     "gq_kernels.bcq.cpu:BcqCpuAvx2Kernel",
     "gq_kernels.bcq.cpu:BcqCpuPortableKernel",

@@ -15,7 +15,9 @@ whose runs were disturbed (up to --attempts, keeping the least disturbed). Each 
 its flags, that load and the load average.
 The checkpoints are those of scripts/reproduce_quality.py (``--keep-checkpoints``): LNQ +
 GuidedQuant (g=4) ``lut`` at 2/3/4 bits and GPTQ ``bcq`` at 4 bits. ``--heads model int8`` runs
-every model a second time with ``--head int8`` (label suffix ``+head-int8``; ``head`` in each row).
+every model a second time with ``--head int8`` (label suffix ``+head-int8``; ``head`` in each row);
+``--kernels auto lut-cpu-q8`` runs every quantized model a second time with ``--kernel lut-cpu-q8``
+(label suffix ``+lut-cpu-q8``; ``kernels`` in each row).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def rss_mb() -> float:
 
 
 def child(label: str, path: str, threads: int, new_tokens: int, runs: int, decode: str = "auto",
-          compile: bool = False, head: str = "model") -> dict:
+          compile: bool = False, head: str = "model", kernel: str = "auto") -> dict:
     """One model in this (fresh) process: load, decode, measure."""
     import resource
 
@@ -54,7 +56,7 @@ def child(label: str, path: str, threads: int, new_tokens: int, runs: int, decod
 
     torch.set_num_threads(threads)
     load0 = os.getloadavg()[0]
-    model = load_model(path, "cpu", torch.float32, head=head)
+    model = load_model(path, "cpu", torch.float32, head=head, kernel=None if kernel == "auto" else kernel)
     with OtherLoad() as other:
         (row,) = bench_offline({label: (model, load_tokenizer(path))}, new_tokens=new_tokens, runs=runs,
                                decode=decode, compile=compile or None)
@@ -90,14 +92,16 @@ def main() -> int:
                    help="as gq serve --decode")
     p.add_argument("--compile", action="store_true",
                    help="with --decode static: compile each bucket's step (Inductor; on the CPU no graph)")
-    p.add_argument("--heads", nargs="+", choices=("model", "int8"), default=["model"],
+    p.add_argument("--kernels", nargs="+", default=["auto"],
+                   help="kernels of the quantized models (--kernel of gq bench): auto and/or names")
+    p.add_argument("--heads", nargs="+", choices=("model", "int8", "q8"), default=["model"],
                    help="lm_head precisions (gq serve --head) to run every model with")
-    p.add_argument("--child", nargs=3, metavar=("LABEL", "PATH", "HEAD"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("LABEL", "PATH", "HEAD", "KERNEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        label, path, head = args.child
+        label, path, head, kernel = args.child
         print(json.dumps(child(label, path, args.threads, args.new_tokens, args.runs, args.decode, args.compile,
-                               head)))
+                               head, kernel)))
         return 0
     cache = cache_root()
     ckpts = cache / "results" / "checkpoints"
@@ -115,14 +119,16 @@ def main() -> int:
     if missing:
         raise SystemExit(f"missing {missing}: run `gq prepare` and scripts/reproduce_quality.py --keep-checkpoints "
                          "(or gq quantize) first")
-    runs = [(label if head == "model" else f"{label}+head-{head}", label, head)
-            for label in paths for head in args.heads]
+    runs = [(label + ("" if kernel == "auto" else f"+{kernel}") + ("" if head == "model" else f"+head-{head}"),
+             label, head, kernel)
+            for label in paths for kernel in args.kernels for head in args.heads
+            if kernel == "auto" or label != "fp32"]
     rows = []
-    for label, ckpt_label, head in runs:
+    for label, ckpt_label, head, kernel in runs:
         path = paths[ckpt_label]
         cmd = [sys.executable, __file__, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                "--runs", str(args.runs), "--decode", args.decode, *(["--compile"] if args.compile else []),
-               "--child", label, str(path), head]
+               "--child", label, str(path), head, kernel]
         best = None
         for attempt in range(1, args.attempts + 1):
             waited = wait_for_quiet(args.max_other_load, args.quiet_wait)
@@ -141,7 +147,7 @@ def main() -> int:
     prov = provenance()
     prov["command"] = "python scripts/bench_e2e_cpu.py " + " ".join(sys.argv[1:])
     out_rows = []
-    for r, (label, ckpt_label, head) in zip(rows, runs):
+    for r, (label, ckpt_label, head, _kernel) in zip(rows, runs):
         out_rows.append({
             "device": f"CPU ({platform.machine()}, {args.threads} threads)", "engine": "hf", "model": MODEL,
             "variant": label, "format": r["format"], "bits": r["bits"], "group_size": r["group_size"], "batch": 1,

@@ -79,7 +79,7 @@ def cpu_isa(flags: list[str] | None) -> str:
     if not flags:
         return "–"
     if "avx512f" in flags:
-        ext = [name for flag, name in (("avx512_vbmi", "VBMI"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"),
+        ext = [name for flag, name in (("avx512vbmi", "VBMI"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"),
                                        ("avx512_fp16", "FP16"), ("amx_tile", "AMX")) if flag in flags]
         return "AVX-512" + (f" ({', '.join(ext)})" if ext else "")
     return "AVX2" if "avx2" in flags else ", ".join(flags)

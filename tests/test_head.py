@@ -193,3 +193,35 @@ def test_int8_matmul_compiles_as_one_op():
     f = torch.compile(lambda x: int8_matmul(x, q, s, isa).relu(), fullgraph=True)
     x = torch.randn(2, 32, generator=g)
     torch.testing.assert_close(f(x), (x @ dequantize_rows(q, s).T).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_load_model_head_q8_matches_its_specification(tiny_lm_dir, monkeypatch):
+    from gq_kernels.cpu.q8 import dense_q8, dense_q8_reference
+    from gq_serve.checkpoint import load_model
+    from gq_serve.head import Q8Head
+
+    ok, why = features.isa_support("avx512vnni")
+    if not ok:
+        with pytest.raises(ValueError, match="--head q8 needs the int8-activation CPU kernel.*use --head int8"):
+            load_model(str(tiny_lm_dir), "cpu", "float32", head="q8")
+        return
+    ref = load_model(str(tiny_lm_dir), "cpu", "float32")
+    model = load_model(str(tiny_lm_dir), "cpu", "float32", head="q8")
+    assert isinstance(model.lm_head, Q8Head) and model.gq_head.startswith("q8 (int8 activations)")
+    q, s = quantize_rows(ref.lm_head.weight.detach())
+    u, tscale, tmin = dense_q8(q, s)
+    assert torch.equal(model.lm_head.weight_u8, u)
+    k = q.shape[1]
+    with torch.no_grad():
+        hidden = ref.model(torch.tensor([[1, 5, 7, 9, 11, 4]])).last_hidden_state[0]
+        for rows in (1, 3, 8):  # the int8-activation GEMV, against its specification
+            got = model.lm_head(hidden[:rows])
+            want = dense_q8_reference(hidden[:rows], u, tscale, tmin, k)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            exact = hidden[:rows] @ dequantize_rows(q, s).T
+            assert ((got - exact).norm() / exact.norm()) < 0.02
+        long = torch.cat([hidden] * 2)  # 12 rows: exact, as --head int8 computes
+        torch.testing.assert_close(model.lm_head(long), long @ dequantize_rows(q, s).T, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(features, "cpu_flags", lambda: features._cpuinfo()[0] - {"avx512_vnni"})
+    with pytest.raises(ValueError, match="lacks avx512_vnni.*use --head int8"):
+        load_model(str(tiny_lm_dir), "cpu", "float32", head="q8")

@@ -87,7 +87,7 @@ def test_projections_take_one_kernel_call(quantized_dir):
     lean = LeanLlama(model)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         lean.forward(torch.tensor([5]), lean.new_cache(2, "cpu"))
-    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("gq_cpu::")}
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("gq_cpu::") and "matmul" in e.key}
     layers = model.config.num_hidden_layers
     # q/k/v, o, gate/up, down: one call each, straight into the extension
     assert calls == {"gq_cpu::bitplane_matmul_multi": 4 * layers}
@@ -153,3 +153,59 @@ def test_engine_decodes_lean_on_the_cpu_by_default(tiny_lm):
     finally:
         auto.shutdown()
         plain.shutdown()
+
+
+def test_int8_activation_kernel_takes_one_call_and_matches_the_dynamic_loop(quantized_dir):
+    from torch.profiler import ProfilerActivity, profile
+
+    from gq_kernels.cpu import features
+
+    ok, why = features.isa_support("avx512vnni")
+    if not ok:
+        pytest.skip(why)
+    model = load_model(str(quantized_dir), "cpu", "float32", kernel="lut-cpu-q8")
+    assert set(model.gq_kernels) == {"lut-cpu-q8"}
+    lean, ref = LeanDecoder(model), DynamicDecoder(model)
+    for prompt, n in REQUESTS:
+        assert tokens(lean, prompt, n) == tokens(ref, prompt, n), (prompt, n)
+    layer = LeanLlama(model)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer.forward(torch.tensor([5]), layer.new_cache(2, "cpu"))
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("gq_cpu::") and "matmul" in e.key}
+    assert calls == {"gq_cpu::bitplane_q8_matmul_multi": 4 * model.config.num_hidden_layers}
+
+
+def test_fused_step_ops_equal_the_pytorch_expressions():
+    from gq_serve.lean_decode import attention, rms_norm, rotate, silu_mul
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.Module()
+    norm.weight, norm.variance_epsilon = torch.nn.Parameter(torch.randn(40, generator=g)), 1e-5
+    for t in (1, 3):
+        x = torch.randn(t, 40, generator=g) * 3
+        torch.testing.assert_close(rms_norm(x, norm, fused=True), rms_norm(x, norm), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rms_norm(x[-1:], norm, fused=True), rms_norm(x[-1:], norm), rtol=1e-6, atol=1e-6)
+        qkv = torch.randn(t, 5 * 8 + 3, generator=g)  # a q slice of a wider row, as in the step
+        q = qkv[:, : 5 * 8].view(t, 5, 8)
+        cos, sin = torch.randn(t, 1, 8, generator=g), torch.randn(t, 1, 8, generator=g)
+        torch.testing.assert_close(rotate(q, cos, sin, fused=True), rotate(q, cos, sin), rtol=1e-6, atol=1e-6)
+        gate_up = torch.randn(t, 2 * 24, generator=g) * 4
+        torch.testing.assert_close(silu_mul(gate_up, fused=True), silu_mul(gate_up), rtol=1e-5, atol=1e-6)
+    for nq, nkv, s in ((6, 2, 1), (6, 3, 37), (4, 4, 300)):
+        cache_k, cache_v = torch.randn(nkv, 400, 16, generator=g), torch.randn(nkv, 400, 16, generator=g)
+        q = torch.randn(1, nq, 16, generator=g)
+        keys, values = cache_k[:, :s], cache_v[:, :s]  # the cache's views: rows contiguous, heads strided
+        got = attention(q, keys, values, 0.25, causal=False, fused=True)
+        torch.testing.assert_close(got, attention(q, keys, values, 0.25, causal=False), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="H a multiple of KV"):
+        torch.ops.gq_cpu.decode_attention(torch.randn(5, 16), keys, values, 0.25)
+
+
+def test_fused_and_pytorch_steps_agree(quantized_dir, monkeypatch):
+    import gq_serve.lean_decode as lean_mod
+
+    model = load_model(str(quantized_dir), "cpu", "float32")
+    assert lean_mod.fused_ok(torch.zeros(1))
+    fused = tokens(LeanDecoder(model), [1, 5, 6, 7], 30)
+    monkeypatch.setattr(lean_mod, "fused_ok", lambda h: False)
+    assert tokens(LeanDecoder(model), [1, 5, 6, 7], 30) == fused

@@ -1,8 +1,10 @@
 """The CPU kernels' C++ extension: compiled on first use, cached, loaded once per process.
 
 One shared library holds every variant: ``csrc/bitplane_isa.cpp`` and ``csrc/rowint8_isa.cpp``
-compiled once per instruction set (``portable``; on x86-64 also ``avx2`` and ``avx512``, each with its own ``-m`` flags) and
-``csrc/ops.cpp`` (the torch operators, built against the running torch's headers). The operators
+compiled once per instruction set (``portable``; on x86-64 also ``avx2`` and ``avx512``, each with
+its own ``-m`` flags), on x86-64 the int8-activation kernel ``csrc/bitplane_q8_isa.cpp`` (AVX-512
+VBMI + VNNI), and the torch operators ``csrc/ops.cpp`` and ``csrc/decode_ops.cpp`` (built against
+the running torch's headers). The operators
 call a variant only when asked for it, and the kernels ask only for variants the CPU runs
 (:mod:`.features`), so the AVX-512 code sits unused on an AVX2 machine.
 
@@ -39,7 +41,11 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 ISA_SOURCES = ("bitplane_isa.cpp", "rowint8_isa.cpp")  # compiled once per variant
-SOURCES = ("bitplane.h", "rowint8.h", *ISA_SOURCES, "ops.cpp")
+# Units with sources of their own (not the variants' ISA_SOURCES): the int8-activation kernel needs
+# VBMI and VNNI, which the avx512 variant must not assume (AVX-512 CPUs without them exist).
+UNIT_SOURCES = {"avx512vnni": ("bitplane_q8_isa.cpp",)}
+OPS_SOURCES = ("ops.cpp", "decode_ops.cpp")  # the torch operators, built against torch's headers
+SOURCES = ("bitplane.h", "rowint8.h", *ISA_SOURCES, *(s for v in UNIT_SOURCES.values() for s in v), *OPS_SOURCES)
 LIBRARY = "libgq_cpu.so"
 FORMAT_VERSION = 2  # bump to force a rebuild when this file's build logic changes
 
@@ -51,8 +57,10 @@ ISA_UNITS: dict[str, tuple[str, ...]] = {
     "avx2": ("-DGQ_ISA_AVX2", "-mavx2", "-mfma", "-mf16c"),
     "avx512": ("-DGQ_ISA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                "-mf16c"),
+    "avx512vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi", "-mavx512vnni",
+                   "-mavx2", "-mfma"),
 }
-OPS_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-fopenmp")
+OPS_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-fopenmp")  # -O3: decode_ops.cpp's loops vectorize
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -117,8 +125,8 @@ def _compile(plan: dict, out_dir: Path) -> None:
     cxx = plan["compiler"]
     jobs = []
     for unit, flags in plan["units"].items():
-        for src in ("ops.cpp",) if unit == "ops" else ISA_SOURCES:
-            obj = f"{unit}.o" if unit == "ops" else f"{unit}-{Path(src).stem}.o"
+        for src in OPS_SOURCES if unit == "ops" else UNIT_SOURCES.get(unit, ISA_SOURCES):
+            obj = f"{unit}-{Path(src).stem}.o"
             jobs.append((obj, [cxx, *flags, "-c", str(CSRC / src), "-o", str(out_dir / obj)]))
     width = max(1, min(len(jobs), os.cpu_count() or 1))
     logs = []

@@ -15,11 +15,13 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
     "avx2": ("avx2", "fma", "f16c"),
     "portable": (),
+    # The int8-activation kernel (gq_kernels.cpu.q8): byte permutes (VBMI) and int8 dot products (VNNI).
+    "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_vnni", "avx2", "fma"),
 }
 # Variants compiled only for x86-64.
-X86_ISAS = ("avx512", "avx2")
+X86_ISAS = ("avx512", "avx2", "avx512vnni")
 # Flags worth recording beside a CPU benchmark number.
-REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi",
+REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi",
                   "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni",
                   "asimd", "sve")
 

@@ -51,6 +51,11 @@ class BitplaneCpuKernel(LinearKernel):
         return build.status()  # builds the extension on first use; (False, why) when it cannot
 
     @property
+    def isa_code(self) -> int:
+        """The variant the fp32 operators run (the extension's code for ``isa``)."""
+        return ISA_CODES[self.isa]
+
+    @property
     def group_size(self) -> int:
         return getattr(self.layer.params, "group_size", -1)
 
@@ -58,7 +63,7 @@ class BitplaneCpuKernel(LinearKernel):
         return f"{self.name}:{'gemv' if n_rows(x) <= GEMV_MAX_ROWS else 'tiled'}"
 
     def apply(self, tensors, x, bias=None):
-        y = torch.ops.gq_cpu.bitplane_matmul(x, *self._decoder(tensors), ISA_CODES[self.isa])
+        y = torch.ops.gq_cpu.bitplane_matmul(x, *self._decoder(tensors), self.isa_code)
         return y if bias is None else y + bias.to(y.dtype)
 
     @classmethod
@@ -68,7 +73,7 @@ class BitplaneCpuKernel(LinearKernel):
                    (first.isa, first.dtype, first.device, first.layer.in_features) for k, _ in members):
             return None
         parts = list(zip(*(k._decoder(t)[:5] for k, t in members)))  # qweights, tables, scales, offsets, sizes
-        op, k, isa = torch.ops.gq_cpu.bitplane_matmul_multi, first.layer.in_features, ISA_CODES[first.isa]
+        op, k, isa = torch.ops.gq_cpu.bitplane_matmul_multi, first.layer.in_features, first.isa_code
         qweights, tables, scales, offsets, sizes = (list(p) for p in parts)
         return lambda x: op(x, qweights, tables, scales, offsets, sizes, k, isa)
 
@@ -78,13 +83,13 @@ class BitplaneCpuKernel(LinearKernel):
 
     def apply_out(self, tensors, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``x`` [M, in] @ W_hat.T into ``out`` fp32 [M, out_features] (tests pre-fill it with NaN)."""
-        torch.ops.gq_cpu.bitplane_matmul_out(x, *self._decoder(tensors), ISA_CODES[self.isa], out)
+        torch.ops.gq_cpu.bitplane_matmul_out(x, *self._decoder(tensors), self.isa_code, out)
         return out
 
     def dequantize(self, tensors, out: torch.Tensor | None = None) -> torch.Tensor:
         """W_hat fp32 [out, in] from the prepared tensors, rounded to this kernel's dtype."""
         rounding = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[self.dtype]
         if out is None:
-            return torch.ops.gq_cpu.bitplane_dequantize(*self._decoder(tensors), rounding, ISA_CODES[self.isa])
-        torch.ops.gq_cpu.bitplane_dequantize_out(*self._decoder(tensors), rounding, ISA_CODES[self.isa], out)
+            return torch.ops.gq_cpu.bitplane_dequantize(*self._decoder(tensors), rounding, self.isa_code)
+        torch.ops.gq_cpu.bitplane_dequantize_out(*self._decoder(tensors), rounding, self.isa_code, out)
         return out

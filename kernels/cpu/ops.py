@@ -24,3 +24,33 @@ def _(qweight, table, scales, offsets, group_size, in_features, rounding, isa):
 @torch.library.register_fake("gq_cpu::int8_matmul")
 def _(x, qweight, scale, isa):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("gq_cpu::bitplane_q8_matmul_multi")
+def _(x, qweights, tables, tscales, tmins, in_features):
+    return x.new_empty((*x.shape[:-1], sum(q.shape[1] for q in qweights)))
+
+
+@torch.library.register_fake("gq_cpu::dense_q8_matmul")
+def _(x, weight, tscale, tmin, in_features):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("gq_cpu::rms_norm")
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("gq_cpu::rope")
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("gq_cpu::silu_mul")
+def _(gate_up):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.register_fake("gq_cpu::decode_attention")
+def _(q, keys, values, scale):
+    return q.new_empty((1, q.shape[0] * q.shape[1]))

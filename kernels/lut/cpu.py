@@ -7,6 +7,7 @@ reference multiplies by ``W_hat.to(x.dtype)``), made once in ``prepare``: 64 byt
 from __future__ import annotations
 
 from gq_kernels.cpu.kernel import BitplaneCpuKernel
+from gq_kernels.cpu.q8 import BitplaneQ8CpuKernel
 from gq_kernels.lut.format import NAME
 
 
@@ -28,3 +29,9 @@ class LutCpuAvx2Kernel(LutCpuKernel):
 
 class LutCpuPortableKernel(LutCpuKernel):
     name, isa = "lut-cpu-portable", "portable"
+
+
+class LutCpuQ8Kernel(BitplaneQ8CpuKernel, LutCpuKernel):
+    """Int8 activations (gq_kernels.cpu.q8): by name only, ``--kernel lut-cpu-q8``."""
+
+    name = "lut-cpu-q8"

@@ -61,3 +61,42 @@ struct Problem {
   extern "C" void gq_cpu_##isa##_dequant(const gq_cpu::Problem* p, int64_t n0, int64_t n1, \
                                           float* out, int64_t out_stride);                    \
   extern "C" int32_t gq_cpu_##isa##_x_layout();
+
+// ------------------------------------------------------------------ int8 activations (q8)
+// The same codes, multiplied with int8 activations (bitplane_q8_isa.cpp, AVX-512 VBMI + VNNI):
+// per output row a table of 2^bits uint8 values u with W = tmin + tscale * u (the row's values
+// rounded to 256 levels between its smallest and largest), x rounded per block of kQ8Block columns
+// to int8 with one fp32 scale (x ~= xscale[b] * xq). Then
+//   y[r, i] = tscale[i] * sum_b xscale[r, b] * sum_{c in b} u[i, c] xq[r, c] + tmin[i] * xsum[r]
+// with xsum[r] = sum_b xscale[r, b] * sum_{c in b} xq[r, c]: integer products within a block.
+namespace gq_cpu {
+
+constexpr int kQ8Block = 64;  // columns per activation scale: one 512-bit register of int8
+
+struct Q8Problem {
+  // Activations: m rows of kp = blocks * kQ8Block int8 values (zero past k), row r at xq + r * xq_stride;
+  // xscale [m, blocks] (row stride blocks), xsum [m].
+  const int8_t* xq;
+  int64_t xq_stride;
+  const float* xscale;
+  const float* xsum;
+  int64_t blocks;
+  int64_t m;
+  int64_t k;
+  int64_t n;
+  const int32_t* qweight;  // int32 [bits, n, words], as Problem; null for dense rows
+  int32_t bits;
+  int64_t words;
+  const uint8_t* table;  // [n, 16]: entry e of row i at table[i * 16 + e], e < 2^bits
+  // Dense rows instead of codes (the int8 lm_head): u[i, c] at dense[i * blocks * kQ8Block + c], zero past k.
+  const uint8_t* dense;
+  const float* tscale;   // [n]
+  const float* tmin;     // [n]
+  float* y;
+  int64_t y_stride;
+};
+
+}  // namespace gq_cpu
+
+// y rows [n0, n1) of every activation row r < m <= kMaxRows.
+extern "C" void gq_cpu_avx512vnni_q8_gemv(const gq_cpu::Q8Problem* p, int64_t n0, int64_t n1);

@@ -9,6 +9,13 @@
 //   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
 //       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
 //   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
+//   gq_cpu::bitplane_q8_matmul_multi(x, qweights[], tables[], tscales[], tmins[], in_features)
+//       the same codes times int8 activations (bitplane.h: Q8Problem), 1..kMaxRows rows, AVX-512
+//       VBMI + VNNI only: [..., K] -> [..., N_0 + N_1 + ...]
+//   gq_cpu::dense_q8_matmul(x, weight, tscale, tmin, in_features): the same with dense uint8 rows
+//       [N, K padded to 64] (the int8 lm_head, gq_kernels.cpu.q8)
+//   gq_cpu::quantize_q8(x) -> (xq int8 [m, blocks * 64], xscale fp32 [m, blocks], xsum fp32 [m]):
+//       the activations as that kernel reads them (tests compare them with the Python reference)
 //   gq_cpu::int8_matmul(x, qweight, scale, isa), gq_cpu::int8_matmul_out(..., out): int8 weights
 //       [N, K] with an fp32 scale per row [N] (rowint8.h): x @ (scale * q).T, the same row split
 //
@@ -26,6 +33,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "bitplane.h"
@@ -83,10 +92,8 @@ std::vector<int64_t> built_variants() {
 #endif
 }
 
-// The weights' description (everything but activations and output), checked.
-gq_cpu::Problem describe(const at::Tensor& qweight, const std::optional<at::Tensor>& table,
-                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
-                         int64_t group_size, int64_t in_features) {
+// The codes' part of a problem (k, n, qweight, bits, words), checked.
+gq_cpu::Problem describe_codes(const at::Tensor& qweight, int64_t in_features) {
   TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kInt && qweight.dim() == 3 &&
                   qweight.is_contiguous(),
               "gq_cpu: qweight must be a contiguous CPU int32 [bits, N, words] tensor, got ", qweight.scalar_type(),
@@ -101,6 +108,15 @@ gq_cpu::Problem describe(const at::Tensor& qweight, const std::optional<at::Tens
   p.qweight = qweight.data_ptr<int32_t>();
   p.bits = static_cast<int32_t>(bits);
   p.words = words;
+  return p;
+}
+
+// The weights' description (everything but activations and output), checked.
+gq_cpu::Problem describe(const at::Tensor& qweight, const std::optional<at::Tensor>& table,
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& offsets,
+                         int64_t group_size, int64_t in_features) {
+  gq_cpu::Problem p = describe_codes(qweight, in_features);
+  const int64_t bits = p.bits, n = p.n;
   if (table.has_value()) {
     TORCH_CHECK(!scales.has_value() && !offsets.has_value(), "gq_cpu: give a table or scales + offsets, not both");
     const at::Tensor& t = *table;
@@ -289,6 +305,170 @@ at::Tensor bitplane_dequantize(const at::Tensor& qweight, const std::optional<at
   return out;
 }
 
+// ------------------------------------------------------------------ int8 activations (bitplane.h: Q8Problem)
+// Activations as the int8 kernel reads them, in buffers the calling thread reuses from call to call
+// (a decode step makes 120 calls: no allocation per call).
+struct Q8Input {
+  std::vector<int8_t> xq;    // [m, blocks * kQ8Block]
+  std::vector<float> xscale;  // [m, blocks]
+  std::vector<float> xsum;    // [m]
+  int64_t blocks = 0;
+};
+
+// x2 fp32 [m, k] contiguous -> per row and block of kQ8Block columns: s = amax / 127 (0 for a zero
+// block), xq = round-to-even(x / s) in [-127, 127], zero past k; xsum = sum over blocks, in order,
+// of s * (sum of the block's xq). Exactly gq_kernels.cpu.q8.quantize_activations.
+const Q8Input& quantize_q8_rows(const at::Tensor& x2) {
+  thread_local Q8Input in;
+  const int64_t m = x2.size(0), k = x2.size(1), blocks = (k + gq_cpu::kQ8Block - 1) / gq_cpu::kQ8Block;
+  const int64_t width = blocks * gq_cpu::kQ8Block;
+  in.blocks = blocks;
+  in.xq.assign(m * width, 0);
+  in.xscale.resize(m * blocks);
+  in.xsum.resize(m);
+  const float* x = x2.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    float total = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * gq_cpu::kQ8Block, c1 = std::min(k, c0 + gq_cpu::kQ8Block);
+      float amax = 0.0f;
+      for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[r * k + c]));
+      const float s = amax / 127.0f;
+      int32_t isum = 0;
+      if (s > 0.0f) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const float v = std::clamp(std::nearbyint(x[r * k + c] / s), -127.0f, 127.0f);
+          in.xq[r * width + c] = static_cast<int8_t>(v);
+          isum += static_cast<int32_t>(v);
+        }
+      }
+      in.xscale[r * blocks + b] = s;
+      total += s * static_cast<float>(isum);
+    }
+    in.xsum[r] = total;
+  }
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "gq_cpu: quantize_q8 takes x [m, k], got ", x.sizes());
+  const at::Tensor x2 = rows_fp32(x, x.size(1));
+  const Q8Input& in = quantize_q8_rows(x2);
+  const int64_t m = x2.size(0);
+  at::Tensor xq = at::empty({m, in.blocks * gq_cpu::kQ8Block}, x2.options().dtype(at::kChar));
+  at::Tensor xscale = at::empty({m, in.blocks}, x2.options()), xsum = at::empty({m}, x2.options());
+  std::copy(in.xq.begin(), in.xq.end(), xq.data_ptr<int8_t>());
+  std::copy(in.xscale.begin(), in.xscale.end(), xscale.data_ptr<float>());
+  std::copy(in.xsum.begin(), in.xsum.end(), xsum.data_ptr<float>());
+  return {xq, xscale, xsum};
+}
+
+#if defined(GQ_WITH_X86)
+void check_q8_cpu() {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"),
+              "gq_cpu: the int8-activation kernel needs AVX-512 F/BW/VBMI/VNNI, which this CPU lacks");
+}
+
+void check_vector(const at::Tensor& v, int64_t n, const char* what) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 &&
+                  v.size(0) == n,
+              "gq_cpu: ", what, " must be a contiguous fp32 [N=", n, "] tensor, got ", v.scalar_type(), " ", v.sizes());
+}
+
+// x [..., K] times the problems' weights side by side: [..., N_0 + N_1 + ...] in x's dtype.
+at::Tensor run_q8(const at::Tensor& x, std::vector<gq_cpu::Q8Problem>& problems, int64_t in_features) {
+  const at::Tensor x2 = rows_fp32(x, in_features);
+  const int64_t m = x2.size(0);
+  int64_t total = 0;
+  for (const gq_cpu::Q8Problem& p : problems) total += p.n;
+  at::Tensor out = at::empty({m, total}, x2.options());
+  if (in_features == 0) {
+    out.zero_();
+  } else if (m > 0) {
+    const Q8Input& in = quantize_q8_rows(x2);
+    int64_t col = 0;
+    for (gq_cpu::Q8Problem& p : problems) {
+      p.k = in_features;
+      p.blocks = in.blocks;
+      p.xq_stride = in.blocks * gq_cpu::kQ8Block;
+      p.y_stride = total;
+      // kMaxRows activation rows per pass (decode calls have one pass; the callers send more only
+      // to measure these numerics on whole prompts).
+      for (int64_t r0 = 0; r0 < m; r0 += gq_cpu::kMaxRows) {
+        p.m = std::min<int64_t>(gq_cpu::kMaxRows, m - r0);
+        p.xq = in.xq.data() + r0 * p.xq_stride;
+        p.xscale = in.xscale.data() + r0 * p.blocks;
+        p.xsum = in.xsum.data() + r0;
+        p.y = out.data_ptr<float>() + r0 * total + col;
+        at::parallel_for(0, p.n, grain_rows(in_features),
+                         [&](int64_t n0, int64_t n1) { gq_cpu_avx512vnni_q8_gemv(&p, n0, n1); });
+      }
+      col += p.n;
+    }
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = total;
+  return (x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type())).view(shape);
+}
+#endif
+
+at::Tensor bitplane_q8_matmul_multi(const at::Tensor& x, at::TensorList qweights, at::TensorList tables,
+                                    at::TensorList tscales, at::TensorList tmins, int64_t in_features) {
+#if defined(GQ_WITH_X86)
+  check_q8_cpu();
+  const size_t count = qweights.size();
+  TORCH_CHECK(count >= 1 && tables.size() == count && tscales.size() == count && tmins.size() == count,
+              "gq_cpu: bitplane_q8_matmul_multi needs one qweight, table, tscale and tmin per weight");
+  std::vector<gq_cpu::Q8Problem> problems;
+  for (size_t i = 0; i < count; ++i) {
+    const gq_cpu::Problem d = describe_codes(qweights[i], in_features);
+    const at::Tensor& t = tables[i];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kByte && t.is_contiguous() && t.dim() == 2 &&
+                    t.size(0) == d.n && t.size(1) == 16,
+                "gq_cpu: table must be contiguous uint8 [N=", d.n, ", 16], got ", t.scalar_type(), " ", t.sizes());
+    check_vector(tscales[i], d.n, "tscale");
+    check_vector(tmins[i], d.n, "tmin");
+    gq_cpu::Q8Problem p{};
+    p.n = d.n;
+    p.qweight = d.qweight;
+    p.bits = d.bits;
+    p.words = d.words;
+    p.table = t.data_ptr<uint8_t>();
+    p.tscale = tscales[i].data_ptr<float>();
+    p.tmin = tmins[i].data_ptr<float>();
+    problems.push_back(p);
+  }
+  return run_q8(x, problems, in_features);
+#else
+  TORCH_CHECK(false, "gq_cpu: the int8-activation kernel is x86-64 code (AVX-512 VBMI + VNNI)");
+#endif
+}
+
+// Dense uint8 rows [N, blocks * 64] (zero past K), W = tmin + tscale * u: the int8 lm_head.
+at::Tensor dense_q8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& tscale,
+                           const at::Tensor& tmin, int64_t in_features) {
+#if defined(GQ_WITH_X86)
+  check_q8_cpu();
+  const int64_t width = (in_features + gq_cpu::kQ8Block - 1) / gq_cpu::kQ8Block * gq_cpu::kQ8Block;
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
+                  weight.dim() == 2 && weight.size(1) == width,
+              "gq_cpu: weight must be a contiguous uint8 [N, ", width, "] tensor (in_features ", in_features,
+              " padded to a multiple of ", gq_cpu::kQ8Block, "), got ", weight.scalar_type(), " ", weight.sizes());
+  check_vector(tscale, weight.size(0), "tscale");
+  check_vector(tmin, weight.size(0), "tmin");
+  gq_cpu::Q8Problem p{};
+  p.n = weight.size(0);
+  p.dense = weight.data_ptr<uint8_t>();
+  p.tscale = tscale.data_ptr<float>();
+  p.tmin = tmin.data_ptr<float>();
+  std::vector<gq_cpu::Q8Problem> problems{p};
+  return run_q8(x, problems, in_features);
+#else
+  TORCH_CHECK(false, "gq_cpu: the int8-activation kernel is x86-64 code (AVX-512 VBMI + VNNI)");
+#endif
+}
+
 // ------------------------------------------------------------------ int8 rows (rowint8.h)
 void check_int8(const at::Tensor& qweight, const at::Tensor& scale) {
   TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
@@ -364,6 +544,11 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def(
       "bitplane_matmul_multi(Tensor x, Tensor[] qweights, Tensor?[] tables, Tensor?[] scales, Tensor?[] offsets, "
       "int[] group_sizes, int in_features, int isa) -> Tensor");
+  m.def(
+      "bitplane_q8_matmul_multi(Tensor x, Tensor[] qweights, Tensor[] tables, Tensor[] tscales, Tensor[] tmins, "
+      "int in_features) -> Tensor");
+  m.def("dense_q8_matmul(Tensor x, Tensor weight, Tensor tscale, Tensor tmin, int in_features) -> Tensor");
+  m.def("quantize_q8(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
   m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
   m.def("built_variants() -> int[]", &built_variants);
@@ -375,6 +560,9 @@ TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("bitplane_dequantize", &bitplane_dequantize);
   m.impl("bitplane_matmul_out", &bitplane_matmul_out);
   m.impl("bitplane_dequantize_out", &bitplane_dequantize_out);
+  m.impl("bitplane_q8_matmul_multi", &bitplane_q8_matmul_multi);
+  m.impl("dense_q8_matmul", &dense_q8_matmul);
+  m.impl("quantize_q8", &quantize_q8);
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int8_matmul_out", &int8_matmul_out);
 }
