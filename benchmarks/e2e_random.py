@@ -103,9 +103,11 @@ def parse_variant(text: str, group_size: int):
         raise argparse.ArgumentTypeError(f"variant {text!r}: {e}") from None
 
 
-def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                kernel: str | None = None):
     """A Llama of ``shape`` with random weights on ``device``: dense in ``dtype``, or every decoder
-    linear a ``GQLinear`` of ``params`` (``lm_head`` stays dense, as gq quantize leaves it)."""
+    linear a ``GQLinear`` of ``params`` (``lm_head`` stays dense, as gq quantize leaves it) run by
+    ``kernel`` (None: chosen per layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -142,6 +144,7 @@ def build_model(shape: str, params, device: torch.device, dtype: torch.dtype, se
     model.eval()
     for m in model.modules():
         if isinstance(m, GQLinear):
+            m.kernel_preference = kernel
             m.select_kernel(device, dtype)
     if params is not None:
         install_kv_cache(model, params)
@@ -199,7 +202,7 @@ def run_variant(shape: str, label: str, params, args, device, dtype, copy_gbps: 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(shape, params, device, dtype, args.seed)
+    model = build_model(shape, params, device, dtype, args.seed, args.kernel)
     head = apply_head(model, split_head(label)[1])
     prompt = list(range(1, args.prompt_tokens + 1))
     max_len = args.prompt_tokens + args.new_tokens
@@ -308,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="activations and dense weights")
     ap.add_argument("--group-size", type=int, default=128, help="for formats with groups")
     ap.add_argument("--decode", choices=("auto", "static", "dynamic", "lean"), default="auto")
+    ap.add_argument("--kernel", default=None, help="the quantized variants' kernel (default: chosen per layer)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile the static step before its CUDA-graph capture (slow to build)")
     ap.add_argument("--new-tokens", type=int, default=100)

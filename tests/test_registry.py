@@ -11,7 +11,7 @@ import torch
 
 from gq_kernels.format import LinearSpec
 from gq_kernels.kernel import DenseKernel, LinearKernel, ReferenceKernel
-from gq_kernels.registry import choose_kernel, format_names, get_format, kernel_names, register_format
+from gq_kernels.registry import choose_kernel, format_names, get_format, kernel_names, kernels, register_format
 from gq_kernels.schema import QuantizationConfig, parse_quantization_config
 from gq_quantize.config import QuantizeConfig
 from gq_quantize.methods.registry import get_method, method_names, option_fields
@@ -106,7 +106,7 @@ def test_no_kernel_fits_lists_every_reason():
         choose_kernel(_spec("bcq", group_size=8), "cpu", torch.int32)
     lines = str(e.value).splitlines()
     assert "24x40 on cpu for torch.int32" in lines[0]
-    auto = [k for k in kernel_names() if k != "reference"]
+    auto = [k.name for k in kernels() if k.auto]
     assert [line.split(":")[0].strip() for line in lines[1:]] == auto
     assert "serves formats ['lut']" in str(e.value) and "activations must be one of" in str(e.value)
 
