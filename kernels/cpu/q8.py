@@ -57,17 +57,12 @@ def table_q8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def q8_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, tscale: torch.Tensor,
                         tmin: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The specification: x fp32 [m, k] -> y fp32 [m, n] as the int8-activation kernel computes it."""
-    xq, xscale, xsum = quantize_activations(x)
-    blocks = xscale.shape[1]
+    """The specification: x fp32 [m, k] -> y fp32 [m, n] as the int8-activation kernel computes it:
+    the codes' uint8 values as dense rows (:func:`dense_q8_reference`)."""
     codes = unpack_bitplanes(qweight, in_features).long()  # [n, k]
-    u = torch.gather(table.long(), 1, codes)  # [n, k]
-    up = torch.zeros(u.shape[0], blocks * BLOCK, dtype=torch.float64)
-    up[:, :in_features] = u.double()
-    # Integer sums per block (exact in float64), then scaled per block and summed.
-    acc = torch.einsum("mbc,nbc->mnb", xq.double().view(-1, blocks, BLOCK), up.view(-1, blocks, BLOCK))
-    y = (acc * xscale.double()[:, None, :]).sum(dim=2) * tscale.double() + tmin.double() * xsum.double()[:, None]
-    return y.float()
+    u = torch.zeros(codes.shape[0], -(-in_features // BLOCK) * BLOCK, dtype=torch.uint8)
+    u[:, :in_features] = torch.gather(table, 1, codes)
+    return dense_q8_reference(x, u, tscale, tmin, in_features)
 
 
 def dense_q8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,6 +79,7 @@ def dense_q8_reference(x: torch.Tensor, u: torch.Tensor, tscale: torch.Tensor, t
     """The specification of :func:`dense_q8_matmul`'s GEMV: x fp32 [m, k] -> y fp32 [m, n]."""
     xq, xscale, xsum = quantize_activations(x)
     blocks = xscale.shape[1]
+    # Integer sums per block (exact in float64), then scaled per block and summed.
     acc = torch.einsum("mbc,nbc->mnb", xq.double().view(-1, blocks, BLOCK), u.double().view(-1, blocks, BLOCK))
     y = (acc * xscale.double()[:, None, :]).sum(dim=2) * tscale.double() + tmin.double() * xsum.double()[:, None]
     return y.float()
