@@ -437,6 +437,36 @@ def test_offline_llm_packed_path_tensor_parallel_2(tiny_ckpts, tmp_path, fmt):
     _check_offline(res, tiny_ckpts[fmt], 2)
 
 
+@requires_vllm
+@pytest.mark.slow
+def test_offline_llm_int8_activation_kernel(tiny_ckpts, tmp_path):
+    """``--kernel lut-cpu-q8`` through vLLM's hf_overrides: layers keep packed tensors, a call of more
+    than 8 rows is exact (the weights read back through ``apply`` are W_hat bit for bit), and vLLM
+    decodes the tokens our embedded engine decodes with the same kernel (both round a decode row's
+    activations to int8; the 8-token prompt too)."""
+    from gq_kernels.cpu import features
+    from gq_serve.checkpoint import load_model, load_tokenizer
+    from gq_serve.engine import Engine
+
+    ok, why = features.isa_support("avx512vnni")
+    if not ok:
+        pytest.skip(why)
+    ckpt = tiny_ckpts["lut"]
+    res = _run_offline(ckpt, 1, tmp_path / "out.pt", tmp_path / "run", kernel="lut-cpu-q8")
+    assert set(res["kernels"][0].values()) == {"lut-cpu-q8"}
+    state = dequantized_state(ckpt)
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}"
+        got = res["weights"][0][f"{p}.mlp.down_proj"]
+        assert torch.equal(got, state[f"{p}.mlp.down_proj.weight"])
+    engine = Engine(load_model(str(ckpt), "cpu", torch.float32, kernel="lut-cpu-q8"), load_tokenizer(str(ckpt)), "cpu")
+    try:
+        ours = [tok for tok, _, _ in engine.generate(PROMPT_IDS, max_tokens=N_TOKENS, ignore_eos=True)]
+    finally:
+        engine.shutdown()
+    assert res["tokens"] == ours
+
+
 # ============================================================================================ server
 @requires_vllm
 @pytest.mark.slow
@@ -528,10 +558,15 @@ def _grab_weights(model) -> dict:
     return out
 
 
+def _grab_kernels(model) -> dict:
+    """Runs in each vLLM worker: each quantized layer's kernel name."""
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return {n: m.gq_kernel.name for n, m in model.named_modules() if n.endswith(names)}
+
+
 def _grab_packed(model) -> dict:
     """Runs in each vLLM worker: which quantized layers kept packed weights (the kernel path)."""
-    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    return {n: m.gq_kernel.name != "dense" for n, m in model.named_modules() if n.endswith(names)}
+    return {n: name != "dense" for n, name in _grab_kernels(model).items()}
 
 
 def _offline_main(ckpt: str, tp: int, out: str, kernel: str) -> None:
@@ -555,7 +590,8 @@ def _offline_main(ckpt: str, tp: int, out: str, kernel: str) -> None:
 
     weights = llm.apply_model(test_vllm_plugin._grab_weights)
     packed = llm.apply_model(test_vllm_plugin._grab_packed)
-    torch.save({"tokens": tokens, "weights": weights, "packed": packed}, out)
+    kernels = llm.apply_model(test_vllm_plugin._grab_kernels)
+    torch.save({"tokens": tokens, "weights": weights, "packed": packed, "kernels": kernels}, out)
 
 
 if __name__ == "__main__":
