@@ -160,6 +160,31 @@ def test_cpp_and_torch_viterbi_agree():
     assert torch.allclose(_path_cost(x, table, a), _path_cost(x, table, b), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kV", range(1, 9))
+@pytest.mark.parametrize("code", ["1mad", "hyb"])
+def test_cpp_viterbi_every_step_width_and_constraint(kV, code):
+    # every template instance of the C++ step (J < 16 spreads one u over part of a vector) against
+    # the PyTorch search, free and with both tail-biting constraints
+    if not vit.cpp_available()[0]:
+        pytest.skip(vit.cpp_available()[1])
+    V = VALUES_PER_STATE[code]
+    table = _table(code)
+    gen = torch.Generator().manual_seed(kV)
+    x = torch.randn(3, 6, V, generator=gen)
+    path = torch.randint(0, 1 << 16, (3,), generator=gen)  # constraints a trellis path can meet
+    top = path >> kV
+    for _ in range(5):
+        path = ((path << kV) & 0xFFFF) | torch.randint(0, 1 << kV, (3,), generator=gen)
+    low = path & ((1 << (16 - kV)) - 1)
+    for kw in ({}, {"init_top": top, "end_low": low}):
+        a = vit.viterbi(x, table, kV, impl="torch", **kw)
+        b = vit.viterbi(x, table, kV, impl="cpp", **kw)
+        assert torch.allclose(_path_cost(x, table, a), _path_cost(x, table, b), rtol=1e-6)
+        assert (((b[:, 1:] >> kV) ^ (b[:, :-1] & ((1 << (16 - kV)) - 1))) == 0).all()  # a trellis path
+        if kw:
+            assert ((b[:, 0] >> kV) == top).all() and ((b[:, -1] & ((1 << (16 - kV)) - 1)) == low).all()
+
+
 # relative MSE on i.i.d. Gaussian input at 0.9 RMS(code), 32 tiles (spec section 6)
 SPEC_MSE = {("hyb", 2): 0.0714, ("hyb", 3): 0.0188, ("hyb", 4): 0.0056,
             ("1mad", 2): 0.0699, ("1mad", 3): 0.0176, ("1mad", 4): 0.0045,

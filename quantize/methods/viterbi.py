@@ -78,86 +78,158 @@ _CPP_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#include <algorithm>
 
 static const float BIG = 1e30f;
+
+// One step, fused so that each cost is read once and written once: for every block of u, the best
+// of its J predecessors u + j U, then the J successors u J + q of each u, which are consecutive states.
+// nxt[s] = min_j cur[(s >> KV) + j U] + |c(s) - x|^2, bp[u] = the first j reaching the minimum.
+#ifdef __AVX512F__
+#include <immintrin.h>
+// Four blocks of 16 u at once: four independent min chains hide the latency of vminps.
+template <int KV, int V>
+static void step(const float* __restrict cur, float* __restrict nxt, uint8_t* __restrict bp,
+                 const float* __restrict c0, const float* __restrict c1, float x0, float x1) {
+  constexpr int S = 1 << 16, U = S >> KV, J = 1 << KV, UB = 64;
+  static_assert(U % UB == 0, "U is at least 256");
+  const __m512 vx0 = _mm512_set1_ps(x0), vx1 = _mm512_set1_ps(x1);
+  alignas(64) float bb[UB];
+  for (int u0 = 0; u0 < U; u0 += UB) {
+    __m512 b[4];
+    __m512i a[4];
+    for (int r = 0; r < 4; r++) { b[r] = _mm512_loadu_ps(cur + u0 + 16 * r); a[r] = _mm512_setzero_si512(); }
+    for (int j = 1; j < J; j++) {
+      const float* cj = cur + j * U + u0;
+      const __m512i vj = _mm512_set1_epi32(j);
+      for (int r = 0; r < 4; r++) {
+        const __m512 v = _mm512_loadu_ps(cj + 16 * r);
+        const __mmask16 lt = _mm512_cmp_ps_mask(v, b[r], _CMP_LT_OQ);
+        b[r] = _mm512_mask_mov_ps(b[r], lt, v);
+        a[r] = _mm512_mask_mov_epi32(a[r], lt, vj);
+      }
+    }
+    for (int r = 0; r < 4; r++) {
+      _mm_storeu_si128((__m128i*)(bp + u0 + 16 * r), _mm512_cvtepi32_epi8(a[r]));
+      _mm512_store_ps(bb + 16 * r, b[r]);
+    }
+    const int s0 = u0 * J;
+    auto emit = [&](int s, __m512 bu) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(c0 + s), vx0);
+      __m512 c = _mm512_fmadd_ps(d, d, bu);
+      if constexpr (V > 1) {
+        const __m512 e = _mm512_sub_ps(_mm512_loadu_ps(c1 + s), vx1);
+        c = _mm512_fmadd_ps(e, e, c);
+      }
+      _mm512_storeu_ps(nxt + s, c);
+    };
+    if constexpr (J >= 16) {
+      for (int i = 0; i < UB; i++) {
+        const __m512 bu = _mm512_set1_ps(bb[i]);
+        for (int q = 0; q < J; q += 16) emit(s0 + i * J + q, bu);
+      }
+    } else {  // a vector of 16 states spans 16 / J values of u
+      for (int r = 0; r < 4; r++) {
+        const __m512 br = _mm512_load_ps(bb + 16 * r);
+        for (int c = 0; c < J; c++) {
+          const __m512i idx = _mm512_srli_epi32(
+              _mm512_add_epi32(_mm512_set1_epi32(16 * c), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
+              KV);
+          emit(s0 + (16 * r + c * 16 / J) * J, _mm512_permutexvar_ps(idx, br));
+        }
+      }
+    }
+  }
+}
+#else
+template <int KV, int V>
+static void step(const float* __restrict cur, float* __restrict nxt, uint8_t* __restrict bp,
+                 const float* __restrict c0, const float* __restrict c1, float x0, float x1) {
+  constexpr int S = 1 << 16, U = S >> KV, J = 1 << KV, UB = 16;
+  for (int u0 = 0; u0 < U; u0 += UB) {
+    float b[UB];
+    int a[UB];
+    for (int i = 0; i < UB; i++) { b[i] = cur[u0 + i]; a[i] = 0; }
+    for (int j = 1; j < J; j++) {
+      const float* cj = cur + j * U + u0;
+      for (int i = 0; i < UB; i++) {
+        const bool lt = cj[i] < b[i];
+        b[i] = lt ? cj[i] : b[i];
+        a[i] = lt ? j : a[i];
+      }
+    }
+    for (int i = 0; i < UB; i++) bp[u0 + i] = (uint8_t)a[i];
+    const int s0 = u0 * J;
+    for (int k = 0; k < UB * J; k++) {
+      const float d = c0[s0 + k] - x0;
+      float c = b[k >> KV] + d * d;
+      if constexpr (V > 1) { const float e = c1[s0 + k] - x1; c += e * e; }
+      nxt[s0 + k] = c;
+    }
+  }
+}
+#endif
+
+template <int KV, int V>
+static void search(const float* xb, int N, const float* c0, const float* c1, int init_top, int end_low,
+                   float* cost, float* spare, uint8_t* bp, int* ob) {
+  constexpr int S = 1 << 16, U = S >> KV;
+  for (int s = 0; s < S; s++) {
+    const float d = c0[s] - xb[0];
+    float c = d * d;
+    if (V > 1) { const float e = c1[s] - xb[1]; c += e * e; }
+    cost[s] = (init_top >= 0 && (s >> KV) != init_top) ? BIG : c;
+  }
+  for (int t = 1; t < N; t++) {
+    step<KV, V>(cost, spare, bp + (size_t)t * U, c0, c1, xb[t * V], V > 1 ? xb[t * V + 1] : 0.f);
+    std::swap(cost, spare);
+  }
+  int s = -1;
+  float m = 0.f;
+  for (int q = 0; q < S; q++) {
+    if (end_low >= 0 && (q & (U - 1)) != end_low) continue;
+    if (s < 0 || cost[q] < m) { m = cost[q]; s = q; }
+  }
+  ob[N - 1] = s;
+  for (int t = N - 1; t > 0; t--) {
+    const int u = s >> KV;
+    s = u + (int)bp[(size_t)t * U + u] * U;
+    ob[t - 1] = s;
+  }
+}
+
+typedef void (*search_fn)(const float*, int, const float*, const float*, int, int, float*, float*, uint8_t*, int*);
+
+template <int V>
+static search_fn pick(int kV) {
+  switch (kV) {
+    case 1: return search<1, V>;
+    case 2: return search<2, V>;
+    case 3: return search<3, V>;
+    case 4: return search<4, V>;
+    case 5: return search<5, V>;
+    case 6: return search<6, V>;
+    case 7: return search<7, V>;
+    case 8: return search<8, V>;
+  }
+  return nullptr;
+}
 
 // x [B][N][V]; table [V][65536]; init_top / end_low [B] or null; out [B][N] (int32 states).
 extern "C" int gq_viterbi(const float* x, long long B, int N, int V, int kV, const float* table,
                           const int* init_top, const int* end_low, int* out, int nthreads) {
-  const int S = 1 << 16, U = S >> kV, J = 1 << kV;
+  const int S = 1 << 16, U = S >> kV;
   if (V < 1 || V > 2 || kV < 1 || kV > 8 || N < 2) return 1;
+  const search_fn fn = V == 1 ? pick<1>(kV) : pick<2>(kV);
   const float* c0 = table;
   const float* c1 = table + (V > 1 ? S : 0);
   #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> cost(S), best(U);
-    std::vector<int> arg(U);
+    std::vector<float> cost(S), spare(S);
     std::vector<uint8_t> bp((size_t)N * U);
     #pragma omp for schedule(dynamic, 1)
-    for (long long b = 0; b < B; b++) {
-      const float* xb = x + (size_t)b * N * V;
-      float* cs = cost.data();
-      float* bs = best.data();
-      int* as = arg.data();
-      {
-        const float x0 = xb[0], x1 = V > 1 ? xb[1] : 0.f;
-        if (V == 1) {
-          for (int s = 0; s < S; s++) { float d = c0[s] - x0; cs[s] = d * d; }
-        } else {
-          for (int s = 0; s < S; s++) { float d = c0[s] - x0, e = c1[s] - x1; cs[s] = d * d + e * e; }
-        }
-        if (init_top) {
-          const int o = init_top[b];
-          for (int s = 0; s < S; s++) cs[s] = ((s >> kV) == o) ? cs[s] : BIG;
-        }
-      }
-      for (int t = 1; t < N; t++) {
-        std::memcpy(bs, cs, sizeof(float) * U);
-        std::memset(as, 0, sizeof(int) * U);
-        for (int j = 1; j < J; j++) {
-          const float* cj = cs + (size_t)j * U;
-          for (int u = 0; u < U; u++) {
-            const bool lt = cj[u] < bs[u];
-            bs[u] = lt ? cj[u] : bs[u];
-            as[u] = lt ? j : as[u];
-          }
-        }
-        uint8_t* bpt = bp.data() + (size_t)t * U;
-        for (int u = 0; u < U; u++) bpt[u] = (uint8_t)as[u];
-        const float x0 = xb[t * V], x1 = V > 1 ? xb[t * V + 1] : 0.f;
-        if (V == 1) {
-          for (int u = 0; u < U; u++) {
-            const float bu = bs[u];
-            const int base = u * J;
-            for (int q = 0; q < J; q++) { float d = c0[base + q] - x0; cs[base + q] = bu + d * d; }
-          }
-        } else {
-          for (int u = 0; u < U; u++) {
-            const float bu = bs[u];
-            const int base = u * J;
-            for (int q = 0; q < J; q++) {
-              float d = c0[base + q] - x0, e = c1[base + q] - x1;
-              cs[base + q] = bu + d * d + e * e;
-            }
-          }
-        }
-      }
-      if (end_low) {
-        const int o = end_low[b];
-        for (int s = 0; s < S; s++) cs[s] = ((s & (U - 1)) == o) ? cs[s] : BIG;
-      }
-      int s = 0;
-      float m = cs[0];
-      for (int q = 1; q < S; q++) if (cs[q] < m) { m = cs[q]; s = q; }
-      int* ob = out + (size_t)b * N;
-      ob[N - 1] = s;
-      for (int t = N - 1; t > 0; t--) {
-        const int u = s >> kV;
-        s = u + (int)bp[(size_t)t * U + u] * U;
-        ob[t - 1] = s;
-      }
-    }
+    for (long long b = 0; b < B; b++)
+      fn(x + (size_t)b * N * V, N, c0, c1, init_top ? init_top[b] : -1, end_low ? end_low[b] : -1,
+         cost.data(), spare.data(), bp.data(), out + (size_t)b * N);
   }
   return 0;
 }
