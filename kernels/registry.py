@@ -36,6 +36,9 @@ _BUILTIN_KERNELS = (
     "gq_kernels.bcq.cpu:BcqCpuAvx512Kernel",
     "gq_kernels.bcq.cpu:BcqCpuAvx2Kernel",
     "gq_kernels.bcq.cpu:BcqCpuPortableKernel",
+    "gq_kernels.trellis.cpu:TrellisCpuAvx512Kernel",
+    "gq_kernels.trellis.cpu:TrellisCpuAvx2Kernel",
+    "gq_kernels.trellis.cpu:TrellisCpuPortableKernel",
 )
 _GENERIC_KERNELS = (
     "gq_kernels.kernel:DenseKernel",

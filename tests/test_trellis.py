@@ -408,8 +408,8 @@ def test_transformers_loads_a_trellis_checkpoint(qtip_ckpt, tiny_lm_dir):
     via_hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     plain = _plain_with_w_hat(tiny_lm_dir, ckpt)
     x = torch.tensor([[3, 5, 7, 11]])
-    with torch.inference_mode():
-        assert torch.equal(via_hf(x).logits, plain(x).logits)
+    with torch.inference_mode():  # the packed CPU kernel: the same values, another summation order
+        assert torch.allclose(via_hf(x).logits, plain(x).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("suffix,change", [("SU", "drop"), ("tlut", "drop"), ("trellis", "shape"), ("SV", "dtype")])

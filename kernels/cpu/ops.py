@@ -54,3 +54,8 @@ def _(gate_up):
 @torch.library.register_fake("gq_cpu::decode_attention")
 def _(q, keys, values, scale):
     return q.new_empty((1, q.shape[0] * q.shape[1]))
+
+
+@torch.library.register_fake("gq_cpu::trellis_matmul")
+def _(x, words, table, tlut, kV, out_features, isa):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)

@@ -9,6 +9,8 @@
 //   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
 //       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
 //   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
+//   gq_cpu::trellis_matmul(x, words, table, tlut?, kV, out_features, isa) -> fp32 [..., N]:
+//       x (already in the rotated basis) @ W_code.T for a bitshift-trellis weight (trellis.h)
 //   gq_cpu::bitplane_q8_matmul_multi(x, qweights[], tables[], tscales[], tmins[], in_features)
 //       the same codes times int8 activations (bitplane.h: Q8Problem), 1..kMaxRows rows, AVX-512
 //       VBMI + VNNI only: [..., K] -> [..., N_0 + N_1 + ...]
@@ -39,14 +41,18 @@
 
 #include "bitplane.h"
 #include "rowint8.h"
+#include "trellis.h"
 
 GQ_CPU_DECLARE(portable)
 GQ_CPU_DECLARE_INT8(portable)
+GQ_CPU_DECLARE_TRELLIS(portable)
 #if defined(GQ_WITH_X86)
 GQ_CPU_DECLARE(avx2)
 GQ_CPU_DECLARE(avx512)
 GQ_CPU_DECLARE_INT8(avx2)
 GQ_CPU_DECLARE_INT8(avx512)
+GQ_CPU_DECLARE_TRELLIS(avx2)
+GQ_CPU_DECLARE_TRELLIS(avx512)
 #endif
 
 namespace {
@@ -54,6 +60,8 @@ namespace {
 using GemvFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t);
 using DequantFn = void (*)(const gq_cpu::Problem*, int64_t, int64_t, float*, int64_t);
 using Int8GemvFn = void (*)(const gq_cpu::Int8Problem*, int64_t, int64_t);
+using TrellisGemvFn = void (*)(const gq_cpu::TrellisProblem*, int64_t, int64_t);
+using TrellisDequantFn = void (*)(const gq_cpu::TrellisProblem*, int64_t, int64_t, float*, int64_t);
 
 constexpr int64_t kTileBytes = int64_t{4} << 20;  // bound of the dequantized tile above kMaxRows
 constexpr int64_t kGrainWeights = int64_t{1} << 15;  // weights per task at least (tiny layers: one thread)
@@ -63,22 +71,27 @@ struct Variant {
   DequantFn dequant;
   int32_t (*x_layout)();
   Int8GemvFn int8_gemv;
+  TrellisGemvFn trellis_gemv;
+  TrellisDequantFn trellis_dequant;
 };
 
 Variant variant(int64_t isa) {
   if (isa == 0)
-    return {gq_cpu_portable_gemv, gq_cpu_portable_dequant, gq_cpu_portable_x_layout, gq_cpu_portable_int8_gemv};
+    return {gq_cpu_portable_gemv, gq_cpu_portable_dequant, gq_cpu_portable_x_layout, gq_cpu_portable_int8_gemv,
+            gq_cpu_portable_trellis_gemv, gq_cpu_portable_trellis_dequant};
 #if defined(GQ_WITH_X86)
   if (isa == 1) {
     TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
                 "gq_cpu: the avx2 variant needs AVX2 and FMA, which this CPU lacks");
-    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant, gq_cpu_avx2_x_layout, gq_cpu_avx2_int8_gemv};
+    return {gq_cpu_avx2_gemv, gq_cpu_avx2_dequant, gq_cpu_avx2_x_layout, gq_cpu_avx2_int8_gemv,
+            gq_cpu_avx2_trellis_gemv, gq_cpu_avx2_trellis_dequant};
   }
   if (isa == 2) {
     TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"),
                 "gq_cpu: the avx512 variant needs AVX-512 F/BW/VL/DQ, which this CPU lacks");
-    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant, gq_cpu_avx512_x_layout, gq_cpu_avx512_int8_gemv};
+    return {gq_cpu_avx512_gemv, gq_cpu_avx512_dequant, gq_cpu_avx512_x_layout, gq_cpu_avx512_int8_gemv,
+            gq_cpu_avx512_trellis_gemv, gq_cpu_avx512_trellis_dequant};
   }
 #endif
   TORCH_CHECK(false, "gq_cpu: variant ", isa, " is not built into this library");
@@ -528,6 +541,63 @@ void int8_matmul_out(const at::Tensor& x, const at::Tensor& qweight, const at::T
 
 }  // namespace
 
+// ------------------------------------------------------------------ trellis tiles (trellis.h)
+// x (rotated, [..., K]) @ W_code.T -> fp32 [..., N]; W_code is decoded from the words, never stored.
+at::Tensor trellis_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& table,
+                          const std::optional<at::Tensor>& tlut, int64_t kV, int64_t out_features, int64_t isa) {
+  const Variant v = variant(isa);
+  const int64_t k = x.size(-1), n = out_features;
+  TORCH_CHECK(k % gq_cpu::kTrellisTile == 0 && n % gq_cpu::kTrellisTile == 0 && n > 0,
+              "gq_cpu: trellis needs in and out features that are multiples of 16, got ", k, " and ", n);
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kFloat && table.is_contiguous() &&
+                  table.dim() == 2 && table.size(0) == 65536 && (table.size(1) == 1 || table.size(1) == 2),
+              "gq_cpu: table must be contiguous fp32 [65536, V], V 1 or 2, got ", table.scalar_type(), " ",
+              table.sizes());
+  const int64_t V = table.size(1);
+  TORCH_CHECK(kV >= 1 && kV <= 16 && kV % V == 0, "gq_cpu: kV=", kV, " is not bits * V for V=", V);
+  const int64_t wpt = gq_cpu::kTrellisTile * gq_cpu::kTrellisTile * (kV / V) / 16;
+  const int64_t tiles = (n / gq_cpu::kTrellisTile) * (k / gq_cpu::kTrellisTile);
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kShort && words.is_contiguous() &&
+                  words.dim() == 2 && words.size(0) == tiles && words.size(1) == wpt && wpt <= 64,
+              "gq_cpu: trellis words must be contiguous int16 [", tiles, ", ", wpt, "] for ", n, "x", k,
+              " at kV=", kV, ", got ", words.scalar_type(), " ", words.sizes());
+  const uint32_t* lut = nullptr;
+  if (V == 2) {
+    TORCH_CHECK(tlut.has_value() && tlut->device().is_cpu() && tlut->scalar_type() == at::kInt &&
+                    tlut->is_contiguous() && tlut->numel() == 512,
+                "gq_cpu: a V=2 (hyb) trellis needs its LUT as contiguous int32 [512] (fp16 pairs)");
+    lut = reinterpret_cast<const uint32_t*>(tlut->data_ptr<int32_t>());
+  }
+  const at::Tensor x2 = rows_fp32(x, k);
+  const int64_t m = x2.size(0);
+  at::Tensor out = at::empty({m, n}, x2.options());
+  gq_cpu::TrellisProblem p{x2.data_ptr<float>(), k, m, k, n,
+                           reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>()), static_cast<int32_t>(wpt),
+                           static_cast<int32_t>(kV), static_cast<int32_t>(V), table.data_ptr<float>(), lut,
+                           out.data_ptr<float>(), n};
+  const int64_t tile_rows = n / gq_cpu::kTrellisTile;
+  if (m == 0) {
+  } else if (m <= gq_cpu::kTrellisMaxRows) {
+    const int64_t grain = std::max<int64_t>(1, grain_rows(k) / gq_cpu::kTrellisTile);
+    at::parallel_for(0, tile_rows, grain, [&](int64_t t0, int64_t t1) { v.trellis_gemv(&p, t0, t1); });
+  } else {
+    // Tile rows at a time (at most kTileBytes of decoded fp32), each block multiplied with at::mm.
+    const int64_t block = std::max<int64_t>(1, kTileBytes / (4 * k * gq_cpu::kTrellisTile));
+    at::Tensor w = at::empty({std::min(block, tile_rows) * gq_cpu::kTrellisTile, k}, x2.options());
+    for (int64_t b0 = 0; b0 < tile_rows; b0 += block) {
+      const int64_t b1 = std::min(tile_rows, b0 + block), rows = (b1 - b0) * gq_cpu::kTrellisTile;
+      float* wp = w.data_ptr<float>();
+      at::parallel_for(b0, b1, 1, [&](int64_t t0, int64_t t1) {
+        v.trellis_dequant(&p, t0, t1, wp + (t0 - b0) * gq_cpu::kTrellisTile * k, k);
+      });
+      out.narrow(1, b0 * gq_cpu::kTrellisTile, rows).copy_(at::mm(x2, w.narrow(0, 0, rows).t()));
+    }
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return out.view(shape);
+}
+
 TORCH_LIBRARY(gq_cpu, m) {
   m.def(
       "bitplane_matmul(Tensor x, Tensor qweight, Tensor? table, Tensor? scales, Tensor? offsets, "
@@ -551,11 +621,13 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def("quantize_q8(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
   m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
+  m.def("trellis_matmul(Tensor x, Tensor words, Tensor table, Tensor? tlut, int kV, int out_features, int isa) -> Tensor");
   m.def("built_variants() -> int[]", &built_variants);
 }
 
 TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("bitplane_matmul", &bitplane_matmul);
+  m.impl("trellis_matmul", &trellis_matmul);
   m.impl("bitplane_matmul_multi", &bitplane_matmul_multi);
   m.impl("bitplane_dequantize", &bitplane_dequantize);
   m.impl("bitplane_matmul_out", &bitplane_matmul_out);

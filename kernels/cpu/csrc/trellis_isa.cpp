@@ -1,0 +1,183 @@
+// The trellis GEMV and dequantization (trellis.h), compiled once per instruction set:
+//   -DGQ_ISA_AVX512: 16 states at a time. The words a state spans are picked with one vpermi2w from
+//     the tile's stream held in two registers (at most 64 words), a variable shift cuts the window;
+//     hyb states are hashed and their LUT pair gathered (one gather per 32 weights, both values of a
+//     state in one 32-bit lane, already in row order); V = 1 states gather from the state table.
+//   otherwise (portable, avx2): one state at a time from the state table; the compiler vectorizes the
+//     dot products.
+// A tile is decoded once per call and multiplied with every activation row.
+#include "trellis.h"
+
+#if defined(GQ_ISA_AVX512)
+#include <immintrin.h>
+#define GQ_ISA avx512
+#elif defined(GQ_ISA_AVX2)
+#define GQ_ISA avx2
+#else
+#define GQ_ISA portable
+#endif
+
+namespace {
+
+using gq_cpu::TrellisProblem;
+constexpr int kT = gq_cpu::kTrellisTile;
+
+#if defined(GQ_ISA_AVX512)
+// Per group of 16 states (2 rows of the tile at V = 2, 1 row at V = 1): which words each state spans and the shift.
+struct Windows {
+  int groups;
+  __m512i perm[16];
+  __m512i shift[16];
+};
+
+Windows windows(int kV, int V, int W) {
+  Windows g{};
+  g.groups = kT * kT / V / 16;
+  for (int b = 0; b < g.groups; b++) {
+    alignas(64) uint16_t idx[32];
+    alignas(64) uint32_t sh[16];
+    for (int l = 0; l < 16; l++) {
+      const int bit = (16 * b + l) * kV, w0 = bit >> 4;
+      idx[2 * l] = uint16_t((w0 + 1) % W);  // low half of the lane: the next word
+      idx[2 * l + 1] = uint16_t(w0);
+      sh[l] = uint32_t(16 - (bit & 15));
+    }
+    g.perm[b] = _mm512_load_si512(idx);
+    g.shift[b] = _mm512_load_si512(sh);
+  }
+  return g;
+}
+
+inline __mmask32 first_words(int n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+
+// The tile's 16 rows into rows[16] (V = 2 needs the LUT: ops.cpp checks it is given).
+inline void decode_tile(const TrellisProblem& p, const Windows& g, const uint16_t* w, __m512* rows) {
+  const int W = p.words_per_tile;
+  const __m512i lo = _mm512_maskz_loadu_epi16(first_words(W), w);
+  const __m512i hi = W > 32 ? _mm512_maskz_loadu_epi16(first_words(W - 32), w + 32) : _mm512_setzero_si512();
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  for (int b = 0; b < g.groups; b++) {
+    const __m512i pair = _mm512_permutex2var_epi16(lo, g.perm[b], hi);
+    const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(pair, g.shift[b]), low16);
+    if (p.V == 2) {  // hyb: h = s (s + 1); LUT entry (h >> 6) & 511, value 0 negated by bit 15 of h
+      const __m512i h = _mm512_mullo_epi32(s, _mm512_add_epi32(s, _mm512_set1_epi32(1)));
+      const __m512i i = _mm512_and_si512(_mm512_srli_epi32(h, 6), _mm512_set1_epi32(511));
+      __m512i v = _mm512_i32gather_epi32(i, p.tlut, 4);
+      v = _mm512_xor_si512(v, _mm512_and_si512(h, _mm512_set1_epi32(0x8000)));
+      rows[2 * b] = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+      rows[2 * b + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+    } else {
+      rows[b] = _mm512_i32gather_ps(s, p.table, 4);
+    }
+  }
+}
+
+template <int R>
+void gemv_rows(const TrellisProblem& p, int64_t t0, int64_t t1) {
+  const Windows g = windows(p.kV, p.V, p.words_per_tile);
+  const int64_t kt = p.k / kT;
+  for (int64_t ti = t0; ti < t1; ti++) {
+    __m512 acc[R][kT];
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < kT; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t tj = 0; tj < kt; tj++) {
+      const uint16_t* w = p.words + (ti * kt + tj) * p.words_per_tile;
+      __m512 rows[kT];
+      decode_tile(p, g, w, rows);
+      for (int r = 0; r < R; r++) {
+        const __m512 xs = _mm512_loadu_ps(p.x + r * p.x_stride + kT * tj);
+        for (int i = 0; i < kT; i++) acc[r][i] = _mm512_fmadd_ps(rows[i], xs, acc[r][i]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < kT; i++) p.y[r * p.y_stride + kT * ti + i] = _mm512_reduce_add_ps(acc[r][i]);
+  }
+}
+
+void dequant_rows(const TrellisProblem& p, int64_t t0, int64_t t1, float* out, int64_t stride) {
+  const Windows g = windows(p.kV, p.V, p.words_per_tile);
+  const int64_t kt = p.k / kT;
+  for (int64_t ti = t0; ti < t1; ti++) {
+    for (int64_t tj = 0; tj < kt; tj++) {
+      const uint16_t* w = p.words + (ti * kt + tj) * p.words_per_tile;
+      float* o = out + (ti - t0) * kT * stride + kT * tj;
+      __m512 rows[kT];
+      decode_tile(p, g, w, rows);
+      for (int i = 0; i < kT; i++) _mm512_storeu_ps(o + i * stride, rows[i]);
+    }
+  }
+}
+#else
+inline uint32_t state_at(const uint16_t* w, int W, int bit) {
+  const int w0 = bit >> 4;
+  const uint32_t pair = (uint32_t(w[w0]) << 16) | w[(w0 + 1) % W];
+  return (pair >> (16 - (bit & 15))) & 0xFFFF;
+}
+
+// A tile's 256 values, row-major, through the state table.
+void decode_tile_table(const TrellisProblem& p, const uint16_t* w, float* out) {
+  const int N = kT * kT / p.V;
+  for (int t = 0; t < N; t++) {
+    const uint32_t s = state_at(w, p.words_per_tile, t * p.kV);
+    for (int v = 0; v < p.V; v++) out[t * p.V + v] = p.table[s * p.V + v];
+  }
+}
+
+template <int R>
+void gemv_rows(const TrellisProblem& p, int64_t t0, int64_t t1) {
+  const int64_t kt = p.k / kT;
+  float buf[kT * kT];
+  for (int64_t ti = t0; ti < t1; ti++) {
+    float acc[R][kT] = {};
+    for (int64_t tj = 0; tj < kt; tj++) {
+      decode_tile_table(p, p.words + (ti * kt + tj) * p.words_per_tile, buf);
+      for (int r = 0; r < R; r++) {
+        const float* xs = p.x + r * p.x_stride + kT * tj;
+        for (int i = 0; i < kT; i++) {
+          float s = 0.f;
+          for (int c = 0; c < kT; c++) s += buf[kT * i + c] * xs[c];
+          acc[r][i] += s;
+        }
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int i = 0; i < kT; i++) p.y[r * p.y_stride + kT * ti + i] = acc[r][i];
+  }
+}
+
+void dequant_rows(const TrellisProblem& p, int64_t t0, int64_t t1, float* out, int64_t stride) {
+  const int64_t kt = p.k / kT;
+  float buf[kT * kT];
+  for (int64_t ti = t0; ti < t1; ti++)
+    for (int64_t tj = 0; tj < kt; tj++) {
+      decode_tile_table(p, p.words + (ti * kt + tj) * p.words_per_tile, buf);
+      float* o = out + (ti - t0) * kT * stride + kT * tj;
+      for (int i = 0; i < kT; i++)
+        for (int c = 0; c < kT; c++) o[i * stride + c] = buf[kT * i + c];
+    }
+}
+#endif
+
+}  // namespace
+
+#define GQ_CAT2(a, b, c) a##b##c
+#define GQ_CAT(a, b, c) GQ_CAT2(a, b, c)
+
+extern "C" void GQ_CAT(gq_cpu_, GQ_ISA, _trellis_gemv)(const gq_cpu::TrellisProblem* p, int64_t t0, int64_t t1) {
+  switch (p->m) {
+    case 1: return gemv_rows<1>(*p, t0, t1);
+    case 2: return gemv_rows<2>(*p, t0, t1);
+    case 3: return gemv_rows<3>(*p, t0, t1);
+    case 4: return gemv_rows<4>(*p, t0, t1);
+    case 5: return gemv_rows<5>(*p, t0, t1);
+    case 6: return gemv_rows<6>(*p, t0, t1);
+    case 7: return gemv_rows<7>(*p, t0, t1);
+    case 8: return gemv_rows<8>(*p, t0, t1);
+    default: return;
+  }
+}
+
+extern "C" void GQ_CAT(gq_cpu_, GQ_ISA, _trellis_dequant)(const gq_cpu::TrellisProblem* p, int64_t t0, int64_t t1,
+                                                           float* out, int64_t out_stride) {
+  dequant_rows(*p, t0, t1, out, out_stride);
+}

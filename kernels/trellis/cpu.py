@@ -1,0 +1,87 @@
+"""``trellis`` on the CPU: the packed streams decoded tile by tile inside the GEMV, never a dense copy.
+
+Per call (``torch.ops.gq_cpu.trellis_matmul``, :mod:`gq_kernels.cpu.build`'s extension): x~ =
+(x * SU) R_n in fp32, then x~ W_code^T, then R_m^T (per ``out_rht_blocks`` block) and ``SV * Wscale``,
+as :func:`gq_kernels.trellis.reference.matmul`. Up to 8 activation rows run the GEMV (each tile
+decoded once, multiplied with every row); more rows decode a block of tile rows at a time (at most
+4 MiB of fp32) and multiply it with ``at::mm``. Variants: ``avx512`` decodes 16 states per step
+(hyb: hash and LUT gather; V=1 codes: a gather from the state table), ``avx2`` and ``portable``
+one state at a time through the state table. The state table (fp32 [65536, V]) is shared by every
+layer with the same code and LUT.
+"""
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import torch
+
+from gq_kernels.cpu import build, features
+from gq_kernels.cpu.kernel import ISA_CODES
+from gq_kernels.kernel import LinearKernel, n_rows
+from gq_kernels.hadamard import hadamard_transform
+from gq_kernels.trellis.codes import code_table
+from gq_kernels.trellis.format import NAME
+
+GEMV_MAX_ROWS = 8  # csrc/trellis.h kTrellisMaxRows
+
+
+@functools.lru_cache(maxsize=8)
+def _state_table(code: str, tlut_bytes: bytes | None) -> torch.Tensor:
+    tlut = None if tlut_bytes is None else torch.frombuffer(bytearray(tlut_bytes), dtype=torch.float16).reshape(-1, 2)
+    return code_table(code, tlut).contiguous()
+
+
+class TrellisCpuKernel(LinearKernel):
+    """One variant (``isa``) of the CPU trellis kernel."""
+
+    formats = (NAME,)
+    isa: ClassVar[str]
+
+    @classmethod
+    def can_implement(cls, layer, device, dtype, rows=None):
+        ok, why = super().can_implement(layer, device, dtype, rows)
+        if not ok:
+            return ok, why
+        if torch.device(device).type != "cpu":
+            return False, f"needs the CPU, got {torch.device(device).type}"
+        ok, why = features.isa_support(cls.isa)
+        if not ok:
+            return False, why
+        return build.status()
+
+    def path(self, x):
+        return f"{self.name}:{'gemv' if n_rows(x) <= GEMV_MAX_ROWS else 'tiled'}"
+
+    def prepare(self, tensors):
+        p = self.layer.params
+        tlut = tensors.get("tlut") if p.trellis_code == "hyb" else None
+        key = None if tlut is None else tlut.to(torch.float16).contiguous().numpy().tobytes()
+        out = {"words": tensors["trellis"].contiguous(), "table": _state_table(p.trellis_code, key),
+               "su": tensors["SU"].float().contiguous(),
+               "svw": (tensors["SV"].float() * tensors["Wscale"].float().reshape(())).contiguous()}
+        if tlut is not None:
+            out["tlut"] = tlut.to(torch.float16).contiguous().view(torch.int32).reshape(-1)
+        return out
+
+    def apply(self, tensors, x, bias=None):
+        p = self.layer.params
+        xr = hadamard_transform(x.float() * tensors["su"])
+        y = torch.ops.gq_cpu.trellis_matmul(xr, tensors["words"], tensors["table"], tensors.get("tlut"), p.kV,
+                                            self.layer.out_features, ISA_CODES[self.isa])
+        y = hadamard_transform(y, transpose=True, blocks=p.out_rht_blocks) * tensors["svw"]
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+
+class TrellisCpuAvx512Kernel(TrellisCpuKernel):
+    name, isa = "trellis-cpu-avx512", "avx512"
+
+
+class TrellisCpuAvx2Kernel(TrellisCpuKernel):
+    name, isa = "trellis-cpu-avx2", "avx2"
+
+
+class TrellisCpuPortableKernel(TrellisCpuKernel):
+    name, isa = "trellis-cpu-portable", "portable"

@@ -1,0 +1,114 @@
+"""The CPU ``trellis`` kernel (kernels/trellis/cpu.py, csrc/trellis_isa.cpp) against the reference.
+
+Every variant this CPU runs, forced by name, for every code and bit width, 1..8 activation rows (the
+GEMV) and more (the block-wise dequantize + at::mm path), on SmolLM2's shapes and small ones, with
+random streams (any bit pattern is a valid circular chain). The op multiplies exactly the values
+the reference decodes and accumulates in fp32: per element |y - y64| <= 1e-5 * (|x| @ |W_code|.T)
+with y64 the float64 product; one wrong state moves an element by the order of one weight.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gq_kernels.cpu import build, features
+from gq_kernels.format import LinearSpec
+from gq_kernels.hadamard import random_signs
+from gq_kernels.registry import choose_kernel, get_format, kernels
+from gq_kernels.trellis import reference as ref
+from gq_kernels.trellis.codes import VALUES_PER_STATE, code_table, default_tlut
+
+NO_TOOLCHAIN = build.find_compiler() is None or not build.sys.platform.startswith("linux")
+pytestmark = pytest.mark.skipif(NO_TOOLCHAIN, reason="no C++ compiler on PATH (or not Linux): no CPU kernels")
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+CODES = ("hyb", "1mad", "3inst")
+
+
+def kernel_class(isa: str):
+    ok, why = features.isa_support(isa)
+    if not ok:
+        pytest.skip(why)
+    (cls,) = [k for k in kernels() if k.name == f"trellis-cpu-{isa}"]
+    return cls
+
+
+def random_layer(m, n, bits, code, seed=0, blocks=1):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(-32768, 32768, ((m // 16) * (n // 16), 16 * bits), generator=g, dtype=torch.int32)
+    t = {"trellis": words.to(torch.int16), "SU": random_signs(n, g).half(), "SV": random_signs(m, g).half(),
+         "Wscale": torch.tensor([0.05])}
+    if code == "hyb":
+        t["tlut"] = default_tlut()
+    return t, get_format("trellis").params(bits=bits, trellis_code=code, out_rht_blocks=blocks)
+
+
+def op(x, t, code, bits, m, isa):
+    assert build.status()[0]
+    tlut = t["tlut"].contiguous().view(torch.int32).reshape(-1) if code == "hyb" else None
+    table = code_table(code, t.get("tlut")).contiguous()
+    return torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, tlut, bits * VALUES_PER_STATE[code], m, ISAS[isa])
+
+
+def assert_product(y, x, wc):
+    want = x.double() @ wc.double().t()
+    bound = 1e-5 * (x.double().abs() @ wc.double().abs().t())
+    assert y.shape == want.shape
+    assert ((y.double() - want).abs() <= bound).all(), float(((y.double() - want).abs() - bound).max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,bits", list(itertools.product(CODES, (2, 3, 4))))
+@pytest.mark.parametrize("m,n", [(576, 1536), (1536, 576), (48, 80)])
+def test_op_is_the_decoded_product(isa, code, bits, m, n):
+    kernel_class(isa)
+    t, _ = random_layer(m, n, bits, code, seed=bits)
+    wc = ref.decode_weight(t["trellis"], code, bits, m, n, t.get("tlut"))
+    for rows in (1, 2, 5, 8, 9, 40):
+        x = torch.randn(rows, n)
+        assert_product(op(x, t, code, bits, m, isa), x, wc)
+
+
+def test_op_refuses_bad_input():
+    t, _ = random_layer(32, 48, 2, "hyb")
+    x = torch.randn(1, 48)
+    with pytest.raises(RuntimeError, match=r"trellis words must be contiguous int16 \[6, 32\]"):
+        op(x, {**t, "trellis": t["trellis"][:, :16].contiguous()}, "hyb", 2, 32, "portable")
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        op(torch.randn(1, 40), t, "hyb", 2, 32, "portable")
+    table = code_table("hyb", t["tlut"]).contiguous()
+    with pytest.raises(RuntimeError, match=r"needs its LUT"):
+        torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, None, 4, 32, 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_class_computes_the_format_reference(isa, dtype):
+    """The whole kernel (signs, both transforms with 3 output blocks, scale, bias) against the
+    format's reference matmul, through the GEMV and the block path."""
+    cls = kernel_class(isa)
+    m, n = 96, 64
+    t, params = random_layer(m, n, 3, "hyb", seed=7, blocks=3)
+    spec = LinearSpec(params, m, n)
+    kern = cls(spec, torch.device("cpu"), dtype)
+    prepared = kern.prepare(t)
+    bias = torch.randn(m).to(dtype)
+    fmt = get_format("trellis")
+    for rows in (1, 6, 12):
+        x = torch.randn(rows, n).to(dtype)
+        got = kern.apply(prepared, x, bias)
+        want = fmt.matmul(x.float(), t, params, n) + bias.float()
+        assert got.dtype == dtype and got.shape == (rows, m)
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(got.float(), want, rtol=tol, atol=tol)
+        assert kern.path(x).endswith("gemv" if rows <= 8 else "tiled")
+
+
+def test_registry_serves_trellis_on_the_cpu_with_the_packed_kernel():
+    spec = LinearSpec(get_format("trellis").params(bits=2), 64, 64)
+    best = next(isa for isa in ("avx512", "avx2", "portable") if features.isa_support(isa)[0])
+    assert choose_kernel(spec, "cpu", torch.float32).name == f"trellis-cpu-{best}"
+    ok, why = kernel_class("portable").can_implement(spec, torch.device("cuda"), torch.float16)
+    assert not ok and "needs the CPU" in why
