@@ -112,3 +112,22 @@ def test_registry_serves_trellis_on_the_cpu_with_the_packed_kernel():
     assert choose_kernel(spec, "cpu", torch.float32).name == f"trellis-cpu-{best}"
     ok, why = kernel_class("portable").can_implement(spec, torch.device("cuda"), torch.float16)
     assert not ok and "needs the CPU" in why
+
+
+@pytest.mark.parametrize("n,blocks", [(48, 1), (576, 1), (1536, 4), (4096, 1), (192, 4), (64, 2)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_op_is_the_torch_transform(n, blocks, transpose):
+    from gq_kernels.hadamard import hadamard_factor, hadamard_k, hadamard_transform
+
+    assert build.status()[0]
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g)
+    signs = random_signs(n, g).float()
+    scale = torch.rand(n, generator=g)
+    K, _ = hadamard_factor(n // blocks)
+    hk = hadamard_k(K) if K > 1 else None
+    got = torch.ops.gq_cpu.hadamard(x, signs, hk, blocks, transpose, scale)
+    want = hadamard_transform(x * signs, transpose, blocks) * scale
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="Hadamard blocks do not divide"):
+        torch.ops.gq_cpu.hadamard(x, None, hk, 5, transpose, None)

@@ -59,3 +59,8 @@ def _(q, keys, values, scale):
 @torch.library.register_fake("gq_cpu::trellis_matmul")
 def _(x, words, table, tlut, kV, out_features, isa):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("gq_cpu::hadamard")
+def _(x, signs, hk, blocks, transpose, scale):
+    return x.new_empty(x.shape)

@@ -1,8 +1,8 @@
 """``trellis`` on the CPU: the packed streams decoded tile by tile inside the GEMV, never a dense copy.
 
-Per call (``torch.ops.gq_cpu.trellis_matmul``, :mod:`gq_kernels.cpu.build`'s extension): x~ =
-(x * SU) R_n in fp32, then x~ W_code^T, then R_m^T (per ``out_rht_blocks`` block) and ``SV * Wscale``,
-as :func:`gq_kernels.trellis.reference.matmul`. Up to 8 activation rows run the GEMV (each tile
+Per call, three operators of :mod:`gq_kernels.cpu.build`'s extension: ``gq_cpu::hadamard`` makes
+x~ = (x * SU) R_n in fp32, ``gq_cpu::trellis_matmul`` x~ W_code^T, ``gq_cpu::hadamard`` again R_m^T
+(per ``out_rht_blocks`` block) and ``SV * Wscale``, as :func:`gq_kernels.trellis.reference.matmul`. Up to 8 activation rows run the GEMV (each tile
 decoded once, multiplied with every row); more rows decode a block of tile rows at a time (at most
 4 MiB of fp32) and multiply it with ``at::mm``. Variants: ``avx512`` decodes 16 states per step
 (hyb: hash and LUT gather; V=1 codes: a gather from the state table), ``avx2`` and ``portable``
@@ -19,7 +19,7 @@ import torch
 from gq_kernels.cpu import build, features
 from gq_kernels.cpu.kernel import ISA_CODES
 from gq_kernels.kernel import LinearKernel, n_rows
-from gq_kernels.hadamard import hadamard_transform
+from gq_kernels.hadamard import hadamard_factor, hadamard_k
 from gq_kernels.trellis.codes import code_table
 from gq_kernels.trellis.format import NAME
 
@@ -62,17 +62,23 @@ class TrellisCpuKernel(LinearKernel):
                "svw": (tensors["SV"].float() * tensors["Wscale"].float().reshape(())).contiguous()}
         if tlut is not None:
             out["tlut"] = tlut.to(torch.float16).contiguous().view(torch.int32).reshape(-1)
+        for name, size in (("hk_in", self.layer.in_features), ("hk_out", self.layer.out_features // p.out_rht_blocks)):
+            K, _ = hadamard_factor(size)
+            if K > 1:
+                out[name] = hadamard_k(K, torch.float32)
         return out
 
     def apply(self, tensors, x, bias=None):
-        p = self.layer.params
-        xr = hadamard_transform(x.float() * tensors["su"])
-        y = torch.ops.gq_cpu.trellis_matmul(xr, tensors["words"], tensors["table"], tensors.get("tlut"), p.kV,
-                                            self.layer.out_features, ISA_CODES[self.isa])
-        y = hadamard_transform(y, transpose=True, blocks=p.out_rht_blocks) * tensors["svw"]
+        p, ops = self.layer.params, torch.ops.gq_cpu
+        m, n = self.layer.out_features, self.layer.in_features
+        x2 = x.reshape(-1, n).float().contiguous()
+        xr = ops.hadamard(x2, tensors["su"], tensors.get("hk_in"), 1, False, None)
+        y = ops.trellis_matmul(xr, tensors["words"], tensors["table"], tensors.get("tlut"), p.kV, m,
+                               ISA_CODES[self.isa])
+        y = ops.hadamard(y, None, tensors.get("hk_out"), p.out_rht_blocks, True, tensors["svw"])
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], m)
 
 
 class TrellisCpuAvx512Kernel(TrellisCpuKernel):

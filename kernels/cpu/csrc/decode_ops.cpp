@@ -7,6 +7,9 @@
 //   gq_cpu::silu_mul(gate_up [T, 2F]) -> silu(gate_up[:, :F]) * gate_up[:, F:]
 //   gq_cpu::decode_attention(q [H, D], keys [KV, S, D], values [KV, S, D], scale) -> [1, H * D]:
 //       one query's softmax attention, query head h reading key/value head h / (H / KV)
+//   gq_cpu::hadamard(x [T, n], signs [n]?, hk [K, K]?, blocks, transpose, scale [n]?) ->
+//       ((x * signs) R) * scale, R = blockdiag of `blocks` R_{n/blocks} (R^T with transpose), as
+//       gq_kernels.hadamard.hadamard_transform: R_{Kp} = (H_K (x) H_p) / sqrt(Kp), H_p by butterflies
 //
 // The same arithmetic as the PyTorch expressions they replace (lean_decode.py keeps those for other
 // dtypes and devices), in fp32, up to summation order; tests/test_lean_decode.py compares both.
@@ -139,11 +142,83 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace
 
+// In place on z [K][p]: the butterflies of H_p on each of the K rows, then M z with M = H_K^T (or
+// H_K when transposed), then the 1/sqrt(Kp) normalisation. tmp: K * p floats.
+void hadamard_block(float* z, int64_t K, int64_t p, const float* hk, bool transpose, float* tmp) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* row = z + k * p;
+    for (int64_t h = 1; h < p; h *= 2)
+      for (int64_t i = 0; i < p; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = row[j], b = row[j + h];
+          row[j] = a + b;
+          row[j + h] = a - b;
+        }
+  }
+  const float norm = 1.0f / std::sqrt(static_cast<float>(K * p));
+  if (K == 1) {
+    for (int64_t j = 0; j < p; ++j) z[j] *= norm;
+    return;
+  }
+  std::fill(tmp, tmp + K * p, 0.0f);
+  for (int64_t a = 0; a < K; ++a) {
+    float* out = tmp + a * p;
+    for (int64_t b = 0; b < K; ++b) {
+      const float m = transpose ? hk[a * K + b] : hk[b * K + a];
+      const float* in = z + b * p;
+      for (int64_t j = 0; j < p; ++j) out[j] += m * in[j];
+    }
+  }
+  for (int64_t j = 0; j < K * p; ++j) z[j] = tmp[j] * norm;
+}
+
+at::Tensor hadamard(const at::Tensor& x, const std::optional<at::Tensor>& signs, const std::optional<at::Tensor>& hk,
+                    int64_t blocks, bool transpose, const std::optional<at::Tensor>& scale) {
+  check_fp32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gq_cpu: hadamard takes x [T, n] with unit column stride, got ",
+              x.sizes());
+  const int64_t t = x.size(0), n = x.size(1);
+  TORCH_CHECK(blocks >= 1 && n % blocks == 0, "gq_cpu: ", blocks, " Hadamard blocks do not divide ", n);
+  const int64_t nb = n / blocks;
+  const int64_t K = hk.has_value() ? hk->size(0) : 1;
+  TORCH_CHECK(nb % K == 0 && ((nb / K) & (nb / K - 1)) == 0, "gq_cpu: a block of ", nb, " is not K * 2^a for K=", K);
+  if (hk.has_value()) {
+    check_fp32(*hk, "hk");
+    TORCH_CHECK(hk->dim() == 2 && hk->size(1) == K && hk->is_contiguous(), "gq_cpu: hk must be [K, K], got ",
+                hk->sizes());
+  }
+  for (const auto* v : {&signs, &scale}) {
+    if (v->has_value()) {
+      check_fp32(**v, "signs / scale");
+      TORCH_CHECK((*v)->dim() == 1 && (*v)->size(0) == n && (*v)->is_contiguous(), "gq_cpu: signs and scale must be [",
+                  n, "], got ", (*v)->sizes());
+    }
+  }
+  const int64_t p = nb / K;
+  at::Tensor out = at::empty({t, n}, x.options());
+  const float* sg = signs.has_value() ? signs->data_ptr<float>() : nullptr;
+  const float* sc = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  const float* h = hk.has_value() ? hk->data_ptr<float>() : nullptr;
+  at::parallel_for(0, t, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> tmp(K > 1 ? nb : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x.data_ptr<float>() + r * x.stride(0);
+      float* o = out.data_ptr<float>() + r * n;
+      for (int64_t j = 0; j < n; ++j) o[j] = sg ? xr[j] * sg[j] : xr[j];
+      for (int64_t b = 0; b < blocks; ++b) hadamard_block(o + b * nb, K, p, h, transpose, tmp.data());
+      if (sc)
+        for (int64_t j = 0; j < n; ++j) o[j] *= sc[j];
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(gq_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
+  m.def("hadamard(Tensor x, Tensor? signs, Tensor? hk, int blocks, bool transpose, Tensor? scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
@@ -151,4 +226,5 @@ TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("rope", &rope);
   m.impl("silu_mul", &silu_mul);
   m.impl("decode_attention", &decode_attention);
+  m.impl("hadamard", &hadamard);
 }
