@@ -19,6 +19,7 @@ from gq_kernels.hadamard import random_signs
 from gq_kernels.registry import choose_kernel, get_format, kernels
 from gq_kernels.trellis import reference as ref
 from gq_kernels.trellis.codes import VALUES_PER_STATE, code_table, default_tlut
+from gq_kernels.trellis.cpu import CODE_IDS
 
 NO_TOOLCHAIN = build.find_compiler() is None or not build.sys.platform.startswith("linux")
 pytestmark = pytest.mark.skipif(NO_TOOLCHAIN, reason="no C++ compiler on PATH (or not Linux): no CPU kernels")
@@ -45,11 +46,13 @@ def random_layer(m, n, bits, code, seed=0, blocks=1):
     return t, get_format("trellis").params(bits=bits, trellis_code=code, out_rht_blocks=blocks)
 
 
-def op(x, t, code, bits, m, isa):
+def op(x, t, code, bits, m, isa, code_id=None):
     assert build.status()[0]
     tlut = t["tlut"].contiguous().view(torch.int32).reshape(-1) if code == "hyb" else None
     table = code_table(code, t.get("tlut")).contiguous()
-    return torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, tlut, bits * VALUES_PER_STATE[code], m, ISAS[isa])
+    code_id = CODE_IDS[code] if code_id is None else code_id
+    return torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, tlut, bits * VALUES_PER_STATE[code], code_id, m,
+                                           ISAS[isa])
 
 
 def assert_product(y, x, wc):
@@ -69,6 +72,8 @@ def test_op_is_the_decoded_product(isa, code, bits, m, n):
     for rows in (1, 2, 5, 8, 9, 40):
         x = torch.randn(rows, n)
         assert_product(op(x, t, code, bits, m, isa), x, wc)
+    x = torch.randn(3, n)  # the state table, the path of a code without a decoder of its own
+    assert_product(op(x, t, code, bits, m, isa, code_id=0), x, wc)
 
 
 def test_op_refuses_bad_input():
@@ -80,7 +85,9 @@ def test_op_refuses_bad_input():
         op(torch.randn(1, 40), t, "hyb", 2, 32, "portable")
     table = code_table("hyb", t["tlut"]).contiguous()
     with pytest.raises(RuntimeError, match=r"needs its LUT"):
-        torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, None, 4, 32, 0)
+        torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, None, 4, 1, 32, 0)
+    with pytest.raises(RuntimeError, match=r"does not fit a table of V=2"):
+        torch.ops.gq_cpu.trellis_matmul(x, t["trellis"], table, None, 4, 2, 32, 0)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -57,7 +57,7 @@ def _(q, keys, values, scale):
 
 
 @torch.library.register_fake("gq_cpu::trellis_matmul")
-def _(x, words, table, tlut, kV, out_features, isa):
+def _(x, words, table, tlut, kV, code, out_features, isa):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 

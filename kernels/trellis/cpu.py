@@ -5,8 +5,8 @@ x~ = (x * SU) R_n in fp32, ``gq_cpu::trellis_matmul`` x~ W_code^T, ``gq_cpu::had
 (per ``out_rht_blocks`` block) and ``SV * Wscale``, as :func:`gq_kernels.trellis.reference.matmul`. Up to 8 activation rows run the GEMV (each tile
 decoded once, multiplied with every row); more rows decode a block of tile rows at a time (at most
 4 MiB of fp32) and multiply it with ``at::mm``. Variants: ``avx512`` decodes 16 states per step
-(hyb: hash and LUT gather; V=1 codes: a gather from the state table), ``avx2`` and ``portable``
-one state at a time through the state table. The state table (fp32 [65536, V]) is shared by every
+(hyb: hash and LUT gather; 1mad and 3inst computed in registers, several times faster: see
+docs/results.md), ``avx2`` and ``portable`` one state at a time through the state table. The state table (fp32 [65536, V]) is shared by every
 layer with the same code and LUT.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gq_kernels.trellis.codes import code_table
 from gq_kernels.trellis.format import NAME
 
 GEMV_MAX_ROWS = 8  # csrc/trellis.h kTrellisMaxRows
+CODE_IDS = {"hyb": 1, "1mad": 2, "3inst": 3}  # csrc/trellis.h TrellisCode (0: read every code from the table)
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,8 +74,8 @@ class TrellisCpuKernel(LinearKernel):
         m, n = self.layer.out_features, self.layer.in_features
         x2 = x.reshape(-1, n).float().contiguous()
         xr = ops.hadamard(x2, tensors["su"], tensors.get("hk_in"), 1, False, None)
-        y = ops.trellis_matmul(xr, tensors["words"], tensors["table"], tensors.get("tlut"), p.kV, m,
-                               ISA_CODES[self.isa])
+        y = ops.trellis_matmul(xr, tensors["words"], tensors["table"], tensors.get("tlut"), p.kV,
+                               CODE_IDS[p.trellis_code], m, ISA_CODES[self.isa])
         y = ops.hadamard(y, None, tensors.get("hk_out"), p.out_rht_blocks, True, tensors["svw"])
         if bias is not None:
             y = y + bias.float()

@@ -9,7 +9,7 @@
 //   gq_cpu::bitplane_matmul_out(..., out), gq_cpu::bitplane_dequantize_out(..., out): the same into
 //       a given fp32 [rows, N] / [N, K] tensor (tests poison it)
 //   gq_cpu::built_variants() -> the isa codes compiled in (0 portable, 1 avx2, 2 avx512)
-//   gq_cpu::trellis_matmul(x, words, table, tlut?, kV, out_features, isa) -> fp32 [..., N]:
+//   gq_cpu::trellis_matmul(x, words, table, tlut?, kV, code, out_features, isa) -> fp32 [..., N]:
 //       x (already in the rotated basis) @ W_code.T for a bitshift-trellis weight (trellis.h)
 //   gq_cpu::bitplane_q8_matmul_multi(x, qweights[], tables[], tscales[], tmins[], in_features)
 //       the same codes times int8 activations (bitplane.h: Q8Problem), 1..kMaxRows rows, AVX-512
@@ -544,7 +544,8 @@ void int8_matmul_out(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // ------------------------------------------------------------------ trellis tiles (trellis.h)
 // x (rotated, [..., K]) @ W_code.T -> fp32 [..., N]; W_code is decoded from the words, never stored.
 at::Tensor trellis_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& table,
-                          const std::optional<at::Tensor>& tlut, int64_t kV, int64_t out_features, int64_t isa) {
+                          const std::optional<at::Tensor>& tlut, int64_t kV, int64_t code, int64_t out_features,
+                          int64_t isa) {
   const Variant v = variant(isa);
   const int64_t k = x.size(-1), n = out_features;
   TORCH_CHECK(k % gq_cpu::kTrellisTile == 0 && n % gq_cpu::kTrellisTile == 0 && n > 0,
@@ -561,11 +562,15 @@ at::Tensor trellis_matmul(const at::Tensor& x, const at::Tensor& words, const at
                   words.dim() == 2 && words.size(0) == tiles && words.size(1) == wpt && wpt <= 64,
               "gq_cpu: trellis words must be contiguous int16 [", tiles, ", ", wpt, "] for ", n, "x", k,
               " at kV=", kV, ", got ", words.scalar_type(), " ", words.sizes());
+  TORCH_CHECK(code >= gq_cpu::kCodeTable && code <= gq_cpu::kCode3inst && (code == gq_cpu::kCodeTable ||
+                                                                          (code == gq_cpu::kCodeHyb) == (V == 2)),
+              "gq_cpu: trellis code ", code, " does not fit a table of V=", V,
+              " (0 table, 1 hyb with V=2, 2 1mad and 3 3inst with V=1)");
   const uint32_t* lut = nullptr;
-  if (V == 2) {
+  if (code == gq_cpu::kCodeHyb) {
     TORCH_CHECK(tlut.has_value() && tlut->device().is_cpu() && tlut->scalar_type() == at::kInt &&
                     tlut->is_contiguous() && tlut->numel() == 512,
-                "gq_cpu: a V=2 (hyb) trellis needs its LUT as contiguous int32 [512] (fp16 pairs)");
+                "gq_cpu: the hyb code needs its LUT as contiguous int32 [512] (fp16 pairs)");
     lut = reinterpret_cast<const uint32_t*>(tlut->data_ptr<int32_t>());
   }
   const at::Tensor x2 = rows_fp32(x, k);
@@ -573,7 +578,8 @@ at::Tensor trellis_matmul(const at::Tensor& x, const at::Tensor& words, const at
   at::Tensor out = at::empty({m, n}, x2.options());
   gq_cpu::TrellisProblem p{x2.data_ptr<float>(), k, m, k, n,
                            reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>()), static_cast<int32_t>(wpt),
-                           static_cast<int32_t>(kV), static_cast<int32_t>(V), table.data_ptr<float>(), lut,
+                           static_cast<int32_t>(kV), static_cast<int32_t>(V), static_cast<int32_t>(code),
+                           table.data_ptr<float>(), lut,
                            out.data_ptr<float>(), n};
   const int64_t tile_rows = n / gq_cpu::kTrellisTile;
   if (m == 0) {
@@ -621,7 +627,7 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def("quantize_q8(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
   m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
-  m.def("trellis_matmul(Tensor x, Tensor words, Tensor table, Tensor? tlut, int kV, int out_features, int isa) -> Tensor");
+  m.def("trellis_matmul(Tensor x, Tensor words, Tensor table, Tensor? tlut, int kV, int code, int out_features, int isa) -> Tensor");
   m.def("built_variants() -> int[]", &built_variants);
 }
 

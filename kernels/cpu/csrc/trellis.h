@@ -12,6 +12,9 @@ namespace gq_cpu {
 constexpr int kTrellisTile = 16;      // a tile is 16 x 16 weights, row-major
 constexpr int kTrellisMaxRows = 8;    // activation rows one GEMV pass serves
 
+// How a state becomes values (gq_kernels/trellis/codes.py); every code can also be read from `table`.
+enum TrellisCode : int32_t { kCodeTable = 0, kCodeHyb = 1, kCode1mad = 2, kCode3inst = 3 };
+
 struct TrellisProblem {
   const float* x;  // m rows of k fp32 values (already in the rotated basis), row r at x + r * x_stride
   int64_t x_stride;
@@ -25,8 +28,9 @@ struct TrellisProblem {
   int32_t words_per_tile;
   int32_t kV;
   int32_t V;             // 1 or 2
+  int32_t code;          // TrellisCode
   const float* table;    // [65536, V]: the values of every state (any code)
-  const uint32_t* tlut;  // V = 2 hyb code only, else null: [512] fp16 pairs, value 0 in the low half
+  const uint32_t* tlut;  // kCodeHyb only, else null: [512] fp16 pairs, value 0 in the low half
   float* y;  // m rows of n fp32 values, row r at y + r * y_stride
   int64_t y_stride;
 };

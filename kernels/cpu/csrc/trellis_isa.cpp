@@ -2,7 +2,8 @@
 //   -DGQ_ISA_AVX512: 16 states at a time. The words a state spans are picked with one vpermi2w from
 //     the tile's stream held in two registers (at most 64 words), a variable shift cuts the window;
 //     hyb states are hashed and their LUT pair gathered (one gather per 32 weights, both values of a
-//     state in one 32-bit lane, already in row order); V = 1 states gather from the state table.
+//     state in one 32-bit lane, already in row order); 1mad and 3inst states are computed in
+//     registers (no memory access: the gather is most of hyb's time on the CPUs we measured).
 //   otherwise (portable, avx2): one state at a time from the state table; the compiler vectorizes the
 //     dot products.
 // A tile is decoded once per call and multiplied with every activation row.
@@ -59,15 +60,38 @@ inline void decode_tile(const TrellisProblem& p, const Windows& g, const uint16_
   for (int b = 0; b < g.groups; b++) {
     const __m512i pair = _mm512_permutex2var_epi16(lo, g.perm[b], hi);
     const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(pair, g.shift[b]), low16);
-    if (p.V == 2) {  // hyb: h = s (s + 1); LUT entry (h >> 6) & 511, value 0 negated by bit 15 of h
+    if (p.code == gq_cpu::kCodeHyb) {  // h = s (s + 1); LUT entry (h >> 6) & 511, value 0 negated by bit 15 of h
       const __m512i h = _mm512_mullo_epi32(s, _mm512_add_epi32(s, _mm512_set1_epi32(1)));
       const __m512i i = _mm512_and_si512(_mm512_srli_epi32(h, 6), _mm512_set1_epi32(511));
       __m512i v = _mm512_i32gather_epi32(i, p.tlut, 4);
       v = _mm512_xor_si512(v, _mm512_and_si512(h, _mm512_set1_epi32(0x8000)));
       rows[2 * b] = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
       rows[2 * b + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
-    } else {
+    } else if (p.code == gq_cpu::kCode1mad) {  // (sum of the bytes of 34038481 s + 76625530 - 510) / 147.8...
+      const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)),
+                                         _mm512_set1_epi32(76625530));
+      const __m512i m = _mm512_set1_epi32(0x00FF00FF);
+      const __m512i t = _mm512_add_epi32(_mm512_and_si512(x, m), _mm512_and_si512(_mm512_srli_epi32(x, 8), m));
+      const __m512i sum = _mm512_add_epi32(_mm512_and_si512(t, low16), _mm512_srli_epi32(t, 16));
+      rows[b] = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(510))),
+                              _mm512_set1_ps(147.800537109375f));
+    } else if (p.code == gq_cpu::kCode3inst) {  // the two fp16 halves of y added in fp16
+      const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)),
+                                         _mm512_set1_epi32(64248484));
+      const __m512i y = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32(int(0x8FFF8FFFu))),
+                                         _mm512_set1_epi32(0x3B603B60));
+      const __m512 sum = _mm512_add_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(y, 16))),
+                                       _mm512_cvtph_ps(_mm512_cvtepi32_epi16(y)));
+      rows[b] = _mm512_cvtph_ps(_mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else if (p.V == 1) {
       rows[b] = _mm512_i32gather_ps(s, p.table, 4);
+    } else {  // two table values per state, interleaved back into row order
+      const __m512i s2 = _mm512_add_epi32(s, s);
+      const __m512 v0 = _mm512_i32gather_ps(s2, p.table, 4);
+      const __m512 v1 = _mm512_i32gather_ps(_mm512_add_epi32(s2, _mm512_set1_epi32(1)), p.table, 4);
+      const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      rows[2 * b] = _mm512_permutex2var_ps(v0, first, v1);
+      rows[2 * b + 1] = _mm512_permutex2var_ps(v0, _mm512_add_epi32(first, _mm512_set1_epi32(8)), v1);
     }
   }
 }
