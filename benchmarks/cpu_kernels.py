@@ -19,10 +19,13 @@ Implementations:
 * ``dense``: ``F.linear`` on the dequantized fp32 weight (the old CPU path, 4 bytes per weight);
 * ``lut-cpu-q8`` (variant ``q8``, ``lut`` only, AVX-512 VBMI + VNNI): int8 activations
   (:mod:`gq_kernels.cpu.q8`); its outputs are checked within 2% of the reference (it rounds x and
-  the tables), the others' within 1e-4.
+  the tables), the others' within 1e-4;
+* ``trellis-cpu-*`` (``--formats trellis``, one row per ``--trellis-codes`` code): the bitshift-
+  trellis kernel with its two Hadamard transforms (:mod:`gq_kernels.trellis.cpu`).
 
     python benchmarks/cpu_kernels.py --threads 2 --out docs/results/cpu_kernels.json
     python benchmarks/cpu_kernels.py --shapes 1536x576 --bits 3 --rows 1 --iters 5 --out /tmp/k.json   # smoke
+    python benchmarks/cpu_kernels.py --formats trellis --variants avx512 --threads 1 --out /tmp/t.json
 """
 from __future__ import annotations
 
@@ -94,7 +97,11 @@ def _time(fn) -> float:
 def random_packed(spec, g: torch.Generator) -> dict[str, torch.Tensor]:
     out = {}
     for name, ts in spec.tensors().items():
-        if ts.dtype == torch.int32:
+        if ts.dtype == torch.int16:  # trellis streams: any bit pattern is a valid chain
+            out[name] = torch.randint(-2**15, 2**15, ts.shape, generator=g, dtype=torch.int32).to(torch.int16)
+        elif ts.dtype == torch.float32:
+            out[name] = torch.rand(ts.shape, generator=g) * 0.05 + 0.01
+        elif ts.dtype == torch.int32:
             t = torch.randint(-2**31, 2**31 - 1, ts.shape, generator=g, dtype=torch.int64).to(torch.int32)
             if spec.in_features % 32:
                 t[..., -1] &= (1 << spec.in_features % 32) - 1
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--group-size", type=int, default=128, help="bcq")
+    ap.add_argument("--trellis-codes", default="hyb,1mad,3inst", help="trellis")
     ap.add_argument("--variants", default="avx512,avx2,portable,q8")
     ap.add_argument("--inductor", default=",".join(INDUCTOR_SHAPES),
                     help="shapes (names) that also time the Inductor implementation (compiles are slow); '' for none")
@@ -182,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     out_rows = []
     for name, n, k in parse_shapes(args.shapes):
         dense_w = torch.randn(n, k, generator=g) * 0.02
-        for fmt in args.formats.split(","):
+        cases = [(fmt, {"group_size": args.group_size} if fmt == "bcq" else {}) for fmt in args.formats.split(",")
+                 if fmt != "trellis"]
+        if "trellis" in args.formats.split(","):
+            cases += [("trellis", {"trellis_code": c}) for c in args.trellis_codes.split(",")]
+        for fmt, kw in cases:
             for bits in args.bits:
-                kw = {"group_size": args.group_size} if fmt == "bcq" else {}
                 spec = LinearSpec(get_format(fmt).params(bits=bits, **kw), n, k)
                 tensors = random_packed(spec, g)
                 w_ref = get_format(fmt).dequantize(tensors, spec.params, k)
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         kern = choose_kernel(spec, "cpu", torch.float32, prefer=f"{fmt}-cpu-{isa}")
                         prepared = kern.prepare(tensors)
                         impls[kern.name] = (lambda kern=kern, p=prepared: kern.apply(p, x), kern.path(x))
-                    if name in ind_shapes and bits in args.inductor_bits and m in ind_rows:
+                    if name in ind_shapes and bits in args.inductor_bits and m in ind_rows and fmt in ("lut", "bcq"):
                         for label, fn in inductor_fns(fmt, k, args.group_size).items():
                             impls[label] = (lambda fn=fn: fn(x, tensors), label)
                     for label, (fn, path) in impls.items():
@@ -213,15 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         t = timer(fn)
                         gbps = packed_bytes / t / 1e9
-                        row = {"shape": name, "n": n, "k": k, "format": fmt, "bits": bits,
-                               "group_size": args.group_size if fmt == "bcq" else None, "rows": m,
+                        row = {"shape": name, "n": n, "k": k, "format": fmt, "bits": bits, **kw,
+                               "rows": m,
                                "impl": "inductor" if label.startswith("inductor") else label, "impl_detail": path,
                                "us": round(t * 1e6, 1), "dense_fp32_us": round(t_dense * 1e6, 1),
                                "speedup_vs_dense_fp32": round(t_dense / t, 2), "packed_bytes": packed_bytes,
                                "gbps": round(gbps, 2), "pct_read_bw": round(100 * gbps / bw["read_gbps"], 1),
                                "weights_per_ns": round(n * k / t / 1e9, 2), "max_rel_err": float(f"{err:.2e}")}
                         out_rows.append(row)
-                        print(f"{name:>16} {fmt}{bits} rows={m:<2} {path:<24} {row['us']:>8.1f} us "
+                        print(f"{name:>16} {fmt}{bits}{kw.get('trellis_code', '')} rows={m:<2} {path:<24} {row['us']:>8.1f} us "
                               f"(dense {row['dense_fp32_us']:.1f}, x{row['speedup_vs_dense_fp32']:.2f}) "
                               f"{gbps:5.2f} GB/s = {row['pct_read_bw']:.0f}% of read bw", flush=True)
     # Inductor: keep the faster of its two forms per problem.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--out", default=str(ROOT / "docs/results/quality.json"))
-    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each checkpoint under $GQ_CACHE/results/checkpoints/<label>-<bits>bit (default: "
+                   "deleted once evaluated)")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -107,6 +110,8 @@ def main() -> int:
             ckpt = ckpt_root / f"{label}-{bits}bit"
             summary = quantize_model(model_dir, qconfig, ckpt, cache, overwrite=True)
             evaluate(load_quantized_model(ckpt, dtype=torch.float32), base, summary["timings_s"])
+            if not args.keep_checkpoints:
+                shutil.rmtree(ckpt)
     return 0
 
 
