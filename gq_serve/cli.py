@@ -108,13 +108,18 @@ def cmd_quantize(args) -> int:
     from pydantic import ValidationError
 
     from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_quantize.finetune import FinetuneConfig
     from gq_quantize.pipeline import quantize_model
 
     options = {n: getattr(args, n) for n in _method_options() if getattr(args, n) is not None}
     try:
+        finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, batch=args.finetune_batch)
+    except ValidationError as e:
+        raise CliError("; ".join(f"--finetune-{err['loc'][-1]}: {err['msg']}" for err in e.errors())) from None
+    try:
         qconfig = QuantizeConfig(
             method=args.method, bits=args.bits, guided=args.guided, groups=args.groups,
-            sequential=args.sequential,
+            sequential=args.sequential, finetune=finetune,
             calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
                                           seed=args.seed),
             **options,
@@ -525,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--sequential", action="store_true",
                     help="sequential calibration: each layer's Hessians from the already quantized layers "
                          "before it, as GPTQ does (Hessian methods; the saliency stays the unquantized model's)")
+    sq.add_argument("--finetune-steps", type=int, default=0,
+                    help="after the layers: tune the codebooks / scales (codes fixed) for this many Adam steps so "
+                         "the quantized model's next-token distributions match the unquantized model's on the "
+                         "calibration windows (lut and bcq methods; 0: off)")
+    sq.add_argument("--finetune-lr", type=float, default=3e-4, help="Adam learning rate of --finetune-steps")
+    sq.add_argument("--finetune-batch", type=int, default=2, help="calibration windows per --finetune-steps step")
     sq.add_argument("--calib", default="sotu", help="calibration corpus (sotu, brown:calib, a path, hf:NAME...)")
     sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)

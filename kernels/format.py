@@ -67,6 +67,9 @@ class QuantResult(ABC):
     """
 
     format: ClassVar[str]
+    # Float fields an end-to-end fine-tune may change with the codes fixed (quantize/finetune.py);
+    # ``dequantize`` must be differentiable in them.
+    tunable: ClassVar[tuple[str, ...]] = ()
     stats: dict = field(default_factory=dict, kw_only=True)
 
     @abstractmethod

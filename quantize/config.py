@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from gq_kernels.format import FormatParams
+from gq_quantize.finetune import FinetuneConfig
 from gq_quantize.methods.base import MethodConfig
 from gq_quantize.methods.registry import get_method, method_names
 
@@ -40,6 +41,9 @@ class QuantizeConfig(BaseModel):
     # quantized layers before it (and, inside a layer, of its already quantized linears), as GPTQ
     # does; off: every Hessian from the unquantized model (one cache serves every method).
     sequential: bool = False
+    # After the layer-wise quantization: the codes fixed, the float tensors (codebooks, scales)
+    # tuned end to end against the unquantized model on the calibration windows (finetune.py).
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     options: SerializeAsAny[MethodConfig] | None = None
 
     @model_validator(mode="before")
@@ -83,6 +87,14 @@ class QuantizeConfig(BaseModel):
         if most is not None and self.groups > most:
             raise ValueError(f"method {self.method!r} takes --groups up to {most}: "
                              f"{type(self.options).max_groups_reason}")
+        if self.finetune.steps:
+            from gq_kernels.registry import get_format
+
+            if not get_format(self.format).Result.tunable:
+                tunable = [n for n in method_names() if get_format(get_method(n).config.format).Result.tunable]
+                raise ValueError(f"--finetune-steps tunes each layer's float tensors with its codes fixed, and "
+                                 f"{self.method!r} writes {self.format!r}, which has none that may change; it "
+                                 f"applies to {', '.join(tunable)}")
         if self.sequential and "hessian" not in self.needs():
             seq = [n for n in method_names() if "hessian" in get_method(n).config.needs]
             raise ValueError(f"--sequential changes the layer Hessians, which {self.method!r} does not use; "
@@ -114,5 +126,7 @@ class QuantizeConfig(BaseModel):
         """Common fields and the method's options in one flat dict (calibration nested)."""
         out = {"method": self.method, **self.options.model_dump(), "guided": self.guided, "groups": self.groups,
                "sequential": self.sequential}
+        if self.finetune.steps:
+            out["finetune"] = self.finetune.model_dump()
         out["calibration"] = self.calibration.model_dump()
         return out

@@ -67,7 +67,8 @@ def check_groups(linears: dict[str, torch.nn.Linear], groups: int) -> None:
 
 def _run_dir(out_dir: Path, qconfig: QuantizeConfig, model_hash: str, data_hash: str) -> Path:
     """Where per-layer results of an unfinished run live, keyed by everything that decides them."""
-    key = json.dumps([qconfig.model_dump(), model_hash, data_hash], sort_keys=True)
+    # The fine-tune runs after every layer is done: its settings do not decide the layers.
+    key = json.dumps([qconfig.model_dump(exclude={"finetune"}), model_hash, data_hash], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return out_dir.parent / f".{out_dir.name}.partial-{digest}"
 
@@ -231,6 +232,9 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise QuantizeError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    if qconfig.finetune.steps and streamed:
+        raise QuantizeError("--finetune-steps trains the whole quantized model against the unquantized one in "
+                            "memory; it cannot run with --streamed (drop one of them)")
     validate_model_dir(model_dir)
     timings: dict[str, float] = {}
 
@@ -256,7 +260,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     t0 = time.perf_counter()
     cache, windows_hash = None, "none"  # RTN reads no calibration data
     needs = qconfig.needs()
-    if needs:
+    if needs or qconfig.finetune.steps:
         windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed,
                                       cache_root)
         windows_hash = data_hash(windows)
@@ -312,6 +316,17 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         results[name], objectives[name] = result, objective
     timings["quantize_s"] = time.perf_counter() - t0
 
+    finetuned = None
+    if qconfig.finetune.steps:
+        from gq_quantize.finetune import finetune_results
+
+        t0 = time.perf_counter()
+        try:
+            results, finetuned = finetune_results(model, results, windows, qconfig.finetune, progress)
+        except ValueError as e:
+            raise QuantizeError(str(e)) from None
+        timings["finetune_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     del model
     extra = {
@@ -321,6 +336,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         "objectives": objectives,
         "timings": timings,
     }
+    if finetuned is not None:
+        extra["finetune"] = finetuned
     export_checkpoint(model_dir, results, qconfig, out_dir, manifest_extra=extra, overwrite=overwrite)
     timings["export_s"] = time.perf_counter() - t0
     shutil.rmtree(run_dir, ignore_errors=True)

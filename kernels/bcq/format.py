@@ -45,6 +45,7 @@ class UniformQuant(QuantResult):
     group_size: int = -1
 
     format: ClassVar[str] = NAME
+    tunable: ClassVar[tuple[str, ...]] = ("scales", "offsets")
 
     def params(self) -> BcqParams:
         return BcqParams(bits=self.bits, group_size=self.group_size)

@@ -34,6 +34,7 @@ class LutQuant(QuantResult):
     bits: int
 
     format: ClassVar[str] = NAME
+    tunable: ClassVar[tuple[str, ...]] = ("codebook",)
 
     def params(self) -> LutParams:
         return LutParams(bits=self.bits)

@@ -1,0 +1,118 @@
+"""End-to-end fine-tuning of the quantized layers' continuous tensors (``gq quantize --finetune-steps``).
+
+The layer-wise objectives (GuidedQuant's included) see one linear at a time. After every linear is
+quantized, this step keeps each layer's integer part (its codes) and trains the float tensors its
+result class lists as ``tunable`` (``lut``: the per-row codebooks) with Adam, so that the quantized
+model's next-token distributions match the unquantized model's on the calibration windows:
+
+    loss = mean over tokens of KL(p_fp(. | prefix) || p_q(. | prefix))
+
+The calibration windows are the only data it reads; the unquantized model is the teacher. The
+tuned tensors are rounded back to their stored dtype (fp16 codebooks) at the end. It holds a second
+copy of the model (the student) and one batch of logits of both: a whole-model, in-memory step.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+
+from gq_kernels.format import QuantResult
+
+
+class FinetuneConfig(BaseModel):
+    """How long and how fast; ``steps = 0`` skips the step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(0, ge=0)
+    lr: float = Field(3e-4, gt=0)
+    batch: int = Field(2, ge=1)  # calibration windows per step
+    seed: int = 0
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student); logits [..., vocab] -> scalar (float32)."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+class _Tuned(nn.Module):
+    """A quantized linear whose tunable tensors are parameters: y = x W(result)^T + b, where W is the
+    result's own ``dequantize`` (differentiable in those tensors)."""
+
+    def __init__(self, result: QuantResult, bias: torch.Tensor | None):
+        super().__init__()
+        self.result = result
+        self.tuned = nn.ParameterDict({n: nn.Parameter(getattr(result, n).float()) for n in type(result).tunable})
+        self.bias = None if bias is None else bias.detach()
+
+    def weight(self) -> torch.Tensor:
+        return dataclasses.replace(self.result, **dict(self.tuned), stats={}).dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), self.bias)
+
+    def tuned_result(self) -> QuantResult:
+        values = {n: p.detach().to(getattr(self.result, n).dtype) for n, p in self.tuned.items()}
+        return dataclasses.replace(self.result, **values)
+
+
+def check_tunable(results: dict[str, QuantResult]) -> None:
+    """Refuse results with nothing to tune, naming the format and what to do."""
+    fixed = sorted({type(r).format for r in results.values() if not type(r).tunable})
+    if fixed:
+        raise ValueError(f"--finetune-steps tunes the float tensors of each quantized layer, and the "
+                         f"{', '.join(fixed)} format has none that may change; use a method that writes "
+                         f"lut (lnq, squeezellm) or drop --finetune-steps")
+
+
+def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows: torch.Tensor, cfg: FinetuneConfig,
+                     progress: bool = True) -> tuple[dict[str, QuantResult], dict]:
+    """Tune ``results`` (linear name -> result of ``model``'s linear of that name) against ``model``
+    (the unquantized teacher, left unchanged) on ``windows`` (LongTensor [n, seq]).
+
+    Returns the tuned results and stats: steps, lr, batch, the KL of the first and last ten steps
+    (means), seconds."""
+    check_tunable(results)
+    t0 = time.perf_counter()
+    student = copy.deepcopy(model)
+    student.requires_grad_(False)
+    tuned: dict[str, _Tuned] = {}
+    for name, result in results.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = student.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        device = lin.weight.device
+        tuned[name] = _Tuned(result.to(device), lin.bias)
+        setattr(parent, child, tuned[name])
+    params = [p for t in tuned.values() for p in t.tuned.values()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress, file=sys.stderr)
+    for _ in bar:
+        batch = windows[torch.randint(0, windows.shape[0], (cfg.batch,), generator=gen)].to(device)
+        with torch.no_grad():
+            teacher = model(batch).logits
+        loss = token_kl(student(batch).logits, teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
+    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
+             "kl_first10": sum(losses[:10]) / max(1, len(losses[:10])),
+             "kl_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+             "seconds": round(time.perf_counter() - t0, 1)}
+    return out, stats

@@ -1,0 +1,86 @@
+"""`gq quantize --finetune-steps`: the codes fixed, codebooks / scales tuned end to end (quantize/finetune.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gq_kernels.lut.format import LutQuant
+from gq_serve.checkpoint import load_quantized_model
+from gq_serve.cli import main
+from gq_quantize.finetune import finetune_results, token_kl
+from gq_kernels.packing import unpack_bitplanes
+from test_pipeline_cli import cache, quantize_args  # noqa: F401  (fixture)
+
+
+def test_token_kl_is_the_mean_kl_per_token():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    want = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / 10
+    assert torch.allclose(token_kl(s, t), want)
+    assert float(token_kl(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _lut_results(model, bits=2, seed=0):
+    """Round-to-nearest lut results of every decoder linear: codes and per-row codebooks."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            w = mod.weight.detach()
+            lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+            levels = lo + (hi - lo) * torch.linspace(0, 1, 1 << bits)[None]
+            codes = (w[:, :, None] - levels[:, None, :]).abs().argmin(-1).to(torch.uint8)
+            noisy = levels + 0.3 * (hi - lo) * torch.randn(levels.shape, generator=g) / (1 << bits)
+            out[name] = LutQuant(codes=codes, codebook=noisy.half(), bits=bits)
+    return out
+
+
+def test_finetune_lowers_the_kl_and_keeps_the_codes(tiny_lm):
+    model = tiny_lm[0]
+    torch.manual_seed(0)
+    results = _lut_results(model)
+    windows = torch.randint(0, model.config.vocab_size, (8, 16))
+    from gq_quantize.finetune import FinetuneConfig
+
+    before = {n: r.codebook.clone() for n, r in results.items()}
+    tuned, stats = finetune_results(model, results, windows, FinetuneConfig(steps=40, lr=3e-3, batch=4),
+                                    progress=False)
+    assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
+    for n, r in tuned.items():
+        assert torch.equal(r.codes, results[n].codes) and r.codebook.dtype == torch.float16
+        assert not torch.equal(r.codebook, before[n])
+    assert all(p.grad is None for p in model.parameters())  # the teacher is left as it was
+
+
+def test_gq_quantize_finetune_writes_the_tuned_codebooks(tiny_lm_dir, corpus, cache, tmp_path):  # noqa: F811
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    base = ["--method", "lnq", "--bits", "2"]
+    assert main(quantize_args(cache, tiny_lm_dir, corpus, plain, *base)) == 0
+    assert main(quantize_args(cache, tiny_lm_dir, corpus, tuned, *base, "--finetune-steps", "6",
+                              "--finetune-lr", "1e-3")) == 0
+    qc = json.loads((tuned / "config.json").read_text())["quantization_config"]
+    assert qc["finetune"] == {"steps": 6, "lr": 1e-3, "batch": 2, "seed": 0}
+    manifest = json.loads((tuned / "gq_manifest.json").read_text())
+    assert manifest["finetune"]["steps"] == 6 and manifest["timings"]["finetune_s"] > 0
+    a, b = load_quantized_model(plain), load_quantized_model(tuned)
+    la, lb = a.model.layers[0].mlp.down_proj, b.model.layers[0].mlp.down_proj
+    # the same codes (the layer-wise quantization is deterministic), other codebooks
+    assert torch.equal(unpack_bitplanes(la.qweight, la.in_features), unpack_bitplanes(lb.qweight, lb.in_features))
+    assert not torch.equal(la.codebook, lb.codebook)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "qtip", "--bits", "2", "--finetune-steps", "3"], ["--finetune-steps", "'trellis'", "lnq"]),
+    (["--method", "lnq", "--bits", "2", "--finetune-steps", "3", "--finetune-lr", "0"], ["--finetune-lr"]),
+    (["--method", "lnq", "--bits", "2", "--finetune-steps", "-1"], ["--finetune-steps"]),
+    (["--method", "lnq", "--bits", "2", "--finetune-steps", "3", "--streamed"], ["--streamed"]),
+])
+def test_bad_finetune_options_are_refused(tiny_lm_dir, corpus, cache, tmp_path, capsys, extra, needles):  # noqa: F811
+    assert main(quantize_args(cache, tiny_lm_dir, corpus, tmp_path / "o", *extra)) != 0
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "o").exists()
