@@ -213,6 +213,23 @@ def gated_server(tiny_lm_dir):
     srv.stop()
 
 
+def trellis_random_layer(m: int, n: int, bits: int, code: str, seed: int = 0, blocks: int = 1, device: str = "cpu"):
+    """Random packed tensors of a valid trellis linear (any stream is a valid circular chain) and
+    its format params."""
+    from gq_kernels.hadamard import random_signs
+    from gq_kernels.registry import get_format
+    from gq_kernels.trellis.codes import default_tlut
+
+    g = _torch.Generator().manual_seed(seed)
+    words = _torch.randint(-32768, 32768, ((m // 16) * (n // 16), 16 * bits), generator=g, dtype=_torch.int32)
+    t = {"trellis": words.to(_torch.int16), "SU": random_signs(n, g).half(), "SV": random_signs(m, g).half(),
+         "Wscale": _torch.tensor([0.05])}
+    if code == "hyb":
+        t["tlut"] = default_tlut()
+    params = get_format("trellis").params(bits=bits, trellis_code=code, out_rht_blocks=blocks)
+    return {k: v.to(device) for k, v in t.items()}, params
+
+
 def greedy_tokens(model, prompt_ids: list[int], n: int) -> list[int]:
     """n greedy tokens of a plain HF model, one full forward per token (no cache, no EOS stop):
     the reference every engine's greedy output is compared with."""

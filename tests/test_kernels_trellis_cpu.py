@@ -18,7 +18,7 @@ from gq_kernels.format import LinearSpec
 from gq_kernels.hadamard import random_signs
 from gq_kernels.registry import choose_kernel, get_format, kernels
 from gq_kernels.trellis import reference as ref
-from gq_kernels.trellis.codes import VALUES_PER_STATE, code_table, default_tlut
+from gq_kernels.trellis.codes import VALUES_PER_STATE, code_table
 from gq_kernels.trellis.cpu import CODE_IDS
 
 NO_TOOLCHAIN = build.find_compiler() is None or not build.sys.platform.startswith("linux")
@@ -36,14 +36,7 @@ def kernel_class(isa: str):
     return cls
 
 
-def random_layer(m, n, bits, code, seed=0, blocks=1):
-    g = torch.Generator().manual_seed(seed)
-    words = torch.randint(-32768, 32768, ((m // 16) * (n // 16), 16 * bits), generator=g, dtype=torch.int32)
-    t = {"trellis": words.to(torch.int16), "SU": random_signs(n, g).half(), "SV": random_signs(m, g).half(),
-         "Wscale": torch.tensor([0.05])}
-    if code == "hyb":
-        t["tlut"] = default_tlut()
-    return t, get_format("trellis").params(bits=bits, trellis_code=code, out_rht_blocks=blocks)
+from conftest import trellis_random_layer as random_layer  # noqa: E402
 
 
 def op(x, t, code, bits, m, isa, code_id=None):

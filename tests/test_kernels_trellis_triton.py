@@ -20,23 +20,16 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from gq_kernels.registry import get_format  # noqa: E402
 from gq_kernels.trellis import reference as ref  # noqa: E402
-from gq_kernels.trellis.codes import default_tlut  # noqa: E402
-from gq_kernels.hadamard import hadamard_transform, random_signs  # noqa: E402
+from gq_kernels.hadamard import hadamard_transform  # noqa: E402
 from gq_kernels.trellis.triton_kernels import trellis_dequantize_code, trellis_gemv_code  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 
+from conftest import trellis_random_layer  # noqa: E402
+
 
 def random_layer(m, n, bits, code, seed=0, blocks=1):
-    """Random packed tensors of a valid trellis linear (any stream is a valid circular chain)."""
-    g = torch.Generator().manual_seed(seed)
-    words = torch.randint(-32768, 32768, ((m // 16) * (n // 16), 16 * bits), generator=g, dtype=torch.int32)
-    t = {"trellis": words.to(torch.int16), "SU": random_signs(n, g).half(), "SV": random_signs(m, g).half(),
-         "Wscale": torch.tensor([0.05])}
-    if code == "hyb":
-        t["tlut"] = default_tlut()
-    params = get_format("trellis").params(bits=bits, trellis_code=code, out_rht_blocks=blocks)
-    return {k: v.to(DEV) for k, v in t.items()}, params
+    return trellis_random_layer(m, n, bits, code, seed, blocks, DEV)
 
 
 @pytest.mark.parametrize("bits,code", list(itertools.product((2, 3, 4), ("hyb", "1mad", "3inst"))))

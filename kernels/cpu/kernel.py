@@ -29,12 +29,16 @@ TILE_BYTES = 4 << 20  # csrc/ops.cpp kTileBytes
 ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
-class BitplaneCpuKernel(LinearKernel):
-    """One variant (``isa``) of a format's CPU kernel. Subclasses set ``name``, ``formats``,
-    ``isa`` and implement ``prepare`` (returning ``qweight`` plus ``table`` or ``scales`` and
-    ``offsets``); ``group_size`` is read from the layer's params when it has one."""
+class CpuKernel(LinearKernel):
+    """A kernel of the CPU extension, one class per instruction-set variant (``isa``): it serves
+    on the CPU when the CPU runs that variant and the extension builds (the reason when not)."""
 
     isa: ClassVar[str]
+
+    @classmethod
+    def layer_ok(cls, layer) -> tuple[bool, str | None]:
+        """What the variant needs of the layer beyond its format (default: nothing)."""
+        return True, None
 
     @classmethod
     def can_implement(cls, layer, device, dtype, rows=None):
@@ -43,12 +47,25 @@ class BitplaneCpuKernel(LinearKernel):
             return ok, why
         if torch.device(device).type != "cpu":
             return False, f"needs the CPU, got {torch.device(device).type}"
-        if not 1 <= layer.params.bits <= MAX_BITS:
-            return False, f"serves 1..{MAX_BITS} bits (a 2^bits table in one SIMD register), got {layer.params.bits}"
+        ok, why = cls.layer_ok(layer)
+        if not ok:
+            return False, why
         ok, why = features.isa_support(cls.isa)
         if not ok:
             return False, why
         return build.status()  # builds the extension on first use; (False, why) when it cannot
+
+
+class BitplaneCpuKernel(CpuKernel):
+    """One variant (``isa``) of a format's CPU kernel. Subclasses set ``name``, ``formats``,
+    ``isa`` and implement ``prepare`` (returning ``qweight`` plus ``table`` or ``scales`` and
+    ``offsets``); ``group_size`` is read from the layer's params when it has one."""
+
+    @classmethod
+    def layer_ok(cls, layer):
+        if not 1 <= layer.params.bits <= MAX_BITS:
+            return False, f"serves 1..{MAX_BITS} bits (a 2^bits table in one SIMD register), got {layer.params.bits}"
+        return True, None
 
     @property
     def isa_code(self) -> int:

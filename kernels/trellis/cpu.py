@@ -12,13 +12,10 @@ layer with the same code and LUT.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar
-
 import torch
 
-from gq_kernels.cpu import build, features
-from gq_kernels.cpu.kernel import ISA_CODES
-from gq_kernels.kernel import LinearKernel, n_rows
+from gq_kernels.cpu.kernel import ISA_CODES, CpuKernel
+from gq_kernels.kernel import n_rows
 from gq_kernels.hadamard import hadamard_factor, hadamard_k
 from gq_kernels.trellis.codes import code_table
 from gq_kernels.trellis.format import NAME
@@ -33,23 +30,10 @@ def _state_table(code: str, tlut_bytes: bytes | None) -> torch.Tensor:
     return code_table(code, tlut).contiguous()
 
 
-class TrellisCpuKernel(LinearKernel):
+class TrellisCpuKernel(CpuKernel):
     """One variant (``isa``) of the CPU trellis kernel."""
 
     formats = (NAME,)
-    isa: ClassVar[str]
-
-    @classmethod
-    def can_implement(cls, layer, device, dtype, rows=None):
-        ok, why = super().can_implement(layer, device, dtype, rows)
-        if not ok:
-            return ok, why
-        if torch.device(device).type != "cpu":
-            return False, f"needs the CPU, got {torch.device(device).type}"
-        ok, why = features.isa_support(cls.isa)
-        if not ok:
-            return False, why
-        return build.status()
 
     def path(self, x):
         return f"{self.name}:{'gemv' if n_rows(x) <= GEMV_MAX_ROWS else 'tiled'}"
