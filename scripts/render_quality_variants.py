@@ -29,6 +29,7 @@ LABELS = {
     "lnq-seq": "LNQ, sequential",
     "lnq-gq4": "LNQ + GuidedQuant g=4, cached Hessians",
     "lnq-gq4-seq": "LNQ + GuidedQuant g=4, sequential",
+    "lnq-gq4-ft60": "LNQ + GuidedQuant g=4, cached Hessians, then 60 fine-tuning steps (`--finetune-steps 60`)",
     "w4a4-rtn": "W4A4KV4 RTN, no rotation (norms fused)",
     "w4a4-gptq": "W4A4KV4 GPTQ, no rotation",
     "w4a4-quarot": "W4A4KV4 GPTQ, random Hadamard R1/R2 (QuaRot-style)",
@@ -153,7 +154,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
     blocks = {
         "gptq_variants": variants_table(rows, SMOL, ["fp16"] + gptq, [3], TEXTS, ["last32x512", "last16x512"],
                                         extra_rows=[compressor]),
-        "lnq_sequential": variants_table(rows, SMOL, ["fp16", "lnq", "lnq-seq", "lnq-gq4", "lnq-gq4-seq"], [3, 4],
+        "lnq_sequential": variants_table(rows, SMOL, ["fp16", "lnq", "lnq-seq", "lnq-gq4", "lnq-gq4-seq", "lnq-gq4-ft60"],
+                                         [3, 4],
                                          TEXTS, ["last32x512", "last16x512"]),
         "second_arch": variants_table(rows, GEMMA, ["fp16", "gptq-seq-act-mse", "lnq", "lnq-gq4", "lnq-gq4-seq"],
                                       [3, 4], TEXTS, ["last16x512"]),

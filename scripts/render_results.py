@@ -86,17 +86,19 @@ def cpu_isa(flags: list[str] | None) -> str:
 
 
 def e2e_table(rows: list[dict]) -> str:
-    lines = ["| device | CPU ISA | engine | model | format | bits | lm_head | batch | new tokens | tok/s | baseline | "
-             "baseline tok/s | ratio | RSS MiB | baseline RSS MiB | date |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | CPU ISA | engine | model | format | bits | kernels | decode | lm_head | batch | new tokens | "
+             "tok/s | baseline | baseline tok/s | ratio | RSS MiB | baseline RSS MiB | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def mib(x) -> str:
         return "–" if x is None else f"{x:.0f}"
 
     for r in rows:
         model = r.get("model", "SmolLM2-135M-Instruct").replace(" (random weights)", " (random)")
+        kernels = ", ".join(sorted(r.get("kernels") or {})) or "–"
         lines.append(f"| {r['device']} | {cpu_isa(r.get('cpu_flags'))} | {r['engine']} | {model} | {r['format']} | "
-                     f"{r['bits']} | {r.get('head', 'model')} | {r['batch']} | {r['new_tokens']} | {r['tok_s']:.1f} | "
+                     f"{r['bits']} | {kernels} | {r.get('decode') or '–'} | {r.get('head', 'model')} | {r['batch']} | "
+                     f"{r['new_tokens']} | {r['tok_s']:.1f} | "
                      f"{r.get('baseline', 'fp16')} | {r['fp16_tok_s']:.1f} | {r['ratio']:.2f} | "
                      f"{mib(r.get('rss_mb'))} | {mib(r.get('baseline_rss_mb'))} | {r.get('date', '–')} |")
     return "\n".join(lines)
