@@ -55,9 +55,12 @@ def test_finetune_lowers_the_kl_and_keeps_the_codes(tiny_lm):
     assert all(p.grad is None for p in model.parameters())  # the teacher is left as it was
 
 
-def test_gq_quantize_finetune_writes_the_tuned_codebooks(tiny_lm_dir, corpus, cache, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("base, tunable", [
+    (["--method", "lnq", "--bits", "2"], "codebook"),
+    (["--method", "gptq", "--bits", "3", "--group-size", "16"], "scales"),
+], ids=["lnq", "gptq"])
+def test_gq_quantize_finetune_writes_the_tuned_tensors(tiny_lm_dir, corpus, cache, tmp_path, base, tunable):  # noqa: F811
     plain, tuned = tmp_path / "plain", tmp_path / "tuned"
-    base = ["--method", "lnq", "--bits", "2"]
     assert main(quantize_args(cache, tiny_lm_dir, corpus, plain, *base)) == 0
     assert main(quantize_args(cache, tiny_lm_dir, corpus, tuned, *base, "--finetune-steps", "6",
                               "--finetune-lr", "1e-3")) == 0
@@ -67,9 +70,9 @@ def test_gq_quantize_finetune_writes_the_tuned_codebooks(tiny_lm_dir, corpus, ca
     assert manifest["finetune"]["steps"] == 6 and manifest["timings"]["finetune_s"] > 0
     a, b = load_quantized_model(plain), load_quantized_model(tuned)
     la, lb = a.model.layers[0].mlp.down_proj, b.model.layers[0].mlp.down_proj
-    # the same codes (the layer-wise quantization is deterministic), other codebooks
+    # the same codes (the layer-wise quantization is deterministic), other codebooks / scales
     assert torch.equal(unpack_bitplanes(la.qweight, la.in_features), unpack_bitplanes(lb.qweight, lb.in_features))
-    assert not torch.equal(la.codebook, lb.codebook)
+    assert not torch.equal(getattr(la, tunable), getattr(lb, tunable))
 
 
 @pytest.mark.parametrize("extra, needles", [
