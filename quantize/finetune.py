@@ -72,7 +72,7 @@ def check_tunable(results: dict[str, QuantResult]) -> None:
     if fixed:
         raise ValueError(f"--finetune-steps tunes the float tensors of each quantized layer, and the "
                          f"{', '.join(fixed)} format has none that may change; use a method that writes "
-                         f"lut (lnq, squeezellm) or drop --finetune-steps")
+                         f"lut (lnq, squeezellm) or bcq (gptq, rtn), or drop --finetune-steps")
 
 
 def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows: torch.Tensor, cfg: FinetuneConfig,
