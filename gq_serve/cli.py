@@ -113,7 +113,8 @@ def cmd_quantize(args) -> int:
 
     options = {n: getattr(args, n) for n in _method_options() if getattr(args, n) is not None}
     try:
-        finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, batch=args.finetune_batch)
+        finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, batch=args.finetune_batch,
+                                  windows=args.finetune_windows, precision=args.finetune_precision)
     except ValidationError as e:
         raise CliError("; ".join(f"--finetune-{err['loc'][-1]}: {err['msg']}" for err in e.errors())) from None
     try:
@@ -536,6 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "calibration windows (lut and bcq methods; 0: off)")
     sq.add_argument("--finetune-lr", type=float, default=3e-4, help="Adam learning rate of --finetune-steps")
     sq.add_argument("--finetune-batch", type=int, default=2, help="calibration windows per --finetune-steps step")
+    sq.add_argument("--finetune-windows", type=int, default=0,
+                    help="windows of --seq-len drawn from --calib for the fine-tune (0: the --n-samples windows "
+                         "of the Hessians); more windows let more steps help beyond the calibration text")
+    sq.add_argument("--finetune-precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype of the fine-tune's forwards and backward (auto: bfloat16 where the GPU or "
+                         "CPU multiplies it in hardware, else float32); the tuned tensors stay float32")
     sq.add_argument("--calib", default="sotu", help="calibration corpus (sotu, brown:calib, a path, hf:NAME...)")
     sq.add_argument("--n-samples", type=int, default=32)
     sq.add_argument("--seq-len", type=int, default=512)

@@ -10,13 +10,20 @@ model's next-token distributions match the unquantized model's on the calibratio
 The calibration windows are the only data it reads; the unquantized model is the teacher. The
 tuned tensors are rounded back to their stored dtype (fp16 codebooks) at the end. It holds a second
 copy of the model (the student) and one batch of logits of both: a whole-model, in-memory step.
+
+``precision="auto"`` runs both forwards and the backward under bfloat16 autocast where the hardware
+has bfloat16 matrix units (CUDA, or a CPU whose oneDNN reports bf16 support), keeping the tuned
+tensors, Adam's state and the loss in float32: the step is matmul-bound, and bf16 matmuls are several
+times faster there (docs/results.md). Elsewhere bf16 would be emulated and slower, so it stays float32.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import sys
+import contextlib
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +42,25 @@ class FinetuneConfig(BaseModel):
     steps: int = Field(0, ge=0)
     lr: float = Field(3e-4, gt=0)
     batch: int = Field(2, ge=1)  # calibration windows per step
+    # windows drawn from the calibration corpus for the fine-tune; 0: the Hessians' n_samples windows.
+    # A few dozen windows revisited for hundreds of steps fit those windows rather than the corpus.
+    windows: int = Field(0, ge=0)
     seed: int = 0
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (CUDA; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of the forwards and backward: ``auto`` is bfloat16 where it is fast."""
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    return getattr(torch, precision)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -80,7 +105,7 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
     """Tune ``results`` (linear name -> result of ``model``'s linear of that name) against ``model``
     (the unquantized teacher, left unchanged) on ``windows`` (LongTensor [n, seq]).
 
-    Returns the tuned results and stats: steps, lr, batch, the KL of the first and last ten steps
+    Returns the tuned results and stats: steps, lr, batch, windows, the compute dtype, the KL of the first and last ten steps
     (means), seconds."""
     check_tunable(results)
     t0 = time.perf_counter()
@@ -98,20 +123,29 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
+    dtype = resolve_precision(cfg.precision, device)
+
+    def compute():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
     losses = []
     bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress, file=sys.stderr)
     for _ in bar:
         batch = windows[torch.randint(0, windows.shape[0], (cfg.batch,), generator=gen)].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), compute():
             teacher = model(batch).logits
-        loss = token_kl(student(batch).logits, teacher)
+        with compute():
+            logits = student(batch).logits
+        loss = token_kl(logits, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
-    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch,
+    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "windows": int(windows.shape[0]), "dtype": str(dtype).removeprefix("torch."),
              "kl_first10": sum(losses[:10]) / max(1, len(losses[:10])),
              "kl_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
              "seconds": round(time.perf_counter() - t0, 1)}

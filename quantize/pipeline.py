@@ -322,7 +322,11 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
 
         t0 = time.perf_counter()
         try:
-            results, finetuned = finetune_results(model, results, windows, qconfig.finetune, progress)
+            ft_windows = windows
+            if qconfig.finetune.windows:
+                ft_windows = calibration_windows(tokenizer, calib.data, qconfig.finetune.windows, calib.seq_len,
+                                                 calib.seed, cache_root)
+            results, finetuned = finetune_results(model, results, ft_windows, qconfig.finetune, progress)
         except ValueError as e:
             raise QuantizeError(str(e)) from None
         timings["finetune_s"] = time.perf_counter() - t0

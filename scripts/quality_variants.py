@@ -59,7 +59,10 @@ VARIANTS: dict[str, dict] = {
     "lnq-gq4": dict(method="lnq", guided=True, groups=4),
     "lnq-gq4-seq": dict(method="lnq", guided=True, groups=4, sequential=True),
     # then the codebooks tuned end to end on the calibration windows (gq quantize --finetune-steps)
-    "lnq-gq4-ft60": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=60)),
+    "lnq-gq4-ft60": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=60, precision="float32")),
+    # the same in bfloat16 autocast (the default where the hardware has it), then longer
+    "lnq-gq4-ft60-bf16": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=60, precision="bfloat16")),
+    "lnq-gq4-ft200": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=200)),
     # W4A4KV4 (issue 11): ``rotation`` is the `gq rotate` mode the model goes through first (norms
     # fused and lm_head untied in every mode); weights 4-bit, activations 4-bit, KV cache 4-bit.
     "w4a4-rtn": dict(method="spinquant", rtn=True, rotation="none"),

@@ -65,9 +65,10 @@ def test_gq_quantize_finetune_writes_the_tuned_tensors(tiny_lm_dir, corpus, cach
     assert main(quantize_args(cache, tiny_lm_dir, corpus, tuned, *base, "--finetune-steps", "6",
                               "--finetune-lr", "1e-3")) == 0
     qc = json.loads((tuned / "config.json").read_text())["quantization_config"]
-    assert qc["finetune"] == {"steps": 6, "lr": 1e-3, "batch": 2, "seed": 0}
+    assert qc["finetune"] == {"steps": 6, "lr": 1e-3, "batch": 2, "windows": 0, "seed": 0, "precision": "auto"}
     manifest = json.loads((tuned / "gq_manifest.json").read_text())
     assert manifest["finetune"]["steps"] == 6 and manifest["timings"]["finetune_s"] > 0
+    assert manifest["finetune"]["windows"] == manifest["calibration"]["n_samples"]
     a, b = load_quantized_model(plain), load_quantized_model(tuned)
     la, lb = a.model.layers[0].mlp.down_proj, b.model.layers[0].mlp.down_proj
     # the same codes (the layer-wise quantization is deterministic), other codebooks / scales
@@ -80,6 +81,8 @@ def test_gq_quantize_finetune_writes_the_tuned_tensors(tiny_lm_dir, corpus, cach
     (["--method", "lnq", "--bits", "2", "--finetune-steps", "3", "--finetune-lr", "0"], ["--finetune-lr"]),
     (["--method", "lnq", "--bits", "2", "--finetune-steps", "-1"], ["--finetune-steps"]),
     (["--method", "lnq", "--bits", "2", "--finetune-steps", "3", "--streamed"], ["--streamed"]),
+    (["--method", "lnq", "--bits", "2", "--finetune-steps", "3", "--finetune-windows", "100000"],
+     ["fewer than n*seq_len", "100000"]),
 ])
 def test_bad_finetune_options_are_refused(tiny_lm_dir, corpus, cache, tmp_path, capsys, extra, needles):  # noqa: F811
     assert main(quantize_args(cache, tiny_lm_dir, corpus, tmp_path / "o", *extra)) != 0
@@ -87,3 +90,37 @@ def test_bad_finetune_options_are_refused(tiny_lm_dir, corpus, cache, tmp_path, 
     for needle in needles:
         assert needle in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_in_bfloat16_lowers_the_kl_and_reports_its_dtype(tiny_lm):
+    from gq_quantize.finetune import FinetuneConfig
+
+    model = tiny_lm[0]
+    torch.manual_seed(0)
+    results = _lut_results(model)
+    windows = torch.randint(0, model.config.vocab_size, (8, 16))
+    tuned, stats = finetune_results(model, results, windows,
+                                    FinetuneConfig(steps=40, lr=3e-3, batch=4, precision="bfloat16"), progress=False)
+    assert stats["dtype"] == "bfloat16" and stats["windows"] == 8
+    assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
+    assert all(r.codebook.dtype == torch.float16 for r in tuned.values())
+
+
+def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch):
+    from gq_quantize import finetune
+
+    cpu = torch.device("cpu")
+    assert finetune.resolve_precision("float32", cpu) == torch.float32
+    assert finetune.resolve_precision("bfloat16", cpu) == torch.bfloat16
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(finetune, "bf16_is_fast", lambda device, fast=fast: fast)
+        assert finetune.resolve_precision("auto", cpu) == want
+
+
+def test_finetune_windows_draws_its_own_windows(tiny_lm_dir, corpus, cache, tmp_path):  # noqa: F811
+    out = tmp_path / "tuned"
+    assert main(quantize_args(cache, tiny_lm_dir, corpus, out, "--method", "lnq", "--bits", "2",
+                              "--finetune-steps", "3", "--finetune-windows", "5", "--finetune-precision",
+                              "float32")) == 0
+    manifest = json.loads((out / "gq_manifest.json").read_text())
+    assert manifest["finetune"]["windows"] == 5 and manifest["finetune"]["dtype"] == "float32"
