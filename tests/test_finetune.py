@@ -124,3 +124,20 @@ def test_finetune_windows_draws_its_own_windows(tiny_lm_dir, corpus, cache, tmp_
                               "float32")) == 0
     manifest = json.loads((out / "gq_manifest.json").read_text())
     assert manifest["finetune"]["windows"] == 5 and manifest["finetune"]["dtype"] == "float32"
+
+
+def test_finetune_step_benchmark_writes_both_precisions(tiny_lm_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ft.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "finetune_step.py"), "--model", str(tiny_lm_dir),
+                    "--steps", "1", "--seq-len", "16", "--out", str(out)], check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in data["rows"]}
+    assert rows["float32"]["speedup_vs_float32"] == 1.0 and rows["bfloat16"]["dtype"] == "bfloat16"
+    assert rows["bfloat16"]["seconds_per_step"] > 0
+    # the same start: the first-step KLs differ only by bf16 rounding
+    assert rows["bfloat16"]["kl_first"] == pytest.approx(rows["float32"]["kl_first"], rel=0.1)
