@@ -42,7 +42,7 @@ def time_steps(model, results, windows, precision: str, steps: int, batch: int) 
     cfg = FinetuneConfig(steps=1, batch=batch, precision=precision)
     finetune_results(model, results, windows, cfg, progress=False)  # warm-up (allocator, oneDNN primitives)
     t0 = time.perf_counter()
-    _, stats = finetune_results(model, results, windows, cfg.model_copy(update={"steps": steps}), progress=False)
+    _, _, stats = finetune_results(model, results, windows, cfg.model_copy(update={"steps": steps}), progress=False)
     return {"precision": precision, "dtype": stats["dtype"], "steps": steps, "batch": batch,
             "seconds_per_step": round((time.perf_counter() - t0) / steps, 3), "kl_first": stats["kl_first10"]}
 

@@ -114,7 +114,8 @@ def cmd_quantize(args) -> int:
     options = {n: getattr(args, n) for n in _method_options() if getattr(args, n) is not None}
     try:
         finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, batch=args.finetune_batch,
-                                  windows=args.finetune_windows, precision=args.finetune_precision)
+                                  windows=args.finetune_windows, precision=args.finetune_precision,
+                                  norms=args.finetune_norms)
     except ValidationError as e:
         raise CliError("; ".join(f"--finetune-{err['loc'][-1]}: {err['msg']}" for err in e.errors())) from None
     try:
@@ -540,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--finetune-windows", type=int, default=0,
                     help="windows of --seq-len drawn from --calib for the fine-tune (0: the --n-samples windows "
                          "of the Hessians); more windows let more steps help beyond the calibration text")
+    sq.add_argument("--finetune-norms", action="store_true",
+                    help="also tune the RMSNorm / LayerNorm gains (written into the checkpoint in place of the "
+                         "source's)")
     sq.add_argument("--finetune-precision", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="compute dtype of the fine-tune's forwards and backward (auto: bfloat16 where the GPU or "
                          "CPU multiplies it in hardware, else float32); the tuned tensors stay float32")

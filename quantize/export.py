@@ -98,9 +98,10 @@ def _check_layer(name: str, q: QuantResult, params: FormatParams, shape: tuple[i
 # ----------------------------------------------------------------------------- writing
 def _tensor_stream(
     weight_map: dict[str, Path], quantized: dict[str, QuantResult], params: FormatParams,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: dict[str, tuple[int, ...]], tuned: dict[str, torch.Tensor],
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, loader) for every output tensor, in sorted name order; loaders read lazily."""
+    """(name, loader) for every output tensor, in sorted name order; loaders read lazily. A name in
+    ``tuned`` is written with that value in the source tensor's dtype."""
     replaced = {f"{m}.weight" for m in quantized}
     items: dict[str, Callable[[], torch.Tensor]] = {}
     for name, path in weight_map.items():
@@ -109,7 +110,10 @@ def _tensor_stream(
 
         def load(name=name, path=path) -> torch.Tensor:
             with safe_open(path, framework="pt") as fh:
-                return fh.get_tensor(name)
+                source = fh.get_tensor(name)
+            if name not in tuned:
+                return source
+            return tuned[name].detach().to("cpu", source.dtype).contiguous()
 
         items[name] = load
     fmt = get_format(params.format)
@@ -189,6 +193,7 @@ def _build(
     tmp: Path,
     manifest_extra: dict,
     max_shard_bytes: int,
+    tuned: dict[str, torch.Tensor],
 ) -> None:
     """Fill ``tmp`` with the complete checkpoint."""
     params = qconfig.format_params()
@@ -206,11 +211,20 @@ def _build(
         if f"{name}.weight" not in weight_map:
             raise ValueError(f"{name}.weight is not in the source checkpoint {source}; is the config the right one?")
         _check_layer(name, q, params, linears[name][:2])
+    for name, value in tuned.items():
+        if name not in weight_map or name in {f"{m}.weight" for m in quantized}:
+            raise ValueError(f"tuned tensor {name!r} is not a non-quantized tensor of {source}; tuned tensors "
+                             f"replace source tensors of the same name (e.g. 'model.norm.weight')")
+        with safe_open(weight_map[name], framework="pt") as fh:
+            shape = tuple(fh.get_slice(name).get_shape())
+        if tuple(value.shape) != shape:
+            raise ValueError(f"tuned tensor {name!r} has shape {tuple(value.shape)}, the source's is {shape}")
 
     qc = QuantizationConfig.for_export(params, sorted(set(linears) - set(quantized)), provenance=qconfig.flat())
     config["quantization_config"] = qc.to_dict()
 
-    st_map, tensor_sums = _write_shards(tmp, _tensor_stream(weight_map, quantized, params, linears), max_shard_bytes)
+    st_map, tensor_sums = _write_shards(tmp, _tensor_stream(weight_map, quantized, params, linears, tuned),
+                                     max_shard_bytes)
     files = sorted(set(st_map.values()))
     if len(files) > 1:
         total = sum((tmp / f).stat().st_size for f in files)
@@ -248,6 +262,7 @@ def export_checkpoint(
     manifest_extra: dict | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tuned: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a quantized HF checkpoint to ``out_dir`` atomically and return ``out_dir``.
 
@@ -262,6 +277,8 @@ def export_checkpoint(
             ``{"calibration": {"data_hash": ..., "model_hash": ...}, "objectives": {layer: value}}``.
         overwrite: replace an existing ``out_dir`` (only once the new checkpoint is complete).
         max_shard_bytes: safetensors shard size limit; above it shards + an index are written.
+        tuned: source tensor name -> a new value of the same shape (the norms ``--finetune-norms``
+            trained), written in the source's dtype instead of the source tensor.
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         ValueError / TypeError: a quantized layer does not fit the model or the config.
@@ -284,7 +301,7 @@ def export_checkpoint(
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _build(source, quantized, qconfig, tmp, manifest_extra, max_shard_bytes)
+        _build(source, quantized, qconfig, tmp, manifest_extra, max_shard_bytes, dict(tuned or {}))
         if out_dir.exists() and not overwrite:  # appeared while we were writing
             raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
         replace_dir(tmp, out_dir)

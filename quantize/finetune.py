@@ -47,6 +47,9 @@ class FinetuneConfig(BaseModel):
     windows: int = Field(0, ge=0)
     seed: int = 0
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # also tune the normalisation gains (RMSNorm / LayerNorm weights), written into the checkpoint in
+    # place of the source's: a per-input-channel scale the per-row codebooks cannot express
+    norms: bool = False
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -100,13 +103,21 @@ def check_tunable(results: dict[str, QuantResult]) -> None:
                          f"lut (lnq, squeezellm) or bcq (gptq, rtn), or drop --finetune-steps")
 
 
+def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The gains of every normalisation module (a class named ``*Norm``: RMSNorm, LayerNorm, Gemma's),
+    by state-dict name (``model.layers.0.input_layernorm.weight``)."""
+    return {f"{name}.weight": mod.weight for name, mod in model.named_modules()
+            if type(mod).__name__.endswith("Norm") and isinstance(getattr(mod, "weight", None), nn.Parameter)}
+
+
 def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows: torch.Tensor, cfg: FinetuneConfig,
-                     progress: bool = True) -> tuple[dict[str, QuantResult], dict]:
+                     progress: bool = True) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor], dict]:
     """Tune ``results`` (linear name -> result of ``model``'s linear of that name) against ``model``
     (the unquantized teacher, left unchanged) on ``windows`` (LongTensor [n, seq]).
 
-    Returns the tuned results and stats: steps, lr, batch, windows, the compute dtype, the KL of the first and last ten steps
-    (means), seconds."""
+    Returns the tuned results; the tuned norm gains (state-dict name -> float32 tensor; empty unless
+    ``cfg.norms``); stats: steps, lr, batch, windows, the compute dtype, the KL of the first and
+    last ten steps (means), seconds."""
     check_tunable(results)
     t0 = time.perf_counter()
     student = copy.deepcopy(model)
@@ -120,6 +131,10 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         tuned[name] = _Tuned(result.to(device), lin.bias)
         setattr(parent, child, tuned[name])
     params = [p for t in tuned.values() for p in t.tuned.values()]
+    norms = norm_weights(student) if cfg.norms else {}
+    for p in norms.values():
+        p.requires_grad_(True)
+    params += list(norms.values())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
@@ -145,8 +160,11 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
+    gains = {name: p.detach().float().cpu() for name, p in norms.items()}
     stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "windows": int(windows.shape[0]), "dtype": str(dtype).removeprefix("torch."),
              "kl_first10": sum(losses[:10]) / max(1, len(losses[:10])),
              "kl_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
              "seconds": round(time.perf_counter() - t0, 1)}
-    return out, stats
+    if cfg.norms:
+        stats["norms"] = len(gains)
+    return out, gains, stats

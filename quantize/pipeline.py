@@ -316,7 +316,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         results[name], objectives[name] = result, objective
     timings["quantize_s"] = time.perf_counter() - t0
 
-    finetuned = None
+    finetuned, tuned_tensors = None, {}
     if qconfig.finetune.steps:
         from gq_quantize.finetune import finetune_results
 
@@ -326,7 +326,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             if qconfig.finetune.windows:
                 ft_windows = calibration_windows(tokenizer, calib.data, qconfig.finetune.windows, calib.seq_len,
                                                  calib.seed, cache_root)
-            results, finetuned = finetune_results(model, results, ft_windows, qconfig.finetune, progress)
+            results, tuned_tensors, finetuned = finetune_results(model, results, ft_windows, qconfig.finetune,
+                                                                 progress)
         except ValueError as e:
             raise QuantizeError(str(e)) from None
         timings["finetune_s"] = time.perf_counter() - t0
@@ -342,7 +343,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     }
     if finetuned is not None:
         extra["finetune"] = finetuned
-    export_checkpoint(model_dir, results, qconfig, out_dir, manifest_extra=extra, overwrite=overwrite)
+    export_checkpoint(model_dir, results, qconfig, out_dir, manifest_extra=extra, overwrite=overwrite,
+                      tuned=tuned_tensors)
     timings["export_s"] = time.perf_counter() - t0
     shutil.rmtree(run_dir, ignore_errors=True)
     known = [v for v in objectives.values() if v is not None]

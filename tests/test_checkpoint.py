@@ -242,6 +242,33 @@ def test_export_rejects_mismatched_layer(fp16_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name, shape, match", [
+    ("model.layers.0.mlp.up_proj.weight", None, "not a non-quantized tensor"),
+    ("model.layers.0.no_such_norm.weight", (8,), "not a non-quantized tensor"),
+    ("model.norm.weight", (3,), r"has shape \(3,\), the source's is"),
+])
+def test_export_rejects_bad_tuned_tensors(fp16_dir, tmp_path, name, shape, match):
+    qconfig, fmt, bits, gs = CASES["lut"]
+    quantized = _random_quant(fp16_dir, fmt, bits, gs)
+    value = torch.ones(shape or (1,))
+    with pytest.raises(ValueError, match=match):
+        export_checkpoint(fp16_dir, quantized, qconfig, tmp_path / "bad", tuned={name: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_tuned_tensors_in_the_source_dtype(fp16_dir, tmp_path):
+    qconfig, fmt, bits, gs = CASES["lut"]
+    gain = torch.linspace(0.5, 1.5, HIDDEN)  # float32 in; the source's norms are float16
+    src = load_file(next(fp16_dir.glob("*.safetensors")))
+    assert src["model.norm.weight"].shape == gain.shape
+    out = export_checkpoint(fp16_dir, _random_quant(fp16_dir, fmt, bits, gs), qconfig, tmp_path / "q",
+                            tuned={"model.norm.weight": gain})
+    got = load_file(out / "model.safetensors")
+    assert got["model.norm.weight"].dtype == src["model.norm.weight"].dtype
+    assert torch.equal(got["model.norm.weight"], gain.to(src["model.norm.weight"].dtype))
+    assert torch.equal(got["model.layers.0.input_layernorm.weight"], src["model.layers.0.input_layernorm.weight"])
+
+
 # ----------------------------------------------------------------------------- atomicity
 def test_refuses_existing_dir_and_leaves_it(fp16_dir, tmp_path):
     qconfig, fmt, bits, gs = CASES["lut"]

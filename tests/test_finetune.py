@@ -46,7 +46,7 @@ def test_finetune_lowers_the_kl_and_keeps_the_codes(tiny_lm):
     from gq_quantize.finetune import FinetuneConfig
 
     before = {n: r.codebook.clone() for n, r in results.items()}
-    tuned, stats = finetune_results(model, results, windows, FinetuneConfig(steps=40, lr=3e-3, batch=4),
+    tuned, _, stats = finetune_results(model, results, windows, FinetuneConfig(steps=40, lr=3e-3, batch=4),
                                     progress=False)
     assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
     for n, r in tuned.items():
@@ -65,7 +65,8 @@ def test_gq_quantize_finetune_writes_the_tuned_tensors(tiny_lm_dir, corpus, cach
     assert main(quantize_args(cache, tiny_lm_dir, corpus, tuned, *base, "--finetune-steps", "6",
                               "--finetune-lr", "1e-3")) == 0
     qc = json.loads((tuned / "config.json").read_text())["quantization_config"]
-    assert qc["finetune"] == {"steps": 6, "lr": 1e-3, "batch": 2, "windows": 0, "seed": 0, "precision": "auto"}
+    assert qc["finetune"] == {"steps": 6, "lr": 1e-3, "batch": 2, "windows": 0, "seed": 0, "precision": "auto",
+                               "norms": False}
     manifest = json.loads((tuned / "gq_manifest.json").read_text())
     assert manifest["finetune"]["steps"] == 6 and manifest["timings"]["finetune_s"] > 0
     assert manifest["finetune"]["windows"] == manifest["calibration"]["n_samples"]
@@ -99,7 +100,7 @@ def test_finetune_in_bfloat16_lowers_the_kl_and_reports_its_dtype(tiny_lm):
     torch.manual_seed(0)
     results = _lut_results(model)
     windows = torch.randint(0, model.config.vocab_size, (8, 16))
-    tuned, stats = finetune_results(model, results, windows,
+    tuned, _, stats = finetune_results(model, results, windows,
                                     FinetuneConfig(steps=40, lr=3e-3, batch=4, precision="bfloat16"), progress=False)
     assert stats["dtype"] == "bfloat16" and stats["windows"] == 8
     assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
@@ -141,3 +142,34 @@ def test_finetune_step_benchmark_writes_both_precisions(tiny_lm_dir, tmp_path):
     assert rows["bfloat16"]["seconds_per_step"] > 0
     # the same start: the first-step KLs differ only by bf16 rounding
     assert rows["bfloat16"]["kl_first"] == pytest.approx(rows["float32"]["kl_first"], rel=0.1)
+
+
+def test_finetune_norms_tunes_every_gain_and_leaves_the_teacher(tiny_lm):
+    from gq_quantize.finetune import FinetuneConfig, norm_weights
+
+    model = tiny_lm[0]
+    torch.manual_seed(0)
+    results = _lut_results(model)
+    before = {n: p.detach().clone() for n, p in norm_weights(model).items()}
+    assert before and all(n.endswith("norm.weight") for n in before)  # input/post-attention layernorms, final norm
+    windows = torch.randint(0, model.config.vocab_size, (8, 16))
+    _, gains, stats = finetune_results(model, results, windows,
+                                       FinetuneConfig(steps=10, lr=3e-3, batch=4, norms=True), progress=False)
+    assert set(gains) == set(before) and stats["norms"] == len(before)
+    assert all(not torch.equal(gains[n], before[n]) for n in before)
+    assert all(torch.equal(p, before[n]) for n, p in norm_weights(model).items())
+
+
+def test_gq_quantize_finetune_norms_writes_the_gains(tiny_lm_dir, corpus, cache, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    out = tmp_path / "tuned"
+    assert main(quantize_args(cache, tiny_lm_dir, corpus, out, "--method", "lnq", "--bits", "2",
+                              "--finetune-steps", "4", "--finetune-lr", "1e-2", "--finetune-norms")) == 0
+    src = {k: v for f in tiny_lm_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    got = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    norms = [k for k in src if k.endswith("norm.weight")]
+    assert norms and all(got[k].dtype == src[k].dtype and not torch.equal(got[k], src[k]) for k in norms)
+    assert torch.equal(got["model.embed_tokens.weight"], src["model.embed_tokens.weight"])
+    model = load_quantized_model(out)
+    assert torch.equal(model.model.norm.weight.detach().to(src["model.norm.weight"].dtype), got["model.norm.weight"])
