@@ -5,8 +5,8 @@ x~ = (x * SU) R_n in fp32, ``gq_cpu::trellis_matmul`` x~ W_code^T, ``gq_cpu::had
 (per ``out_rht_blocks`` block) and ``SV * Wscale``, as :func:`gq_kernels.trellis.reference.matmul`.
 Up to 8 activation rows run the GEMV (each tile decoded once, multiplied with every row); more rows
 decode a block of tile rows at a time (at most 4 MiB of fp32) and multiply it with ``at::mm``.
-Variants: ``avx512`` decodes 16 states per step (hyb: hash and LUT gather; 1mad and 3inst computed
-in registers, which is faster: docs/results.md, "QTIP"), ``avx2`` and ``portable`` one state at a
+Variants: ``avx512`` decodes 16 states per step and ``avx2`` 8 (hyb: hash and LUT gather; 1mad and
+3inst computed in registers, which is faster: docs/results.md, "QTIP"), ``portable`` one state at a
 time through the state table. The state table (fp32 [65536, V]) is shared by every layer with the
 same code and LUT.
 """
