@@ -121,7 +121,7 @@ def cmd_quantize(args) -> int:
     try:
         qconfig = QuantizeConfig(
             method=args.method, bits=args.bits, guided=args.guided, groups=args.groups,
-            sequential=args.sequential, finetune=finetune,
+            guided_shrink=args.guided_shrink, sequential=args.sequential, finetune=finetune,
             calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
                                           seed=args.seed),
             **options,
@@ -529,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--bits", type=int, required=True)
     sq.add_argument("--guided", action="store_true", help="GuidedQuant: end-loss-weighted Hessians")
     sq.add_argument("--groups", type=int, default=1, help="GuidedQuant output-channel groups g")
+    sq.add_argument("--guided-shrink", type=float, default=0.0,
+                    help="pull each GuidedQuant Hessian this far (0..1) toward the plain Hessian scaled to its "
+                         "trace: (1-a) H_k + a tr(H_k)/tr(H) H, i.e. every token's saliency toward the mean "
+                         "(0: the paper's Hessians)")
     sq.add_argument("--sequential", action="store_true",
                     help="sequential calibration: each layer's Hessians from the already quantized layers "
                          "before it, as GPTQ does (Hessian methods; the saliency stays the unquantized model's)")

@@ -36,6 +36,9 @@ class QuantizeConfig(BaseModel):
     method: str
     guided: bool = False  # GuidedQuant: per-group saliency-weighted Hessians
     groups: int = Field(1, ge=1)  # g: output-channel groups for GuidedQuant
+    # Each guided Hessian pulled this far toward the trace-matched plain one (0: the paper's):
+    # a few dozen windows' saliency can rest on a handful of tokens (hessians.shrink_to_plain).
+    guided_shrink: float = Field(0.0, ge=0.0, le=1.0)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     # Sequential calibration: each decoder layer's Hessians from the outputs of the already
     # quantized layers before it (and, inside a layer, of its already quantized linears), as GPTQ
@@ -83,6 +86,8 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"--guided needs a Hessian-based method ({', '.join(guidable)}); {self.method!r} has none")
         if self.groups > 1 and not self.guided:
             raise ValueError("--groups > 1 only makes sense with --guided")
+        if self.guided_shrink and not self.guided:
+            raise ValueError("--guided-shrink pulls GuidedQuant's Hessians toward the plain one; add --guided")
         most = type(self.options).max_groups
         if most is not None and self.groups > most:
             raise ValueError(f"method {self.method!r} takes --groups up to {most}: "
@@ -126,6 +131,8 @@ class QuantizeConfig(BaseModel):
         """Common fields and the method's options in one flat dict (calibration nested)."""
         out = {"method": self.method, **self.options.model_dump(), "guided": self.guided, "groups": self.groups,
                "sequential": self.sequential}
+        if self.guided_shrink:
+            out["guided_shrink"] = self.guided_shrink
         if self.finetune.steps:
             out["finetune"] = self.finetune.model_dump()
         out["calibration"] = self.calibration.model_dump()

@@ -68,7 +68,9 @@ def check_groups(linears: dict[str, torch.nn.Linear], groups: int) -> None:
 def _run_dir(out_dir: Path, qconfig: QuantizeConfig, model_hash: str, data_hash: str) -> Path:
     """Where per-layer results of an unfinished run live, keyed by everything that decides them."""
     # The fine-tune runs after every layer is done: its settings do not decide the layers.
-    key = json.dumps([qconfig.model_dump(exclude={"finetune"}), model_hash, data_hash], sort_keys=True)
+    # guided_shrink joined the config later: left out at its default, older runs keep their key.
+    exclude = {"finetune"} | (set() if qconfig.guided_shrink else {"guided_shrink"})
+    key = json.dumps([qconfig.model_dump(exclude=exclude), model_hash, data_hash], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return out_dir.parent / f".{out_dir.name}.partial-{digest}"
 
@@ -147,7 +149,7 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
     from contextlib import nullcontext
 
     from gq_quantize.calibration.hessians import (capture_layer_calls, decoder_layers, layer_linears,
-                                                   layer_outputs, run_layer)
+                                                   layer_outputs, run_layer, shrink_to_plain)
 
     def resident(idx: int | None):
         if streamed is None:
@@ -186,7 +188,8 @@ def quantize_sequential(model, qconfig: QuantizeConfig, cache, windows: torch.Te
                     del sal
                     for name in todo:
                         if qconfig.guided:
-                            hessian = hess.guided[name]
+                            hessian = shrink_to_plain(hess.guided[name], hess.plain[hess.plain_owner[name]],
+                                                      qconfig.guided_shrink)
                         else:
                             hessian = hess.plain[hess.plain_owner[name]].unsqueeze(0)
                         w = lins[name].weight.detach().float().cpu()
@@ -226,6 +229,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gq_quantize.calibration import CalibrationCache, model_hash, quantizable_linears
+    from gq_quantize.calibration.hessians import shrink_to_plain
     from gq_quantize.data import calibration_windows, data_hash
     from gq_quantize.export import export_checkpoint
 
@@ -305,6 +309,8 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
             continue
         w = lin.weight.detach().float() if lazy is None else lazy.weight(name)
         hessian = cache.hessian(name, guided=qconfig.guided, groups=qconfig.groups) if "hessian" in needs else None
+        if hessian is not None and qconfig.guided_shrink:
+            hessian = shrink_to_plain(hessian, cache.hessian(name, guided=False), qconfig.guided_shrink)
         fisher = cache.weight_fisher(name) if "fisher" in needs else None
         result = quantize_layer(w.to(device), qconfig, None if hessian is None else hessian.to(device),
                                 None if fisher is None else fisher.to(device), name, model.config)

@@ -8,6 +8,11 @@ saliency) were taken from, and on as many other windows of the same corpus (the 
 may overlap). A layer-wise objective that models the calibration loss well lowers the first; if a
 method wins on the first and loses on the second, it fits the windows, not the text. Evaluation
 text is never read here.
+
+``--saliency-groups G`` also reports how many tokens GuidedQuant's weighted Hessians effectively
+average: per linear and group k, the effective sample size (sum_t s_tk)^2 / sum_t s_tk^2 of the cached
+saliency s (the plain Hessian weights all N tokens equally: N), read from the calibration cache of
+the first model (the unquantized one; it must already be built).
 """
 from __future__ import annotations
 
@@ -30,6 +35,27 @@ from gq_serve.evaluate import perplexity  # noqa: E402
 from gq_serve.util import cache_root  # noqa: E402
 
 
+def effective_samples(model_dir: str, windows: torch.Tensor, groups: int) -> dict:
+    """Per linear: the saliency's effective sample size per group as a fraction of the N tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from gq_quantize.calibration.cache import CalibrationCache
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cache = CalibrationCache.open_or_build(cache_root(), model, Path(model_dir), windows, groups=groups,
+                                           need_guided=True, need_fisher=False, need_hessians=False,
+                                           progress=False)
+    out = {}
+    for name in cache.manifest["linears"]:
+        s = cache.saliency(name).double()  # [N, G]
+        out[name] = [round(float(v), 4) for v in (s.sum(0) ** 2 / (s ** 2).sum(0) / s.shape[0])]
+    fractions = sorted(v for per in out.values() for v in per)
+    summary = {"tokens": int(windows.numel()), "groups": groups, "min": fractions[0],
+               "median": fractions[len(fractions) // 2], "max": fractions[-1]}
+    print(json.dumps({"saliency_ess_fraction": summary}), flush=True)
+    return {"summary": summary, "per_linear": out}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="LABEL=PATH (a checkpoint or the unquantized model directory)")
@@ -37,6 +63,8 @@ def main() -> int:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="the calibration seed; the other windows use seed + 1")
+    p.add_argument("--saliency-groups", type=int, default=0,
+                   help="also report the effective sample size of the cached g=G saliency")
     p.add_argument("--out")
     args = p.parse_args()
     pairs = [m.split("=", 1) for m in args.models]
@@ -53,9 +81,10 @@ def main() -> int:
             row[f"ppl_{name}"] = round(perplexity(model, windows, batch_size=4, progress=False)["ppl"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    ess = effective_samples(pairs[0][1], sets["calibration"], args.saliency_groups) if args.saliency_groups else None
     if args.out:
         write_json(Path(args.out), {"calib": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len,
-                                    "seed": args.seed, "rows": rows, **provenance()})
+                                    "seed": args.seed, "rows": rows, "saliency_ess": ess, **provenance()})
     return 0
 
 

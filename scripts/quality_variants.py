@@ -58,6 +58,13 @@ VARIANTS: dict[str, dict] = {
     "lnq-seq": dict(method="lnq", sequential=True),
     "lnq-gq4": dict(method="lnq", guided=True, groups=4),
     "lnq-gq4-seq": dict(method="lnq", guided=True, groups=4, sequential=True),
+    # the guided Hessians pulled toward the trace-matched plain one (--guided-shrink)
+    "lnq-gq4-shrink0.25": dict(method="lnq", guided=True, groups=4, guided_shrink=0.25),
+    "lnq-gq4-shrink0.5": dict(method="lnq", guided=True, groups=4, guided_shrink=0.5),
+    "lnq-gq4-shrink0.75": dict(method="lnq", guided=True, groups=4, guided_shrink=0.75),
+    "qtip": dict(method="qtip"),
+    "qtip-gq4": dict(method="qtip", guided=True, groups=4),
+    "qtip-gq4-shrink0.5": dict(method="qtip", guided=True, groups=4, guided_shrink=0.5),
     # then the codebooks tuned end to end on the calibration windows (gq quantize --finetune-steps)
     "lnq-gq4-ft60": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=60, precision="float32")),
     # the same in bfloat16 autocast (the default where the hardware has it), then longer

@@ -42,6 +42,24 @@ def guided_update(x: torch.Tensor, s: torch.Tensor, acc: torch.Tensor | None = N
     return xs @ x if acc is None else acc.baddbmm_(xs, x.unsqueeze(0).expand(xs.shape[0], -1, -1))
 
 
+def shrink_to_plain(guided: torch.Tensor, plain: torch.Tensor, amount: float) -> torch.Tensor:
+    """Guided Hessians pulled toward the plain one: ``(1 - a) H_k + a (tr H_k / tr H) H`` per group k.
+
+    The plain term is the guided Hessian of a saliency flattened to its token mean (exactly so when
+    saliency and input norm are uncorrelated; the trace keeps each group's scale either way), so
+    ``a`` shrinks every token's weight toward the mean: more tokens count when a few carry the
+    saliency. Args: guided float [g, in, in]; plain float [1, in, in] or [in, in]; a in [0, 1].
+    Returns float [g, in, in] (``guided`` itself when a = 0).
+    """
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"shrink amount must lie in [0, 1], got {amount}")
+    if amount == 0.0:
+        return guided
+    plain = plain.reshape(plain.shape[-2:]).to(guided.dtype)
+    ratio = torch.diagonal(guided, dim1=-2, dim2=-1).sum(-1) / torch.diagonal(plain).sum()  # [g]
+    return (1.0 - amount) * guided + amount * ratio[:, None, None] * plain
+
+
 def coarsen_groups(h: torch.Tensor, groups: int) -> torch.Tensor:
     """Average consecutive blocks of guided Hessians: float [G, in, in] -> [groups, in, in].
 
