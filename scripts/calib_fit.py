@@ -11,8 +11,9 @@ text is never read here.
 
 ``--saliency-groups G`` also reports how many tokens GuidedQuant's weighted Hessians effectively
 average: per linear and group k, the effective sample size (sum_t s_tk)^2 / sum_t s_tk^2 of the cached
-saliency s (the plain Hessian weights all N tokens equally: N), read from the calibration cache of
-the first model (the unquantized one; it must already be built).
+saliency s as a fraction of the N tokens (the plain Hessian weights all N equally), and the share of
+s_k on the windows' first tokens; read from the calibration cache of the first model (the
+unquantized one; it must already be built).
 """
 from __future__ import annotations
 
@@ -45,15 +46,18 @@ def effective_samples(model_dir: str, windows: torch.Tensor, groups: int) -> dic
     cache = CalibrationCache.open_or_build(cache_root(), model, Path(model_dir), windows, groups=groups,
                                            need_guided=True, need_fisher=False, need_hessians=False,
                                            progress=False)
-    out = {}
+    out, first = {}, {}
+    n, seq = windows.shape
     for name in cache.manifest["linears"]:
-        s = cache.saliency(name).double()  # [N, G]
+        s = cache.saliency(name).double()  # [N, G], window-major
         out[name] = [round(float(v), 4) for v in (s.sum(0) ** 2 / (s ** 2).sum(0) / s.shape[0])]
+        # the share of each group's saliency on the first token of the windows (n of the N tokens)
+        first[name] = [round(float(v), 4) for v in s.reshape(n, seq, -1)[:, 0].sum(0) / s.sum(0)]
     fractions = sorted(v for per in out.values() for v in per)
     summary = {"tokens": int(windows.numel()), "groups": groups, "min": fractions[0],
                "median": fractions[len(fractions) // 2], "max": fractions[-1]}
     print(json.dumps({"saliency_ess_fraction": summary}), flush=True)
-    return {"summary": summary, "per_linear": out}
+    return {"summary": summary, "per_linear": out, "first_token_share": first}
 
 
 def main() -> int:

@@ -30,6 +30,16 @@ LABELS = {
     "lnq-gq4": "LNQ + GuidedQuant g=4, cached Hessians",
     "lnq-gq4-seq": "LNQ + GuidedQuant g=4, sequential",
     "lnq-gq4-ft60": "LNQ + GuidedQuant g=4, cached Hessians, then 60 fine-tuning steps (`--finetune-steps 60`)",
+    "lnq-gq4-ft60-bf16": "LNQ + GuidedQuant g=4, 60 fine-tuning steps in bfloat16 (`--finetune-precision bfloat16`)",
+    "lnq-gq4-ft200": "LNQ + GuidedQuant g=4, 200 fine-tuning steps (bfloat16)",
+    "lnq-gq4-ft200-norms": "LNQ + GuidedQuant g=4, 200 fine-tuning steps, norm gains too (`--finetune-norms`)",
+    "lnq-gq4-ft200-w256": "LNQ + GuidedQuant g=4, 200 fine-tuning steps on 256 windows (`--finetune-windows 256`)",
+    "lnq-gq4-shrink0.25": "LNQ + GuidedQuant g=4, `--guided-shrink 0.25`",
+    "lnq-gq4-shrink0.5": "LNQ + GuidedQuant g=4, `--guided-shrink 0.5`",
+    "lnq-gq4-shrink0.75": "LNQ + GuidedQuant g=4, `--guided-shrink 0.75`",
+    "qtip": "QTIP (HYB, plain Hessians)",
+    "qtip-gq4": "QTIP + GuidedQuant g=4",
+    "qtip-gq4-shrink0.5": "QTIP + GuidedQuant g=4, `--guided-shrink 0.5`",
     "w4a4-rtn": "W4A4KV4 RTN, no rotation (norms fused)",
     "w4a4-gptq": "W4A4KV4 GPTQ, no rotation",
     "w4a4-quarot": "W4A4KV4 GPTQ, random Hadamard R1/R2 (QuaRot-style)",
@@ -166,4 +176,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     if any(r["eval_data"] == "sotu:val" for r in rows):
         blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)
+        blocks["val_selection"] = variants_table(
+            rows, SMOL, ["fp16", "lnq", "lnq-gq4", "lnq-gq4-shrink0.25", "lnq-gq4-shrink0.5", "lnq-gq4-shrink0.75",
+                         "lnq-gq4-ft60", "lnq-gq4-ft60-bf16", "lnq-gq4-ft200", "lnq-gq4-ft200-norms",
+                         "lnq-gq4-ft200-w256", "qtip", "qtip-gq4", "qtip-gq4-shrink0.5"],
+            [3], ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     return blocks
