@@ -22,6 +22,8 @@ Corpus specs (``resolve_corpus``):
 ``PATH``           the documents; a plain path works when it exists
 ``hf:NAME[:CONFIG[:SPLIT]]``  a Hugging Face ``datasets`` dataset (needs ``datasets`` and the
                    internet); the ``text`` column, empty rows dropped. SPLIT defaults to ``test``.
+``A+B[+...]``      the documents of every part, in that order (e.g. ``sotu:calib+brown:calib``,
+                   calibration text from both domains; windows are drawn in proportion to size)
 =================  ==========================================================================
 
 Documents are tokenized and joined with the tokenizer's EOS between them (no BOS), giving one
@@ -49,7 +51,7 @@ BROWN_HELDOUT_FRACTION = 0.2
 VALID_SPECS = (
     "sotu", "sotu:calib", "sotu:heldout", "sotu:all", "sotu:val", "sotu:train",
     "brown", "brown:heldout", "brown:calib", "brown:all",
-    "file:PATH", "PATH (existing .txt file or directory)", "hf:NAME[:CONFIG[:SPLIT]]",
+    "file:PATH", "PATH (existing .txt file or directory)", "hf:NAME[:CONFIG[:SPLIT]]", "A+B (several of these)",
 )
 
 _SOTU_FILE = re.compile(r"^(\d{4})_")
@@ -163,6 +165,11 @@ def resolve_corpus(spec: str, cache: Path | None = None) -> list[str]:
     from gq_serve.util import cache_root
 
     cache = Path(cache) if cache is not None else cache_root()
+    if "+" in spec and not Path(spec).expanduser().exists():
+        parts = spec.split("+")
+        if not all(parts):
+            raise ValueError(f"corpus spec {spec!r} has an empty part; join specs as A+B (e.g. sotu:calib+brown:calib)")
+        return [doc for part in parts for doc in resolve_corpus(part, cache)]
     head, _, tail = spec.partition(":")
     if (head == "sotu" and tail in ("", "calib", "heldout", "all", "val", "train")) or (
             head == "brown" and tail in ("", "calib", "heldout", "all")):

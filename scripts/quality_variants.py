@@ -72,6 +72,8 @@ VARIANTS: dict[str, dict] = {
     "lnq-gq4-ft200": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=200)),
     "lnq-gq4-ft200-norms": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=200, norms=True)),
     "lnq-gq4-ft200-w256": dict(method="lnq", guided=True, groups=4, finetune=dict(steps=200, windows=256)),
+    "lnq-gq4-shrink0.5-ft200": dict(method="lnq", guided=True, groups=4, guided_shrink=0.5,
+                                    finetune=dict(steps=200)),
     # W4A4KV4 (issue 11): ``rotation`` is the `gq rotate` mode the model goes through first (norms
     # fused and lm_head untied in every mode); weights 4-bit, activations 4-bit, KV cache 4-bit.
     "w4a4-rtn": dict(method="spinquant", rtn=True, rotation="none"),

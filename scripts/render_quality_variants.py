@@ -37,6 +37,7 @@ LABELS = {
     "lnq-gq4-shrink0.25": "LNQ + GuidedQuant g=4, `--guided-shrink 0.25`",
     "lnq-gq4-shrink0.5": "LNQ + GuidedQuant g=4, `--guided-shrink 0.5`",
     "lnq-gq4-shrink0.75": "LNQ + GuidedQuant g=4, `--guided-shrink 0.75`",
+    "lnq-gq4-shrink0.5-ft200": "LNQ + GuidedQuant g=4, `--guided-shrink 0.5`, 200 fine-tuning steps",
     "qtip": "QTIP (HYB, plain Hessians)",
     "qtip-gq4": "QTIP + GuidedQuant g=4",
     "qtip-gq4-shrink0.5": "QTIP + GuidedQuant g=4, `--guided-shrink 0.5`",

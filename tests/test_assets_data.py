@@ -55,6 +55,18 @@ def test_sotu_split_by_year(fake_cache):
     assert sorted(val + train) == sorted(calib)
 
 
+def test_joined_specs_concatenate_their_documents(fake_cache, tmp_path):
+    both = data.resolve_corpus("sotu:calib+brown:calib", fake_cache)
+    assert both == data.resolve_corpus("sotu:calib", fake_cache) + data.resolve_corpus("brown:calib", fake_cache)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("one more document")
+    assert data.resolve_corpus(f"brown:heldout+{extra}", fake_cache)[-1] == "one more document"
+    with pytest.raises(ValueError, match="empty part"):
+        data.resolve_corpus("sotu:calib+", fake_cache)
+    with pytest.raises(ValueError, match="unknown corpus spec 'nope'"):
+        data.resolve_corpus("sotu:calib+nope", fake_cache)
+
+
 def test_bos_tokenizer_windows_start_with_bos(fake_cache):
     class BosTokenizer(CharTokenizer):
         bos_token_id = 257
