@@ -18,10 +18,10 @@ times faster there (docs/results.md). Elsewhere bf16 would be emulated and slowe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import sys
-import contextlib
 import time
 from typing import Literal
 
@@ -161,7 +161,8 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
     gains = {name: p.detach().float().cpu() for name, p in norms.items()}
-    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "windows": int(windows.shape[0]), "dtype": str(dtype).removeprefix("torch."),
+    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "windows": int(windows.shape[0]),
+             "dtype": str(dtype).removeprefix("torch."),
              "kl_first10": sum(losses[:10]) / max(1, len(losses[:10])),
              "kl_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
              "seconds": round(time.perf_counter() - t0, 1)}
