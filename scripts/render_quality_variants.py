@@ -151,6 +151,7 @@ def load(results_dir: Path) -> list[dict]:
 SMOL = "SmolLM2-135M-Instruct"
 GEMMA = "gemma-3-270m"
 TEXTS = ["sotu:heldout", "brown:heldout"]
+MIXED = "sotu:calib+brown:calib"
 
 
 def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, str]:
@@ -165,7 +166,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
     blocks = {
         "gptq_variants": variants_table(rows, SMOL, ["fp16"] + gptq, [3], TEXTS, ["last32x512", "last16x512"],
                                         extra_rows=[compressor]),
-        "lnq_sequential": variants_table(rows, SMOL, ["fp16", "lnq", "lnq-seq", "lnq-gq4", "lnq-gq4-seq", "lnq-gq4-ft60"],
+        "lnq_sequential": variants_table(rows, SMOL, ["fp16", "lnq", "lnq-seq", "lnq-gq4", "lnq-gq4-seq", "lnq-gq4-ft60",
+                                                      "lnq-gq4-shrink0.5-ft200"],
                                          [3, 4],
                                          TEXTS, ["last32x512", "last16x512"]),
         "second_arch": variants_table(rows, GEMMA, ["fp16", "gptq-seq-act-mse", "lnq", "lnq-gq4", "lnq-gq4-seq"],
@@ -175,6 +177,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
             "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
+    if any(r["calib"] == MIXED for r in rows):
+        blocks["mixed_calib"] = variants_table(rows, SMOL, ["fp16", "lnq-gq4-shrink0.5-ft200"], [3], TEXTS,
+                                               ["last32x512", "last16x512"], calib=(MIXED, 32, 512))
     if any(r["eval_data"] == "sotu:val" for r in rows):
         blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)
         blocks["val_selection"] = variants_table(
