@@ -212,10 +212,11 @@ def main() -> int:
             wall = time.perf_counter() - t0
             model = load_quantized_model(ckpt, dtype=torch.float32)
             rot = {} if rotation is None else {"rotation": json.loads((source / "rotation.json").read_text())}
+            tuned = json.loads((ckpt / "gq_manifest.json").read_text()).get("finetune")
             record({**base, "method": kw["method"], "config": qconfig.flat(), **rot}, model,
                    {"size_bytes": dir_bytes(ckpt), "fp16_size_bytes": fp16_bytes,
                     "quantize_wall_s": round(wall, 1), "quantize_timings_s": summary["timings_s"],
-                    "objective_sum": summary["objective_sum"]})
+                    "objective_sum": summary["objective_sum"], **({"finetune": tuned} if tuned else {})})
             del model
     return 0
 
