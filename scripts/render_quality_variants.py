@@ -100,7 +100,7 @@ def variants_table(rows: list[dict], model: str, variants: list[str], bits: list
     lines += list(extra_rows)
     lines.append("")
     lines.append("Perplexity at context 512 over the " + " / ".join(PROTOCOLS[p] for p in protocols)
-                 + f" of each held-out text (x fp16 in brackets); calibration {calib[1]} x {calib[2]} tokens of "
+                 + f" of each text (x fp16 in brackets); calibration {calib[1]} x {calib[2]} tokens of "
                  f"{calib[0]}; quantize s: wall time of `quantize_model` (calibration included) on the shared 2-core "
                  "machine, 1 torch thread. " + FP16_NOTE.format(model=model, gguf=GGUF.get(model, "?")))
     return "\n".join(lines)
