@@ -211,8 +211,9 @@ def _build(
         if f"{name}.weight" not in weight_map:
             raise ValueError(f"{name}.weight is not in the source checkpoint {source}; is the config the right one?")
         _check_layer(name, q, params, linears[name][:2])
+    quantized_weights = {f"{m}.weight" for m in quantized}
     for name, value in tuned.items():
-        if name not in weight_map or name in {f"{m}.weight" for m in quantized}:
+        if name not in weight_map or name in quantized_weights:
             raise ValueError(f"tuned tensor {name!r} is not a non-quantized tensor of {source}; tuned tensors "
                              f"replace source tensors of the same name (e.g. 'model.norm.weight')")
         with safe_open(weight_map[name], framework="pt") as fh:
