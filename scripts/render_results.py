@@ -25,6 +25,8 @@ def _label(row: dict) -> str:
     label += f" + GuidedQuant (g={row['groups']})" if row["guided"] else ""
     if (row.get("options") or {}).get("qtip_group_rht") is False:
         label += ", one output RHT (paper code)"
+    if (row.get("options") or {}).get("guided_shrink"):
+        label += f", `--guided-shrink {row['options']['guided_shrink']}`"
     return label
 
 

@@ -34,7 +34,9 @@ METHODS = [("rtn", False, 1), ("gptq", False, 1), ("squeezellm", False, 1), ("ln
            ("lnq", True, 1), ("lnq", True, 4),
            ("qtip", False, 1), ("qtip", True, 1), ("qtip", True, 4),
            # QTIP + GQ as GuidedQuant's code pairs it: one output transform, group k of rotated rows
-           ("qtip", True, 4, {"qtip_group_rht": False}, "-onerht")]
+           ("qtip", True, 4, {"qtip_group_rht": False}, "-onerht"),
+           # QTIP + GQ with the guided Hessians pulled halfway toward the plain one (--guided-shrink)
+           ("qtip", True, 4, {"guided_shrink": 0.5}, "-shrink0.5")]
 
 
 def row_key(row: dict) -> tuple:
