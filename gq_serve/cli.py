@@ -372,7 +372,8 @@ def cmd_rotate(args) -> int:
     record = write_rotated_model(model, Path(args.out), args.rotation, seed=args.seed, steps=args.steps,
                                  lr=args.lr, seq_len=args.seq_len, data=args.data, batch=args.batch_size,
                                  rotation_file=args.rotation_file, cache=cache, dtype=args.dtype,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 overwrite=args.overwrite, progress=not args.quiet,
+                                 center=args.center_embeddings)
     _print_json(record)
     return 0
 
@@ -592,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--rotation-file", default=None, help="reuse R1/R2 from an earlier rotations.safetensors")
     sr.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
                     help="dtype of the saved weights (source: the model's own)")
+    sr.add_argument("--center-embeddings", action="store_true",
+                    help="subtract each embedding row's mean first, as QuaRot's and SpinQuant's code do "
+                         "(not an identity under RMSNorm: docs/w4a4.md)")
     sr.add_argument("--overwrite", action="store_true", help="replace OUT and discard a saved training state")
     sr.add_argument("--quiet", action="store_true")
     sr.set_defaults(func=cmd_rotate)

@@ -84,6 +84,17 @@ VARIANTS: dict[str, dict] = {
     # the same with rotations learned on 8 windows per Cayley step (the paper's batch) instead of 1
     "w4a4-spinquant-b8": dict(method="spinquant", rotation="learned", rotation_batch=8),
     "w4a4-spinquant-gq-b8": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1),
+    # where the W4A4KV4 error comes from (random Hadamard R1/R2): one quantizer at a time left off
+    "w4a4-quarot-a16kv16": dict(method="spinquant", rotation="hadamard", act_bits=16, kv_bits=16),
+    "w4a4-quarot-kv16": dict(method="spinquant", rotation="hadamard", kv_bits=16),
+    "w4a4-quarot-a16": dict(method="spinquant", rotation="hadamard", act_bits=16),
+    # the published pipeline's sequential GPTQ, and QuaRot's clip ratios (0.9 activations, 0.95 KV)
+    "w4a4-quarot-seq": dict(method="spinquant", rotation="hadamard", sequential=True),
+    "w4a4-quarot-clip": dict(method="spinquant", rotation="hadamard", act_clip=0.9, kv_clip=0.95),
+    # the embedding rows centred before rotating (QuaRot's and SpinQuant's code; not exact under RMSNorm)
+    "w4a4-quarot-centred": dict(method="spinquant", rotation="hadamard", center_embeddings=True),
+    "w4a4-spinquant-gq-b8-seq": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
+                                     sequential=True),
 }
 
 
@@ -118,17 +129,18 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
-def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1) -> Path:
+def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1, center: bool = False) -> Path:
     """The model with SpinQuant's rotations fused (`gq rotate`), made once and kept under the
     cache; learned rotations train on the calibration text (never the evaluation text), ``batch``
     windows per step."""
     from gq_quantize.spinquant.train import write_rotated_model
 
-    name = f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}" + (f"-b{batch}" if batch > 1 else "")
+    name = (f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}" + (f"-b{batch}" if batch > 1 else "")
+            + ("-centred" if center else ""))
     out = cache / "results" / "rotated" / name
     if not (out / "rotation.json").exists():
         write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
-                            batch=batch, data=args.calib, cache=cache, overwrite=out.exists())
+                            batch=batch, data=args.calib, cache=cache, overwrite=out.exists(), center=center)
     return out
 
 
@@ -200,7 +212,9 @@ def main() -> int:
             kw = dict(VARIANTS[variant])
             rotation = kw.pop("rotation", None)
             batch = kw.pop("rotation_batch", 1)
-            source = model_dir if rotation is None else rotated_model(model_dir, args, rotation, cache, batch)
+            center = kw.pop("center_embeddings", False)
+            source = (model_dir if rotation is None
+                      else rotated_model(model_dir, args, rotation, cache, batch, center))
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
                                                                               seq_len=args.seq_len), **kw)
             # checkpoints calibrated elsewhere than sotu:calib carry their data's name, so a budget

@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from gq_quantize.spinquant.cayley import cayley_step, orthonormalize
-from gq_quantize.spinquant.rotate import RotationError, apply_rotations, fuse_norms, random_hadamard
+from gq_quantize.spinquant.rotate import (
+    RotationError,
+    apply_rotations,
+    center_embeddings,
+    fuse_norms,
+    random_hadamard,
+    untie_lm_head,
+)
 from gq_quantize.spinquant.train import (
     LOSS_JSON,
     LOSS_PNG,
@@ -221,6 +228,26 @@ def test_write_rotated_model_keeps_logits(tied_model_dir, tmp_path, mode):
         write_rotated_model(tied_model_dir, out, mode, progress=False)
 
 
+def test_centred_embeddings_are_the_only_change(tied_model_dir, tmp_path):
+    out = tmp_path / "centred"
+    x = ids(2, 10, vocab=30)
+    rec = write_rotated_model(tied_model_dir, out, "hadamard", progress=False, center=True)
+    assert rec["center_embeddings"] is True
+    # Reference: the source model, untied, with only its embedding rows centred (no rotation).
+    ref = AutoModelForCausalLM.from_pretrained(tied_model_dir, dtype=torch.float32).eval()
+    with pytest.raises(RotationError, match="fuse_norms first"):
+        center_embeddings(ref)
+    untie_lm_head(ref)
+    center_embeddings(ref)
+    e = ref.model.embed_tokens.weight
+    assert e.mean(dim=1).abs().max() < 1e-6 and ref.lm_head.weight.mean(dim=1).abs().max() > 1e-3
+    with torch.no_grad():
+        want = ref(x).logits
+    got = _logits(out, x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - _logits(tied_model_dir, x)).abs().max() > 1e-3  # not an identity under RMSNorm
+
+
 def test_rotation_file_reuse_and_mismatch(tied_model_dir, tiny_lm_dir, tmp_path):
     first = tmp_path / "first"
     write_rotated_model(tied_model_dir, first, "hadamard", seed=3, progress=False)
@@ -256,7 +283,9 @@ def test_cli_rotate(tied_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mode"] == "hadamard"
     assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "hadamard", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "none", "--overwrite", "--quiet"]) == 0
+    assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "none", "--overwrite", "--quiet",
+                 "--center-embeddings"]) == 0
+    assert json.loads(capsys.readouterr().out)["center_embeddings"] is True
 
 
 # ----------------------------------------------------------------------------------- real model

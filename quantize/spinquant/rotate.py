@@ -122,6 +122,21 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def center_embeddings(model: nn.Module) -> nn.Module:
+    """Subtract each embedding row's mean over the hidden dimension (``E <- E - mean(E, dim=1)``), as
+    QuaRot's and SpinQuant's code do. Exact only ahead of a LayerNorm, which removes the mean anyway;
+    under RMSNorm it changes the model (the mean adds to the norm the layers divide by), so it is an
+    option of ``gq rotate``, not a step of it. Call after :func:`fuse_norms` (which unties lm_head, so
+    the head keeps the uncentred rows). In place, in float64; returns the model."""
+    emb = model.model.embed_tokens.weight
+    if model.lm_head.weight.data_ptr() == emb.data_ptr():
+        raise RotationError("center_embeddings would also change the tied lm_head: call fuse_norms first")
+    e = emb.double()
+    emb.copy_((e - e.mean(dim=1, keepdim=True)).to(emb.dtype))
+    return model
+
+
 # ----------------------------------------------------------------------------------- Hadamard
 def random_hadamard(n: int, generator: torch.Generator | None = None, what: str = "") -> torch.Tensor:
     """``diag(s) @ H_n``: float64 ``[n, n]``, orthogonal, s i.i.d. random signs from ``generator``.

@@ -34,6 +34,7 @@ from gq_quantize.spinquant.rotate import (
     RotationError,
     apply_rotations,
     attention_shape,
+    center_embeddings,
     decoder_layers,
     fuse_norms,
     random_hadamard,
@@ -341,7 +342,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
                         lr: float = 1.5, seq_len: int = 512, data: str = "sotu:train", batch: int = 1,
                         rotation_file: str | Path | None = None, windows: torch.Tensor | None = None,
                         cache: Path | None = None, dtype: str = "source", overwrite: bool = False,
-                        progress: bool = True, save_every: int = 10) -> dict:
+                        progress: bool = True, save_every: int = 10, center: bool = False) -> dict:
     """Write ``model_dir`` (a Llama-like HF model) with fused norms, untied lm_head and rotations fused
     to ``out_dir``; returns the ``rotation.json`` record.
 
@@ -349,7 +350,8 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     (:func:`train` on ``steps * batch`` calibration windows of ``seq_len`` tokens from corpus ``data``,
     or on ``windows [N, T]`` when given). ``rotation_file``: reuse R1/R2 from an earlier
     ``rotations.safetensors`` instead (no training). ``dtype``: ``source`` (the model's own) or a
-    torch dtype name for the saved weights. Everything is assembled in a folder next to out_dir and
+    torch dtype name for the saved weights. ``center``: subtract each embedding row's mean first
+    (:func:`center_embeddings`; not an identity under RMSNorm). Everything is assembled in a folder next to out_dir and
     renamed at the end; a killed learned run resumes from its state there when rerun with the same
     arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -376,6 +378,8 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     model.eval()
     decoder_layers(model)
     fuse_norms(model)
+    if center:
+        center_embeddings(model)
     hidden, n_layers = model.config.hidden_size, len(model.model.layers)
     _, _, head_dim = attention_shape(model)
     weights_hash = source_weights_hash(model_dir)
@@ -388,7 +392,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     record: dict = {"mode": mode, "seed": int(seed), "source_model": str(model_dir.resolve()),
                     "source_weights_sha256": weights_hash, "rotation_file": None, "steps": None, "lr": None,
                     "batch": None, "seq_len": None, "calibration": None, "final_loss": None,
-                    "dtype": save_dtype}
+                    "dtype": save_dtype, "center_embeddings": bool(center)}
     if rotation_file is not None:
         r1, r2 = load_rotation_file(rotation_file, model)
         record["rotation_file"] = str(Path(rotation_file).resolve())
@@ -406,7 +410,8 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
             calib = data
         else:
             calib = f"windows[{windows.shape[0]}x{windows.shape[1]}]"
-        fp = {"source_weights_sha256": weights_hash, "calibration": calib, "seq_len": int(windows.shape[1])}
+        fp = {"source_weights_sha256": weights_hash, "calibration": calib, "seq_len": int(windows.shape[1]),
+              **({"center_embeddings": True} if center else {})}
         result = train(model, windows, steps=steps, batch=batch, lr=lr, seed=seed, state_dir=partial,
                        save_every=save_every, fingerprint=fp, overwrite=overwrite, progress=progress)
         r1, r2 = result.r1.double(), [r.double() for r in result.r2]
