@@ -42,6 +42,12 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct"),
           "gemma3": ("gemma-3-270m", "models/gemma-3-270m")}
 QUESTION = "What is the capital of France?"
 
+def _w4a4(rotation: str, **kw) -> dict:
+    """A spinquant variant on a model rotated by ``rotation``; activation and KV ranges unclipped (the
+    published configuration) unless ``kw`` sets them."""
+    return {"method": "spinquant", "rotation": rotation, "act_clip": 1.0, "kv_clip": 1.0, **kw}
+
+
 # name -> QuantizeConfig keyword arguments (bits from --bits). Per-output-channel grids/codebooks.
 VARIANTS: dict[str, dict] = {
     "gptq": dict(method="gptq"),
@@ -76,25 +82,30 @@ VARIANTS: dict[str, dict] = {
                                     finetune=dict(steps=200)),
     # W4A4KV4 (issue 11): ``rotation`` is the `gq rotate` mode the model goes through first (norms
     # fused and lm_head untied in every mode); weights 4-bit, activations 4-bit, KV cache 4-bit.
-    "w4a4-rtn": dict(method="spinquant", rtn=True, rotation="none"),
-    "w4a4-gptq": dict(method="spinquant", rotation="none"),
-    "w4a4-quarot": dict(method="spinquant", rotation="hadamard"),
-    "w4a4-spinquant": dict(method="spinquant", rotation="learned"),
-    "w4a4-spinquant-gq": dict(method="spinquant", rotation="learned", guided=True, groups=1),
+    # _w4a4 pins SpinQuant's published, unclipped ranges; the method's own defaults (activation clip
+    # 0.8, KV 0.95) were chosen on sotu:val with the sweep below.
+    "w4a4-rtn": _w4a4("none", rtn=True),
+    "w4a4-gptq": _w4a4("none"),
+    "w4a4-quarot": _w4a4("hadamard"),
+    "w4a4-spinquant": _w4a4("learned"),
+    "w4a4-spinquant-gq": _w4a4("learned", guided=True, groups=1),
     # the same with rotations learned on 8 windows per Cayley step (the paper's batch) instead of 1
-    "w4a4-spinquant-b8": dict(method="spinquant", rotation="learned", rotation_batch=8),
-    "w4a4-spinquant-gq-b8": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1),
+    "w4a4-spinquant-b8": _w4a4("learned", rotation_batch=8),
+    "w4a4-spinquant-gq-b8": _w4a4("learned", rotation_batch=8, guided=True, groups=1),
     # where the W4A4KV4 error comes from (random Hadamard R1/R2): one quantizer at a time left off
-    "w4a4-quarot-a16kv16": dict(method="spinquant", rotation="hadamard", act_bits=16, kv_bits=16),
-    "w4a4-quarot-kv16": dict(method="spinquant", rotation="hadamard", kv_bits=16),
-    "w4a4-quarot-a16": dict(method="spinquant", rotation="hadamard", act_bits=16),
-    # the published pipeline's sequential GPTQ, and QuaRot's clip ratios (0.9 activations, 0.95 KV)
-    "w4a4-quarot-seq": dict(method="spinquant", rotation="hadamard", sequential=True),
-    "w4a4-quarot-clip": dict(method="spinquant", rotation="hadamard", act_clip=0.9, kv_clip=0.95),
-    # the embedding rows centred before rotating (QuaRot's and SpinQuant's code; not exact under RMSNorm)
-    "w4a4-quarot-centred": dict(method="spinquant", rotation="hadamard", center_embeddings=True),
-    "w4a4-spinquant-gq-b8-seq": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
-                                     sequential=True),
+    "w4a4-quarot-a16kv16": _w4a4("hadamard", act_bits=16, kv_bits=16),
+    "w4a4-quarot-kv16": _w4a4("hadamard", kv_bits=16),
+    "w4a4-quarot-a16": _w4a4("hadamard", act_bits=16),
+    # the published pipeline's sequential GPTQ; embeddings centred (QuaRot's and SpinQuant's code)
+    "w4a4-quarot-seq": _w4a4("hadamard", sequential=True),
+    "w4a4-quarot-centred": _w4a4("hadamard", center_embeddings=True),
+    # clip ratios: QuaRot's (0.9 activations, 0.95 KV), then a sweep on sotu:val
+    "w4a4-quarot-clip": _w4a4("hadamard", act_clip=0.9, kv_clip=0.95),
+    **{f"w4a4-quarot-clip{c}": _w4a4("hadamard", act_clip=c, kv_clip=0.95) for c in (0.7, 0.75, 0.8, 0.85, 0.95)},
+    "w4a4-quarot-clip-kv0.9": _w4a4("hadamard", act_clip=0.9, kv_clip=0.9),
+    "w4a4-quarot-clip0.8-centred": _w4a4("hadamard", act_clip=0.8, kv_clip=0.95, center_embeddings=True),
+    # the method's defaults (clip 0.8 / 0.95)
+    "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1),
 }
 
 

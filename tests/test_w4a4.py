@@ -56,12 +56,13 @@ def test_ste_passes_gradients_straight_through():
 CASES = [(576, 1536, 0, 0), (1536, 576, 1, 0), (576, 576, 0, 64), (40, 24, 0, 8), (96, 33, 0, 0)]
 
 
+@pytest.mark.parametrize("act_clip", [1.0, 0.8])
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
 @pytest.mark.parametrize("in_f,out_f,had,group", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, rows):
+def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, rows, act_clip):
     g = torch.Generator().manual_seed(in_f * 7 + out_f + rows)
-    params = FMT.params(bits=4, act_bits=act_bits)
+    params = FMT.params(bits=4, act_bits=act_bits, act_clip=act_clip)
     t = FMT.example_tensors(params, out_f, in_f, g)
     t["layout"] = torch.tensor([had, group], dtype=torch.int32)
     FMT.check_tensors(t, params, out_f, in_f)
@@ -232,7 +233,11 @@ def w4a4_dir(tiny_lm_dir, corpus, tmp_path_factory):
     from gq_quantize.config import CalibrationConfig, QuantizeConfig
 
     out = tmp_path_factory.mktemp("w4a4") / "ckpt"
-    cfg = QuantizeConfig(method="spinquant", bits=4, guided=True, groups=1,
+    # Unclipped ranges: the whole-model comparison below holds only while no activation code flips
+    # between the integer and the float path, and with these ids and ranges none does (a flip needs a
+    # value within float rounding of a rounding boundary). Clipped ranges: the kernel test above and
+    # test_default_clip_ratios_reach_the_loaded_model.
+    cfg = QuantizeConfig(method="spinquant", bits=4, guided=True, groups=1, act_clip=1.0, kv_clip=1.0,
                          calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
     pipeline.quantize_model(tiny_lm_dir, cfg, out, tmp_path_factory.mktemp("cache"), progress=False)
     return out
@@ -254,7 +259,8 @@ def _simulated(tiny_lm_dir, ckpt, ids):
             t = {s: tensors[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
             mod.forward = (lambda t, i: lambda x: FMT.matmul(x, t, params, i))(t, mod.in_features)
     with torch.no_grad():
-        return model(ids, past_key_values=QuantizedKVCache(model.config.num_hidden_layers, 4, store=False)).logits
+        cache = QuantizedKVCache(model.config.num_hidden_layers, qc["kv_bits"], qc["kv_clip"], store=False)
+        return model(ids, past_key_values=cache).logits
 
 
 def test_w4a4_checkpoint_loads_and_matches_the_fake_quant_model(w4a4_dir, tiny_lm_dir):
@@ -271,6 +277,25 @@ def test_w4a4_checkpoint_loads_and_matches_the_fake_quant_model(w4a4_dir, tiny_l
         hf = AutoModelForCausalLM.from_pretrained(w4a4_dir, dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf, want, rtol=1e-4, atol=1e-4)
+
+
+def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_serve.checkpoint import load_quantized_model
+
+    cfg = QuantizeConfig(method="spinquant", bits=4, rtn=True,
+                         calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
+    assert (cfg.options.act_clip, cfg.options.kv_clip) == (0.8, 0.95)
+    pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "ckpt", tmp_path / "cache", progress=False)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert (qc["act_clip"], qc["kv_clip"]) == (0.8, 0.95)
+    model = load_quantized_model(tmp_path / "ckpt")
+    lin = model.model.layers[0].mlp.down_proj
+    assert (lin.params.act_clip, lin.params.kv_clip) == (0.8, 0.95)
+    with torch.no_grad():
+        cache = model(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+    assert isinstance(cache, QuantizedKVCache) and {layer.clip for layer in cache.layers} == {0.95}
 
 
 def test_w4a4_generates_with_its_4bit_cache(w4a4_dir):

@@ -91,9 +91,11 @@ class SpinQuantConfig(MethodConfig):
                                         "g = 1 saliency is the original model's (see gq_quantize.methods.spinquant)")
     bits: int = 4
     act_bits: int = Field(4, description="SpinQuant: activation bits (16: weights only)")
-    act_clip: float = Field(1.0, gt=0, le=1, description="SpinQuant: activation range clip ratio")
+    act_clip: float = Field(0.8, gt=0, le=1, description="SpinQuant: activation range clip ratio (published: 1.0; "
+                                                          "0.8 was chosen on validation text, docs/w4a4.md)")
     kv_bits: int = Field(4, description="SpinQuant: KV cache bits (16: not quantized)")
-    kv_clip: float = Field(1.0, gt=0, le=1, description="SpinQuant: KV cache range clip ratio")
+    kv_clip: float = Field(0.95, gt=0, le=1, description="SpinQuant: KV cache range clip ratio (published: 1.0; "
+                                                          "QuaRot's 0.95)")
     w_clip: bool = Field(True, description="SpinQuant: per-row weight clipping search before GPTQ")
     gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
     gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
