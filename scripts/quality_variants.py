@@ -103,7 +103,6 @@ VARIANTS: dict[str, dict] = {
     "w4a4-quarot-clip": _w4a4("hadamard", act_clip=0.9, kv_clip=0.95),
     **{f"w4a4-quarot-clip{c}": _w4a4("hadamard", act_clip=c, kv_clip=0.95) for c in (0.7, 0.75, 0.8, 0.85, 0.95)},
     "w4a4-quarot-clip-kv0.9": _w4a4("hadamard", act_clip=0.9, kv_clip=0.9),
-    "w4a4-quarot-clip0.8-centred": _w4a4("hadamard", act_clip=0.8, kv_clip=0.95, center_embeddings=True),
     # the method's defaults (clip 0.8 / 0.95)
     "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1),
 }

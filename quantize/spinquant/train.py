@@ -351,9 +351,9 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     or on ``windows [N, T]`` when given). ``rotation_file``: reuse R1/R2 from an earlier
     ``rotations.safetensors`` instead (no training). ``dtype``: ``source`` (the model's own) or a
     torch dtype name for the saved weights. ``center``: subtract each embedding row's mean first
-    (:func:`center_embeddings`; not an identity under RMSNorm). Everything is assembled in a folder next to out_dir and
-    renamed at the end; a killed learned run resumes from its state there when rerun with the same
-    arguments."""
+    (:func:`center_embeddings`; not an identity under RMSNorm). Everything is assembled in a folder
+    next to out_dir and renamed at the end; a killed learned run resumes from its state there when
+    rerun with the same arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gq_serve.util import replace_dir, write_json
