@@ -103,6 +103,9 @@ VARIANTS: dict[str, dict] = {
     "w4a4-quarot-clip": _w4a4("hadamard", act_clip=0.9, kv_clip=0.95),
     **{f"w4a4-quarot-clip{c}": _w4a4("hadamard", act_clip=c, kv_clip=0.95) for c in (0.7, 0.75, 0.8, 0.85, 0.95)},
     "w4a4-quarot-clip-kv0.9": _w4a4("hadamard", act_clip=0.9, kv_clip=0.9),
+    # activations in groups of 64 or 32 channels (--act-group; not the published per-token ranges)
+    **{f"w4a4-quarot-g{g}-clip{c}": _w4a4("hadamard", act_group=g, act_clip=c, kv_clip=0.95)
+       for g in (32, 64) for c in (1.0, 0.9, 0.8)},
     # the method's defaults (clip 0.8 / 0.95)
     "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1),
 }

@@ -53,7 +53,8 @@ def test_ste_passes_gradients_straight_through():
 
 
 # ---------------------------------------------------------------------------------- integer kernel
-CASES = [(576, 1536, 0, 0), (1536, 576, 1, 0), (576, 576, 0, 64), (40, 24, 0, 8), (96, 33, 0, 0)]
+CASES = [(576, 1536, 0, 0), (1536, 576, 1, 0), (1536, 576, 1, 64), (576, 576, 0, 64), (40, 24, 0, 8),
+         (96, 33, 0, 0)]
 
 
 @pytest.mark.parametrize("act_clip", [1.0, 0.8])
@@ -220,6 +221,23 @@ def test_down_proj_is_quantized_in_the_hadamard_basis_and_o_proj_per_head():
     packed = FMT.pack(down)
     assert torch.equal(FMT.dequantize(packed, down.params(), 96), down.dequantize())
     assert isinstance(FMT.unpack(packed, down.params(), 96), W4A4Quant)
+
+
+def test_act_group_sets_every_linears_activation_groups():
+    from transformers import LlamaConfig
+
+    mc = LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96)  # head_dim 16
+    want = {(8, "self_attn.q_proj"): 8, (8, "self_attn.o_proj"): 8, (8, "mlp.down_proj"): 8,
+            (32, "self_attn.q_proj"): 32, (32, "self_attn.o_proj"): 16, (32, "mlp.down_proj"): 32}
+    for (g, n), size in want.items():
+        c = SpinQuantConfig(act_group=g).for_layer(f"model.layers.0.{n}", mc)
+        assert c._act_group_size == size, (g, n)
+    down = quantize_w4a4(*_layer_problem(in_f=96), SpinQuantConfig(act_group=8).for_layer(
+        "model.layers.0.mlp.down_proj", mc))
+    assert down.input_hadamard and down.act_group_size == 8
+    with pytest.raises(ValueError, match="groups of 40 do not divide this linear's 96 input channels"):
+        quantize_w4a4(*_layer_problem(in_f=96), SpinQuantConfig(act_group=40).for_layer(
+            "model.layers.0.mlp.down_proj", mc))
 
 
 # ------------------------------------------------------------------------- a tiny model end to end

@@ -96,6 +96,9 @@ class SpinQuantConfig(MethodConfig):
     kv_bits: int = Field(4, description="SpinQuant: KV cache bits (16: not quantized)")
     kv_clip: float = Field(0.95, gt=0, le=1, description="SpinQuant: KV cache range clip ratio (published: 1.0; "
                                                           "QuaRot's 0.95)")
+    act_group: int = Field(0, ge=0, description="SpinQuant: quantize activations in groups of this many input "
+                                                 "channels (0: per token, the published setting; o_proj keeps "
+                                                 "one group per head unless this is smaller)")
     w_clip: bool = Field(True, description="SpinQuant: per-row weight clipping search before GPTQ")
     gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
     gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
@@ -109,14 +112,18 @@ class SpinQuantConfig(MethodConfig):
 
     def for_layer(self, name: str, model_config) -> "SpinQuantConfig":
         c = self.model_copy()
-        c._input_hadamard, c._act_group_size = layer_layout(name, model_config)
+        c._input_hadamard, group = layer_layout(name, model_config)
+        c._act_group_size = self.act_group if self.act_group and (not group or self.act_group < group) else group
         return c
 
 
 def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig) -> W4A4Quant:
     """One linear's w4a4 result. w float32 [out, in] (rotations R1/R2 folded); H float32 [in, in]
     (None or ``cfg.rtn``: round to nearest)."""
-    had = cfg._input_hadamard
+    had, group = cfg._input_hadamard, cfg._act_group_size
+    if group and w.shape[1] % group:
+        raise ValueError(f"activation groups of {group} do not divide this linear's {w.shape[1]} input channels; "
+                         "pass an --act-group that divides every linear's input size (64 for 576 and 1536)")
     if had:
         if not has_hadamard(w.shape[1]):
             raise ValueError(f"down_proj input size {w.shape[1]} has no Hadamard construction (R4); "
