@@ -108,6 +108,8 @@ VARIANTS: dict[str, dict] = {
        for g in (32, 64) for c in (1.0, 0.9, 0.8)},
     # the method's defaults (clip 0.8 / 0.95)
     "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1),
+    "w4a4-spinquant-gq-g64": dict(method="spinquant", rotation="learned", guided=True, groups=1, act_group=64,
+                                  act_clip=1.0),
 }
 
 
