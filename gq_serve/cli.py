@@ -373,7 +373,8 @@ def cmd_rotate(args) -> int:
                                  lr=args.lr, seq_len=args.seq_len, data=args.data, batch=args.batch_size,
                                  rotation_file=args.rotation_file, cache=cache, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=not args.quiet,
-                                 center=args.center_embeddings)
+                                 center=args.center_embeddings, act_clip=args.act_clip, kv_clip=args.kv_clip,
+                                 act_group=args.act_group)
     _print_json(record)
     return 0
 
@@ -586,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "learned: Cayley SGD under W16A4KV4 (resumes after a kill: rerun the same command)")
     sr.add_argument("--steps", type=int, default=100, help="learned: training steps")
     sr.add_argument("--lr", type=float, default=1.5, help="learned: Cayley SGD learning rate (cosine to 0)")
-    sr.add_argument("--batch-size", type=int, default=1, help="learned: windows per step")
+    sr.add_argument("--batch-size", type=int, default=8, help="learned: windows per step (SpinQuant's 8)")
     sr.add_argument("--seq-len", type=int, default=512, help="learned: tokens per calibration window")
     sr.add_argument("--data", default="sotu:train", help="learned: calibration corpus (sotu:train, a path, hf:NAME...)")
     sr.add_argument("--seed", type=int, default=0, help="random Hadamard signs and calibration windows")
@@ -596,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--center-embeddings", action="store_true",
                     help="subtract each embedding row's mean first, as QuaRot's and SpinQuant's code do "
                          "(not an identity under RMSNorm: docs/w4a4.md)")
+    sr.add_argument("--act-clip", type=float, default=None,
+                    help="learned: activation clip ratio the rotations train under (default: gq quantize "
+                         "--method spinquant's, 0.8; 1.0: SpinQuant's published unclipped objective)")
+    sr.add_argument("--kv-clip", type=float, default=None,
+                    help="learned: KV cache clip ratio the rotations train under (default: the spinquant method's, 0.95)")
+    sr.add_argument("--act-group", type=int, default=None,
+                    help="learned: activation groups the rotations train under (default 0: per token); "
+                         "pass the --act-group you will quantize with")
     sr.add_argument("--overwrite", action="store_true", help="replace OUT and discard a saved training state")
     sr.add_argument("--quiet", action="store_true")
     sr.set_defaults(func=cmd_rotate)

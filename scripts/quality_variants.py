@@ -36,6 +36,7 @@ from gq_serve.util import cache_root  # noqa: E402
 from gq_quantize.config import CalibrationConfig, QuantizeConfig  # noqa: E402
 from gq_quantize.data import eval_windows  # noqa: E402
 from gq_quantize.pipeline import quantize_model  # noqa: E402
+from gq_quantize.spinquant.train import training_quantizers  # noqa: E402
 from results_io import provenance, write_json  # noqa: E402
 
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct"),
@@ -106,10 +107,19 @@ VARIANTS: dict[str, dict] = {
     # activations in groups of 64 or 32 channels (--act-group; not the published per-token ranges)
     **{f"w4a4-quarot-g{g}-clip{c}": _w4a4("hadamard", act_group=g, act_clip=c, kv_clip=0.95)
        for g in (32, 64) for c in (1.0, 0.9, 0.8)},
-    # the method's defaults (clip 0.8 / 0.95)
-    "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1),
+    # the method's defaults (clip 0.8 / 0.95) on the rotations learned unclipped (before
+    # `gq rotate` trained under the served quantizers)
+    "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1,
+                                   rotation_quantizers=(1.0, 1.0, 0)),
     "w4a4-spinquant-gq-g64": dict(method="spinquant", rotation="learned", guided=True, groups=1, act_group=64,
+                                  rotation_quantizers=(1.0, 1.0, 0),
                                   act_clip=1.0),
+    # the defaults with rotations learned (batch 8) under the same clipped quantizers
+    "w4a4-spinquant-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8),
+    "w4a4-spinquant-gq-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1),
+    # those rotations (trained per token) with activations in groups of 32 (the best QuaRot-style setting)
+    "w4a4-spinquant-gq-b8-g32": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
+                                     act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0)),
 }
 
 
@@ -144,18 +154,23 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file() and p.suffix == ".safetensors")
 
 
-def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1, center: bool = False) -> Path:
+def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1, center: bool = False,
+                  quantizers: tuple[float, float, int] = (1.0, 1.0, 0)) -> Path:
     """The model with SpinQuant's rotations fused (`gq rotate`), made once and kept under the
     cache; learned rotations train on the calibration text (never the evaluation text), ``batch``
-    windows per step."""
+    windows per step, under ``quantizers`` (act_clip, kv_clip, act_group: the variant's own)."""
     from gq_quantize.spinquant.train import write_rotated_model
 
+    act_clip, kv_clip, act_group = quantizers
+    trained = mode == "learned" and quantizers != (1.0, 1.0, 0)
     name = (f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}" + (f"-b{batch}" if batch > 1 else "")
-            + ("-centred" if center else ""))
+            + ("-centred" if center else "")
+            + (f"-a{act_clip:g}-kv{kv_clip:g}" + (f"-g{act_group}" if act_group else "") if trained else ""))
     out = cache / "results" / "rotated" / name
     if not (out / "rotation.json").exists():
         write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
-                            batch=batch, data=args.calib, cache=cache, overwrite=out.exists(), center=center)
+                            batch=batch, data=args.calib, cache=cache, overwrite=out.exists(), center=center,
+                            act_clip=act_clip, kv_clip=kv_clip, act_group=act_group)
     return out
 
 
@@ -228,8 +243,11 @@ def main() -> int:
             rotation = kw.pop("rotation", None)
             batch = kw.pop("rotation_batch", 1)
             center = kw.pop("center_embeddings", False)
+            # learned rotations train under the variant's own quantizers unless it pins others
+            trained = kw.pop("rotation_quantizers", None) or training_quantizers(
+                kw.get("act_clip"), kw.get("kv_clip"), kw.get("act_group"))
             source = (model_dir if rotation is None
-                      else rotated_model(model_dir, args, rotation, cache, batch, center))
+                      else rotated_model(model_dir, args, rotation, cache, batch, center, trained))
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,
                                                                               seq_len=args.seq_len), **kw)
             # checkpoints calibrated elsewhere than sotu:calib carry their data's name, so a budget

@@ -29,6 +29,7 @@ from gq_quantize.spinquant.train import (
     initial_rotations,
     quantized_loss,
     train,
+    training_quantizers,
     write_rotated_model,
 )
 
@@ -191,6 +192,57 @@ def test_train_writes_curve_and_resumes_identically(tmp_path):
         train(fuse_norms(tiny_model(True)), windows, steps=3, lr=1.0, state_dir=tmp_path / "b", progress=False)
 
 
+def test_training_quantizers_are_the_served_ones():
+    """With a clip and activation groups, each linear's hook quantizes exactly as the w4a4 format does
+    for those settings: q/k/v, gate/up and down_proj (after R4) in groups, o_proj per head or per
+    group when that is smaller."""
+    from gq_kernels.w4a4.reference import fake_quant_act, prepare_input
+
+    model = fuse_norms(tiny_model(True))
+    layer = model.model.layers[0]
+    lins = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+    raw, seen = {}, {}
+    # Registered before the quantizers' hooks: sees the raw input; after: the quantized one.
+    handles = [m.register_forward_pre_hook(lambda m, a, k=k: raw.__setitem__(k, a[0].detach().clone()))
+               for k, m in lins.items()]
+    for group, o_group in ((8, 8), (32, 16)):  # head_dim 16: groups of 32 keep o_proj per head
+        with activation_quantizers(model, clip=0.8, group=group), torch.no_grad():
+            inner = [m.register_forward_pre_hook(lambda m, a, k=k: seen.__setitem__(k, a[0].detach().clone()))
+                     for k, m in lins.items()]
+            model(ids(1, 12))
+            for h in inner:
+                h.remove()
+        torch.testing.assert_close(seen["q"], fake_quant_act(raw["q"], 4, group, 0.8), atol=0, rtol=0)
+        torch.testing.assert_close(seen["o"], fake_quant_act(raw["o"], 4, o_group, 0.8), atol=0, rtol=0)
+        want = fake_quant_act(prepare_input(raw["down"], True), 4, group, 0.8)
+        torch.testing.assert_close(seen["down"], want, atol=0, rtol=0)
+        assert not torch.equal(seen["q"], fake_quant_act(raw["q"], 4, 0, 1.0))  # the settings took effect
+    for h in handles:
+        h.remove()
+
+
+def test_train_under_clipped_quantizers_is_its_own_run(tmp_path):
+    windows = ids(2, 16, seed=4)
+    plain = train(fuse_norms(tiny_model(True)), windows, steps=2, progress=False)
+    clipped = train(fuse_norms(tiny_model(True)), windows, steps=2, state_dir=tmp_path, progress=False,
+                    act_clip=0.8, kv_clip=0.95, stop_after=1)
+    assert clipped.losses[0] != plain.losses[0]
+    assert torch.load(tmp_path / STATE_FILE, weights_only=True)["fingerprint"]["act_clip"] == 0.8
+    with pytest.raises(RotationError, match=r"act_clip: 0.8 -> 0.9"):
+        train(fuse_norms(tiny_model(True)), windows, steps=2, state_dir=tmp_path, progress=False,
+              act_clip=0.9, kv_clip=0.95)
+
+
+def test_training_quantizers_default_to_the_spinquant_method():
+    from gq_quantize.methods.spinquant import SpinQuantConfig
+
+    d = SpinQuantConfig()
+    assert training_quantizers(None, None, None) == (d.act_clip, d.kv_clip, d.act_group)
+    assert training_quantizers(1.0, None, 32) == (1.0, d.kv_clip, 32)
+    with pytest.raises(RotationError, match="act_clip"):
+        training_quantizers(1.5, None, None)
+
+
 # ----------------------------------------------------------------------------------- directories
 @pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory, tiny_lm_dir):
@@ -223,6 +275,9 @@ def test_write_rotated_model_keeps_logits(tied_model_dir, tmp_path, mode):
     assert not (out / STATE_FILE).exists() and not list(tmp_path.glob(".*partial"))
     if mode == "learned":
         assert (out / LOSS_PNG).is_file() and rec["final_loss"] is not None
+        # trained under the quantizers gq quantize --method spinquant serves by default
+        assert (rec["train_act_clip"], rec["train_kv_clip"], rec["train_act_group"]) == training_quantizers(
+            None, None, None)
     torch.testing.assert_close(_logits(out, x), _logits(tied_model_dir, x), atol=1e-4, rtol=0)
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_rotated_model(tied_model_dir, out, mode, progress=False)
@@ -286,6 +341,9 @@ def test_cli_rotate(tied_model_dir, tmp_path, capsys):
     assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "none", "--overwrite", "--quiet",
                  "--center-embeddings"]) == 0
     assert json.loads(capsys.readouterr().out)["center_embeddings"] is True
+    assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "learned", "--overwrite", "--quiet",
+                 "--act-clip", "0"]) == 2
+    assert "act_clip" in capsys.readouterr().err and out.is_dir()  # refused before the old output was touched
 
 
 # ----------------------------------------------------------------------------------- real model

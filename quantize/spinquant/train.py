@@ -88,20 +88,23 @@ def check_online_hadamards(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------- objective
 @contextlib.contextmanager
-def activation_quantizers(model: nn.Module, bits: int = 4, clip: float = 1.0):
+def activation_quantizers(model: nn.Module, bits: int = 4, clip: float = 1.0, group: int = 0):
     """Forward pre-hooks fake-quantizing (STE) every decoder linear's input, as the w4a4 format does:
     q/k/v and gate/up per token; o_proj per (token, head); down_proj per token after the R4
-    Hadamard (its weight must then carry ``W R4``, see :func:`rotated_parameters`). Removed on exit."""
+    Hadamard (its weight must then carry ``W R4``, see :func:`rotated_parameters`). ``group`` > 0:
+    ranges per ``group`` input channels instead of per token (o_proj: per head unless ``group`` is
+    smaller), as ``--act-group`` quantizes. Removed on exit."""
     _, _, head_dim = attention_shape(model)
+    head_group = group if group and group < head_dim else head_dim
 
     def per_token(module, args):
-        return (fake_quant_act(args[0], bits, 0, clip, ste=True),) + args[1:]
+        return (fake_quant_act(args[0], bits, group, clip, ste=True),) + args[1:]
 
     def per_head(module, args):
-        return (fake_quant_act(args[0], bits, head_dim, clip, ste=True),) + args[1:]
+        return (fake_quant_act(args[0], bits, head_group, clip, ste=True),) + args[1:]
 
     def hadamard_token(module, args):
-        return (fake_quant_act(prepare_input(args[0], True), bits, 0, clip, ste=True),) + args[1:]
+        return (fake_quant_act(prepare_input(args[0], True), bits, group, clip, ste=True),) + args[1:]
 
     handles = []
     try:
@@ -144,12 +147,12 @@ def rotated_parameters(model: nn.Module, r1: torch.Tensor, r2: list[torch.Tensor
 
 
 def quantized_loss(model: nn.Module, input_ids: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
-                   kv_bits: int = 4) -> torch.Tensor:
+                   kv_bits: int = 4, kv_clip: float = 1.0) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids [B, T]`` through the rotated W16A4KV``kv_bits`` model
     (call inside :func:`activation_quantizers`); a scalar differentiable in r1, r2."""
     params = rotated_parameters(model, r1, r2)
     emb = model.model.embed_tokens(input_ids) @ r1
-    cache = QuantizedKVCache(len(decoder_layers(model)), bits=kv_bits, store=False, ste=True)
+    cache = QuantizedKVCache(len(decoder_layers(model)), bits=kv_bits, clip=kv_clip, store=False, ste=True)
     out = torch.func.functional_call(
         model.model, params, args=(),
         kwargs={"inputs_embeds": emb, "past_key_values": cache, "use_cache": True})
@@ -197,7 +200,7 @@ def write_loss_curve(out_dir: Path, losses: list[float], meta: dict | None = Non
 def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: int = 1, lr: float = 1.5,
           seed: int = 0, state_dir: str | Path | None = None, save_every: int = 10, fingerprint: dict | None = None,
           overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
-          kv_bits: int = 4) -> TrainResult:
+          kv_bits: int = 4, act_clip: float = 1.0, kv_clip: float = 1.0, act_group: int = 0) -> TrainResult:
     """Learn R1 and the per-layer R2 of a norm-fused, untied Llama-like ``model`` (see :func:`fuse_norms`;
     its weights are frozen here) by Cayley SGD on windows ``[N, T]`` (LongTensor; step s uses rows
     ``s*batch .. s*batch + batch - 1``, modulo N).
@@ -206,8 +209,11 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
     every ``save_every`` steps (and at the end) the state is saved atomically there, and a call with the
     same settings (``fingerprint`` plus steps, batch, lr, seed, the windows and the model's shape)
     resumes from it; different settings raise :class:`RotationError` unless ``overwrite``. A finished run
-    returns its rotations re-orthonormalised (sign-fixed QR). The loss curve is written there at the end (:func:`write_loss_curve`). ``stop_after``: return after that
-    many steps in total, as if killed (for tests and time-boxed runs; the state is saved first)."""
+    returns its rotations re-orthonormalised (sign-fixed QR). The loss curve is written there at the end
+    (:func:`write_loss_curve`). ``stop_after``: return after that many steps in total, as if killed (for
+    tests and time-boxed runs; the state is saved first). ``act_clip``, ``kv_clip``, ``act_group``: the
+    fake quantizers' range clip ratios and activation groups (1.0, 1.0, 0: SpinQuant's published
+    unclipped per-token objective; pass the values the model will be quantized with)."""
     from gq_quantize.data import data_hash
 
     decoder_layers(model)
@@ -219,6 +225,8 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
     model.eval()
     fp = {**(fingerprint or {}), "steps": int(steps), "batch": int(batch), "lr": float(lr), "seed": int(seed),
           "windows": data_hash(windows), "kv_bits": int(kv_bits),
+          **({} if (act_clip, kv_clip, act_group) == (1.0, 1.0, 0)
+             else {"act_clip": float(act_clip), "kv_clip": float(kv_clip), "act_group": int(act_group)}),
           "model_shape": [model.config.hidden_size, len(model.model.layers), model.config.intermediate_size]}
 
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
@@ -257,13 +265,13 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
                dynamic_ncols=True)
     n = windows.shape[0]
     try:
-        with activation_quantizers(model):
+        with activation_quantizers(model, clip=act_clip, group=act_group):
             for step in range(start, end):
                 rows = torch.arange(step * batch, step * batch + batch) % n
                 ids = windows[rows]
                 r1p = r1.clone().requires_grad_(True)
                 r2p = [r.clone().requires_grad_(True) for r in r2]
-                loss = quantized_loss(model, ids, r1p, r2p, kv_bits)
+                loss = quantized_loss(model, ids, r1p, r2p, kv_bits, kv_clip)
                 grads = torch.autograd.grad(loss, [r1p, *r2p])
                 lr_t = cosine_lr(lr, step, steps)
                 r1 = cayley_step(r1, grads[0], lr_t, gen)
@@ -281,7 +289,8 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
         r1 = orthonormalize(r1.double()).to(dtype)
         r2 = [orthonormalize(r.double()).to(dtype) for r in r2]
     if end == steps and state_dir is not None:
-        write_loss_curve(Path(state_dir), losses, {"steps": steps, "lr": lr, "batch": batch, "seed": seed})
+        write_loss_curve(Path(state_dir), losses, {"steps": steps, "lr": lr, "batch": batch, "seed": seed,
+                                                   "act_clip": act_clip, "kv_clip": kv_clip, "act_group": act_group})
     return TrainResult(r1, r2, losses)
 
 
@@ -332,6 +341,21 @@ def load_rotation_file(path: str | Path, model: nn.Module) -> tuple[torch.Tensor
     return tensors["R1"].double(), [tensors[f"R2.{i}"].double() for i in range(n_layers)]
 
 
+def training_quantizers(act_clip: float | None, kv_clip: float | None, act_group: int | None
+                        ) -> tuple[float, float, int]:
+    """(act_clip, kv_clip, act_group) with each None replaced by the spinquant method's default,
+    checked as the method checks them (clip ratios in (0, 1], groups >= 0)."""
+    from gq_quantize.methods.spinquant import SpinQuantConfig
+
+    given = {k: v for k, v in (("act_clip", act_clip), ("kv_clip", kv_clip), ("act_group", act_group))
+             if v is not None}
+    try:
+        cfg = SpinQuantConfig(**given)
+    except ValueError as e:
+        raise RotationError(f"invalid quantizer settings for rotation training: {e}") from None
+    return float(cfg.act_clip), float(cfg.kv_clip), int(cfg.act_group)
+
+
 def _partial_dir(out_dir: Path) -> Path:
     # Fixed name next to out_dir (same filesystem, so the final rename is atomic); learned runs keep
     # their resumable state in it, so a rerun finds it.
@@ -339,10 +363,12 @@ def _partial_dir(out_dir: Path) -> Path:
 
 
 def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *, seed: int = 0, steps: int = 100,
-                        lr: float = 1.5, seq_len: int = 512, data: str = "sotu:train", batch: int = 1,
+                        lr: float = 1.5, seq_len: int = 512, data: str = "sotu:train", batch: int = 8,
                         rotation_file: str | Path | None = None, windows: torch.Tensor | None = None,
                         cache: Path | None = None, dtype: str = "source", overwrite: bool = False,
-                        progress: bool = True, save_every: int = 10, center: bool = False) -> dict:
+                        progress: bool = True, save_every: int = 10, center: bool = False,
+                        act_clip: float | None = None, kv_clip: float | None = None,
+                        act_group: int | None = None) -> dict:
     """Write ``model_dir`` (a Llama-like HF model) with fused norms, untied lm_head and rotations fused
     to ``out_dir``; returns the ``rotation.json`` record.
 
@@ -351,7 +377,9 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     or on ``windows [N, T]`` when given). ``rotation_file``: reuse R1/R2 from an earlier
     ``rotations.safetensors`` instead (no training). ``dtype``: ``source`` (the model's own) or a
     torch dtype name for the saved weights. ``center``: subtract each embedding row's mean first
-    (:func:`center_embeddings`; not an identity under RMSNorm). Everything is assembled in a folder
+    (:func:`center_embeddings`; not an identity under RMSNorm). ``act_clip``, ``kv_clip``, ``act_group``:
+    the quantizers learned rotations train under (None: ``gq quantize --method spinquant``'s defaults,
+    so the rotations are learned for the ranges they will be served with). Everything is assembled in a folder
     next to out_dir and renamed at the end; a killed learned run resumes from its state there when
     rerun with the same arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -360,6 +388,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
 
     if mode not in MODES:
         raise RotationError(f"unknown rotation mode {mode!r}: choose one of {', '.join(MODES)}")
+    act_clip, kv_clip, act_group = training_quantizers(act_clip, kv_clip, act_group)
     if rotation_file is not None and mode == "none":
         raise RotationError("--rotation-file needs --rotation hadamard or learned (mode none uses identities)")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -413,10 +442,12 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
         fp = {"source_weights_sha256": weights_hash, "calibration": calib, "seq_len": int(windows.shape[1]),
               **({"center_embeddings": True} if center else {})}
         result = train(model, windows, steps=steps, batch=batch, lr=lr, seed=seed, state_dir=partial,
-                       save_every=save_every, fingerprint=fp, overwrite=overwrite, progress=progress)
+                       save_every=save_every, fingerprint=fp, overwrite=overwrite, progress=progress,
+                       act_clip=act_clip, kv_clip=kv_clip, act_group=act_group)
         r1, r2 = result.r1.double(), [r.double() for r in result.r2]
         record.update(steps=int(steps), lr=float(lr), batch=int(batch), seq_len=int(windows.shape[1]),
-                      calibration=calib, final_loss=result.losses[-1] if result.losses else None)
+                      calibration=calib, final_loss=result.losses[-1] if result.losses else None,
+                      train_act_clip=act_clip, train_kv_clip=kv_clip, train_act_group=act_group)
     apply_rotations(model, r1, r2)
 
     from safetensors.torch import save_file
@@ -438,5 +469,6 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
 __all__ = [
     "MODES", "TrainResult", "initial_rotations", "check_online_hadamards", "activation_quantizers",
     "rotated_parameters", "quantized_loss", "cosine_lr", "train", "write_loss_curve", "source_weights_hash",
+    "training_quantizers",
     "load_rotation_file", "write_rotated_model",
 ]
