@@ -57,7 +57,14 @@ LABELS = {
     **{f"w4a4-quarot-clip{c}": f"W4A4KV4 random Hadamard R1/R2, GPTQ, clip {c} (activations) / 0.95 (KV)"
        for c in (0.7, 0.75, 0.8, 0.85, 0.95)},
     "w4a4-quarot-clip-kv0.9": "W4A4KV4 random Hadamard R1/R2, GPTQ, clip 0.9 (activations) / 0.9 (KV)",
-    "w4a4-spinquant-gq-clip": "W4A4KV4 SpinQuant + GuidedQuant g=1, the defaults (clip 0.8 / 0.95)",
+    "w4a4-spinquant-gq-clip": "W4A4KV4 SpinQuant + GuidedQuant g=1, the defaults (clip 0.8 / 0.95); rotations "
+                              "learned at batch 1, unclipped",
+    "w4a4-spinquant-b8-def": "W4A4KV4 SpinQuant, the defaults (clip 0.8 / 0.95); rotations learned at batch 8 "
+                             "under that clip",
+    "w4a4-spinquant-gq-b8-def": "W4A4KV4 SpinQuant + GuidedQuant g=1, the defaults; rotations learned at batch 8 "
+                                "under the clip",
+    "w4a4-spinquant-gq-b8-g32": "W4A4KV4 SpinQuant + GuidedQuant g=1 (the same rotations), activations in groups "
+                                "of 32 (`--act-group 32 --act-clip 0.9`)",
     **{f"w4a4-quarot-g{g}-clip{c}": f"W4A4KV4 random Hadamard R1/R2, GPTQ, activations in groups of {g} "
                                     f"(`--act-group {g}`), clip {c} / 0.95" for g in (32, 64) for c in (1.0, 0.9, 0.8)},
     "w4a4-spinquant-gq-g64": "W4A4KV4 SpinQuant + GuidedQuant g=1, activations in groups of 64 (`--act-group 64 "
@@ -188,7 +195,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
                                       [3, 4], TEXTS, ["last16x512"]),
     }
     w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq",
-            "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8", "w4a4-spinquant-gq-clip", "w4a4-spinquant-gq-g64"]
+            "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8", "w4a4-quarot-clip0.8", "w4a4-spinquant-gq-clip",
+            "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",

@@ -201,6 +201,36 @@ def w4a4_speed_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def w4a4_sensitivity_table(rows: list[dict]) -> str:
+    """scripts/w4a4_sensitivity.py's rows: perplexity with one kind of linear's activations raised,
+    then (when measured) one decoder layer at a time."""
+    names = {"none": "none (as quantized)", "qkv": "q/k/v", "o": "o", "gate_up": "gate/up", "down": "down",
+             "all": "all"}
+    out = []
+    for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+        rs = [r for r in rows if r["checkpoint"] == ckpt]
+        base = next(r for r in rs if r["kind"] == "none")
+        kinds = [k for k in names if k != "none"]
+        out += [f"| activations of | {' | '.join(names[k] for k in kinds)} |", "|---|" + "---|" * len(kinds)]
+        for bits in sorted({r["act_bits"] for r in rs if r["kind"] != "none"}, reverse=True):
+            cells = []
+            for k in kinds:
+                r = next((r for r in rs if r["kind"] == k and r["layer"] is None and r["act_bits"] == bits), None)
+                cells.append("–" if r is None else f"{r['ppl']:.2f}")
+            label = "float" if bits >= 16 else f"{bits}-bit, unclipped"
+            out.append(f"| raised to {label} | {' | '.join(cells)} |")
+        per_layer = sorted((r for r in rs if r["layer"] is not None), key=lambda r: r["layer"])
+        if per_layer:
+            kind, bits = per_layer[0]["kind"], per_layer[0]["act_bits"]
+            cells = ", ".join(f"{r['layer']}: {r['ppl']:.2f}" for r in per_layer)
+            out += ["", f"One layer's {names[kind]} activations raised to {'float' if bits >= 16 else f'{bits} bits'} "
+                        f"(layer: perplexity): {cells}."]
+        out += ["", f"`{ckpt}` as quantized (activations {base['checkpoint_act_bits']}-bit, clip "
+                    f"{base['checkpoint_act_clip']}): {base['ppl']:.2f}; {base['eval_data']}, last {base['windows']} "
+                    f"x {base['ctx']} tokens; {base['machine']}, {base['date']}: `{base['command']}`.", ""]
+    return "\n".join(out).rstrip()
+
+
 def replace_block(doc: str, name: str, body: str) -> str:
     if ONLY and name not in ONLY:
         return doc
@@ -238,6 +268,9 @@ def main() -> int:
     w4a4_speed = RESULTS / "w4a4_speed.json"
     if w4a4_speed.exists():
         doc = replace_block(doc, "w4a4_speed", w4a4_speed_table(json.loads(w4a4_speed.read_text())))
+    sensitivity = RESULTS / "w4a4_sensitivity.json"
+    if sensitivity.exists():
+        doc = replace_block(doc, "w4a4_sensitivity", w4a4_sensitivity_table(json.loads(sensitivity.read_text())))
     variants = RESULTS / "quality_variants.json"
     if variants.exists():
         from render_quality_variants import render_blocks  # scripts/: this script's own folder

@@ -297,6 +297,42 @@ def test_w4a4_checkpoint_loads_and_matches_the_fake_quant_model(w4a4_dir, tiny_l
     torch.testing.assert_close(hf, want, rtol=1e-4, atol=1e-4)
 
 
+def test_sensitivity_script_raises_one_kind_of_linear_at_a_time(w4a4_dir, corpus, tmp_path):
+    """scripts/w4a4_sensitivity.py: the baseline row is the checkpoint as loaded, each row raises
+    exactly the linears it names, and a rerun measures nothing again."""
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.util import import_file
+
+    mod = import_file("w4a4_sensitivity", Path(__file__).resolve().parent.parent / "scripts" / "w4a4_sensitivity.py")
+    out = tmp_path / "sens.json"
+    argv = [str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "2", "--act-bits", "16",
+            "--per-layer", "down", "--out", str(out)]
+    assert mod.main(argv) == 0
+    rows = {(r["kind"], r["layer"]): r for r in json.loads(out.read_text())}
+    n_layers = load_quantized_model(w4a4_dir).config.num_hidden_layers
+    assert len(rows) == 1 + len(mod.KINDS) + n_layers
+    assert rows[("all", None)]["linears_raised"] == 7 * n_layers
+    assert rows[("gate_up", None)]["linears_raised"] == 2 * n_layers
+    assert all(rows[("down", i)]["linears_raised"] == 1 for i in range(n_layers))
+    assert rows[("all", None)]["ppl"] != rows[("none", None)]["ppl"]
+
+    from gq_quantize.data import eval_windows
+    from gq_serve.evaluate import perplexity
+    from transformers import AutoTokenizer
+
+    w = eval_windows(AutoTokenizer.from_pretrained(w4a4_dir), str(corpus), 16, 32)
+    got = perplexity(load_quantized_model(w4a4_dir), w, progress=False)["ppl"]
+    assert got == pytest.approx(rows[("none", None)]["ppl"], rel=1e-6)
+    before = out.read_text()
+    assert mod.main(argv) == 0 and out.read_text() == before
+    render = import_file("render_results", Path(__file__).resolve().parent.parent / "scripts" / "render_results.py")
+    table = render.w4a4_sensitivity_table(json.loads(before))
+    assert f"| raised to float | {rows[('qkv', None)]['ppl']:.2f} |" in table
+    assert f"One layer's down activations raised to float (layer: perplexity): 0: {rows[('down', 0)]['ppl']:.2f}," in table
+    with pytest.raises(SystemExit, match="fewer than --windows"):
+        mod.main([str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "100000", "--out", str(out)])
+
+
 def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):
     from gq_quantize import pipeline
     from gq_quantize.config import CalibrationConfig, QuantizeConfig

@@ -1,0 +1,118 @@
+"""Where a w4a4 checkpoint's activation quantization costs perplexity -> docs/results/w4a4_sensitivity.json.
+
+    python scripts/w4a4_sensitivity.py CHECKPOINT --data sotu:val --act-bits 16 8 --per-layer gate_up
+
+Loads one w4a4 checkpoint and evaluates it with the activations of one kind of linear (``qkv``:
+q/k/v_proj, ``o``: o_proj, ``gate_up``: gate/up_proj, ``down``: down_proj; ``all``) raised from the
+checkpoint's ``act_bits`` to each of ``--act-bits`` (16: left in float; raised ranges unclipped, as a
+clip ratio chosen for 4 bits would only hurt at 8), the weights and the KV cache unchanged.
+``--per-layer KIND`` then raises that kind in one decoder layer at a time. Perplexity over the last
+``--windows`` windows of ``--ctx`` (512) tokens of ``--data`` (choose the validation text, never the held-out one,
+when the answer picks a setting). Rows are written as they are measured; a rerun skips those present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_io import provenance, write_json  # noqa: E402
+
+KINDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+         "down": ("down_proj",)}
+KINDS["all"] = tuple(s for suffixes in KINDS.values() for s in suffixes)
+
+
+def activation_linears(model) -> dict[str, torch.nn.Module]:
+    """name -> GQLinear of every linear that quantizes its input (a w4a4 layer)."""
+    from gq_serve.quant_linear import GQLinear
+
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, GQLinear) and getattr(m.params, "act_bits", 16) < 16}
+
+
+def raise_activations(linears: dict, original: dict, bits: int, kind: str | None, layer: int | None) -> int:
+    """Set act_bits ``bits`` (clip 1.0) on the linears of ``kind`` (in decoder ``layer`` only, when given),
+    the checkpoint's own parameters on the others; returns how many were raised."""
+    suffixes = KINDS[kind] if kind else ()
+    raised = 0
+    for name, m in linears.items():
+        hit = name.endswith(suffixes) and (layer is None or f".layers.{layer}." in f".{name}")
+        m.params = original[name].model_copy(update={"act_bits": bits, "act_clip": 1.0}) if hit else original[name]
+        m.reset_cache()  # the kernel was prepared for the old parameters
+        raised += hit
+    return raised
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a w4a4 checkpoint directory (gq quantize --method spinquant)")
+    p.add_argument("--data", default="sotu:val")
+    p.add_argument("--windows", type=int, default=16, help="last N windows of --data")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window")
+    p.add_argument("--act-bits", type=int, nargs="+", default=[16], choices=(8, 16))
+    p.add_argument("--per-layer", choices=sorted(KINDS), default=None,
+                   help="also raise this kind one decoder layer at a time (at the first --act-bits)")
+    p.add_argument("--out", default=str(ROOT / "docs/results/w4a4_sensitivity.json"))
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.evaluate import perplexity
+    from gq_serve.util import cache_root
+    from gq_quantize.data import eval_windows
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise SystemExit(f"error: {ckpt} is not a checkpoint directory (no config.json)")
+    model = load_quantized_model(ckpt, dtype=torch.float32).eval()
+    linears = activation_linears(model)
+    if not linears:
+        raise SystemExit(f"error: {ckpt} has no linear with quantized activations: pass a w4a4 checkpoint")
+    original = {n: m.params for n, m in linears.items()}
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    windows = eval_windows(tokenizer, args.data, args.ctx, args.windows * args.ctx, cache_root())
+    if windows.shape[0] < args.windows:
+        raise SystemExit(f"error: {args.data} holds {windows.shape[0]} windows of {args.ctx} tokens, "
+                         f"fewer than --windows {args.windows}")
+
+    out = Path(args.out)
+    base = {"checkpoint": ckpt.name, "eval_data": args.data, "windows": int(windows.shape[0]), "ctx": args.ctx,
+            "checkpoint_act_bits": next(iter(original.values())).act_bits,
+            "checkpoint_act_clip": next(iter(original.values())).act_clip}
+
+    def key(r: dict) -> tuple:
+        return (r["checkpoint"], r["eval_data"], r["windows"], r["ctx"], r["kind"], r["layer"], r["act_bits"])
+
+    jobs = [(None, None, base["checkpoint_act_bits"])]
+    jobs += [(k, None, b) for b in args.act_bits for k in KINDS]
+    if args.per_layer:
+        n_layers = len(model.model.layers)
+        jobs += [(args.per_layer, i, args.act_bits[0]) for i in range(n_layers)]
+    for kind, layer, bits in jobs:
+        row = {**base, "kind": kind or "none", "layer": layer, "act_bits": bits}
+        rows = json.loads(out.read_text()) if out.exists() else []
+        if key(row) in {key(r) for r in rows}:
+            continue
+        row["linears_raised"] = raise_activations(linears, original, bits, kind, layer)
+        t0 = time.perf_counter()
+        row["ppl"] = perplexity(model, windows, progress=False)["ppl"]
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row.update(provenance())
+        print(f"{row['kind']:8s} layer {layer if layer is not None else 'all':>3} A{bits:<2d} "
+              f"ppl {row['ppl']:.3f} ({row['seconds']} s)", flush=True)
+        rows = json.loads(out.read_text()) if out.exists() else []
+        write_json(out, [r for r in rows if key(r) != key(row)] + [row])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
