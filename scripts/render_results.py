@@ -207,6 +207,9 @@ def w4a4_sensitivity_table(rows: list[dict]) -> str:
     names = {"none": "none (as quantized)", "qkv": "q/k/v", "o": "o", "gate_up": "gate/up", "down": "down",
              "all": "all"}
     out = []
+    searched = [r for r in rows if r["kind"] == "clips"]
+    per_linear = [r for r in rows if r["kind"] == "clips_linear"]
+    rows = [r for r in rows if r["kind"] not in ("clips", "clips_linear")]
     for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
         rs = [r for r in rows if r["checkpoint"] == ckpt]
         base = next(r for r in rs if r["kind"] == "none")
@@ -228,6 +231,34 @@ def w4a4_sensitivity_table(rows: list[dict]) -> str:
         out += ["", f"`{ckpt}` as quantized (activations {base['checkpoint_act_bits']}-bit, clip "
                     f"{base['checkpoint_act_clip']}): {base['ppl']:.2f}; {base['eval_data']}, last {base['windows']} "
                     f"x {base['ctx']} tokens; {base['machine']}, {base['date']}: `{base['command']}`.", ""]
+    def where(r: dict) -> tuple:
+        return r["checkpoint"], r["eval_data"], r["windows"], r["ctx"]
+
+    for run in dict.fromkeys(where(r) for r in searched):
+        rs = [r for r in searched if where(r) == run]
+        start = next(r for r in rs if set(r["clips"].values()) == {r["checkpoint_act_clip"]})
+        trials = [r for r in rs if r is not start]
+        if not trials:  # only the starting point (measured for --clip-search linear)
+            continue
+        best = min(rs, key=lambda r: r["ppl"])
+        clips = ", ".join(f"{names[k]} {c:g}" for k, c in best["clips"].items())
+        out += [f"Activation clip ratio per kind of linear (`--clip-search kind`: coordinate descent, {len(rs)} "
+                f"evaluations): best {clips}: {best['ppl']:.2f}, against {start['ppl']:.2f} with "
+                f"{start['checkpoint_act_clip']:g} everywhere (`{run[0]}`, {run[1]}, last {run[2]} x {run[3]} "
+                f"tokens; {trials[-1]['machine']}, {trials[-1]['date']}: `{trials[-1]['command']}`).", ""]
+    from w4a4_sensitivity import KINDS  # scripts/: this script's own folder
+
+    for r in per_linear:
+        start = next(s for s in searched
+                     if where(s) == where(r) and set(s["clips"].values()) == {s["checkpoint_act_clip"]})
+        by_kind = {k: sorted(c for n, c in r["clips"].items() if n.endswith(KINDS[k]))
+                   for k in ("qkv", "o", "gate_up", "down")}
+        spans = ", ".join(f"{names[k]} {cs[0]:g}-{cs[-1]:g} (median {cs[len(cs) // 2]:g})"
+                          for k, cs in by_kind.items() if cs)
+        out += [f"Activation clip ratio per linear, the grid's least output error on {r['clip_windows']} windows "
+                f"of {r['clip_data']} (`--clip-search linear`), {r['eval_data']}, last {r['windows']} x {r['ctx']} "
+                f"tokens: {r['ppl']:.2f}, against {start['ppl']:.2f} with {start['checkpoint_act_clip']:g} "
+                f"everywhere; chosen: {spans} ({r['machine']}, {r['date']}: `{r['command']}`).", ""]
     return "\n".join(out).rstrip()
 
 

@@ -8,7 +8,15 @@ checkpoint's ``act_bits`` to each of ``--act-bits`` (16: left in float; raised r
 clip ratio chosen for 4 bits would only hurt at 8), the weights and the KV cache unchanged.
 ``--per-layer KIND`` then raises that kind in one decoder layer at a time. Perplexity over the last
 ``--windows`` windows of ``--ctx`` (512) tokens of ``--data`` (choose the validation text, never the held-out one,
-when the answer picks a setting). Rows are written as they are measured; a rerun skips those present.
+when the answer picks a setting).
+
+``--clip-search kind`` instead looks for one activation clip ratio per kind (q/k/v, o, gate/up, down)
+by coordinate descent on ``--data``'s perplexity over ``--clip-grid``, one pass in the order gate/up,
+down, q/k/v, o (the kinds whose activations cost most first), starting from the checkpoint's ratio.
+``--clip-search linear`` gives each linear the ratio of ``--clip-grid`` whose quantized activations
+bring its output closest (squared error) to float activations on ``--clip-windows`` windows of
+``--clip-data`` (calibration text: nothing is chosen on ``--data``), then scores that.
+Rows are written as they are measured; a rerun skips those present.
 """
 from __future__ import annotations
 
@@ -51,6 +59,50 @@ def raise_activations(linears: dict, original: dict, bits: int, kind: str | None
     return raised
 
 
+def set_clips(linears: dict, original: dict, clips: dict[str, float]) -> None:
+    """Give every linear of kind k (a key of ``clips``) the activation clip ratio ``clips[k]``."""
+    for name, m in linears.items():
+        kind = next(k for k in clips if name.endswith(KINDS[k]))
+        m.params = original[name].model_copy(update={"act_clip": clips[kind]})
+        m.reset_cache()
+
+
+def output_error_clips(model, linears: dict, original: dict, windows: torch.Tensor, grid: list[float]
+                       ) -> dict[str, float]:
+    """name -> the ratio of ``grid`` minimising each linear's summed squared output error against float
+    activations, on the inputs the checkpoint as loaded feeds it for ``windows [N, T]``."""
+    errors = {n: torch.zeros(len(grid), dtype=torch.float64) for n in linears}
+    busy: set[str] = set()
+
+    def accumulate(m, args, name):
+        if name in busy:  # the calls below go through this hook again
+            return
+        busy.add(name)
+        x = args[0].reshape(-1, args[0].shape[-1])
+        try:
+            m.params = original[name].model_copy(update={"act_bits": 16})
+            m.reset_cache()
+            want = m(x).double()
+            for i, c in enumerate(grid):
+                m.params = original[name].model_copy(update={"act_clip": c})
+                m.reset_cache()
+                errors[name][i] += (m(x).double() - want).pow(2).sum()
+        finally:
+            m.params = original[name]
+            m.reset_cache()
+            busy.discard(name)
+
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: accumulate(m, a, n)) for n, m in linears.items()]
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: grid[int(e.argmin())] for n, e in errors.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a w4a4 checkpoint directory (gq quantize --method spinquant)")
@@ -60,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--act-bits", type=int, nargs="+", default=[16], choices=(8, 16))
     p.add_argument("--per-layer", choices=sorted(KINDS), default=None,
                    help="also raise this kind one decoder layer at a time (at the first --act-bits)")
+    p.add_argument("--clip-search", choices=("kind", "linear"), default=None,
+                   help="choose activation clip ratios instead: per kind by perplexity, or per linear by output error")
+    p.add_argument("--clip-grid", type=float, nargs="+", default=[0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0])
+    p.add_argument("--clip-data", default="sotu:train", help="--clip-search linear: calibration text")
+    p.add_argument("--clip-windows", type=int, default=2, help="--clip-search linear: last N windows of --clip-data")
     p.add_argument("--out", default=str(ROOT / "docs/results/w4a4_sensitivity.json"))
     args = p.parse_args(argv)
+    if not all(0 < c <= 1 for c in args.clip_grid):
+        p.error(f"--clip-grid ratios must lie in (0, 1], got {args.clip_grid}")
 
     from transformers import AutoTokenizer
 
@@ -90,7 +149,55 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_act_clip": next(iter(original.values())).act_clip}
 
     def key(r: dict) -> tuple:
-        return (r["checkpoint"], r["eval_data"], r["windows"], r["ctx"], r["kind"], r["layer"], r["act_bits"])
+        return (r["checkpoint"], r["eval_data"], r["windows"], r["ctx"], r["kind"], r["layer"], r["act_bits"],
+                json.dumps(r.get("clips"), sort_keys=True))
+
+    def measure(row: dict) -> float:
+        """The row's perplexity: measured and appended to --out, or read from it."""
+        rows = json.loads(out.read_text()) if out.exists() else []
+        done = {key(r): r for r in rows}
+        if key(row) in done:
+            return done[key(row)]["ppl"]
+        t0 = time.perf_counter()
+        row["ppl"] = perplexity(model, windows, progress=False)["ppl"]
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row.update(provenance())
+        layer = "all" if row["layer"] is None else row["layer"]
+        what = (json.dumps(row["clips"]) if row["kind"] == "clips" else "per linear" if row.get("clips")
+                else f"layer {layer:>3} A{row['act_bits']:<2d}")
+        print(f"{row['kind']:8s} {what} ppl {row['ppl']:.3f} ({row['seconds']} s)", flush=True)
+        rows = json.loads(out.read_text()) if out.exists() else []
+        write_json(out, [r for r in rows if key(r) != key(row)] + [row])
+        return row["ppl"]
+
+    bits = base["checkpoint_act_bits"]
+    if args.clip_search:
+        clips = {k: base["checkpoint_act_clip"] for k in ("gate_up", "down", "qkv", "o")}
+        set_clips(linears, original, clips)
+        best = measure({**base, "kind": "clips", "layer": None, "act_bits": bits, "clips": dict(clips)})
+    if args.clip_search == "linear":
+        calib = eval_windows(tokenizer, args.clip_data, args.ctx, args.clip_windows * args.ctx, cache_root())
+        chosen = output_error_clips(model, linears, original, calib, sorted(args.clip_grid))
+        for name, m in linears.items():
+            m.params = original[name].model_copy(update={"act_clip": chosen[name]})
+            m.reset_cache()
+        got = measure({**base, "kind": "clips_linear", "layer": None, "act_bits": bits, "clips": chosen,
+                       "clip_data": args.clip_data, "clip_windows": int(calib.shape[0]),
+                       "clip_grid": sorted(args.clip_grid)})
+        print(f"per-linear clips by output error: ppl {got:.3f} (checkpoint's {best:.3f})", flush=True)
+        return 0
+    if args.clip_search == "kind":
+        for kind in list(clips):
+            for c in args.clip_grid:
+                trial = {**clips, kind: c}
+                if c == clips[kind]:
+                    continue
+                set_clips(linears, original, trial)
+                got = measure({**base, "kind": "clips", "layer": None, "act_bits": bits, "clips": trial})
+                if got < best:
+                    best, clips = got, trial
+        print(f"best clips {json.dumps(clips)}: ppl {best:.3f}", flush=True)
+        return 0
 
     jobs = [(None, None, base["checkpoint_act_bits"])]
     jobs += [(k, None, b) for b in args.act_bits for k in KINDS]
@@ -99,18 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(args.per_layer, i, args.act_bits[0]) for i in range(n_layers)]
     for kind, layer, bits in jobs:
         row = {**base, "kind": kind or "none", "layer": layer, "act_bits": bits}
-        rows = json.loads(out.read_text()) if out.exists() else []
-        if key(row) in {key(r) for r in rows}:
-            continue
         row["linears_raised"] = raise_activations(linears, original, bits, kind, layer)
-        t0 = time.perf_counter()
-        row["ppl"] = perplexity(model, windows, progress=False)["ppl"]
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        row.update(provenance())
-        print(f"{row['kind']:8s} layer {layer if layer is not None else 'all':>3} A{bits:<2d} "
-              f"ppl {row['ppl']:.3f} ({row['seconds']} s)", flush=True)
-        rows = json.loads(out.read_text()) if out.exists() else []
-        write_json(out, [r for r in rows if key(r) != key(row)] + [row])
+        measure(row)
     return 0
 
 

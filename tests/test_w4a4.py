@@ -333,6 +333,93 @@ def test_sensitivity_script_raises_one_kind_of_linear_at_a_time(w4a4_dir, corpus
         mod.main([str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "100000", "--out", str(out)])
 
 
+def test_clip_search_tries_each_kind_and_keeps_the_best(w4a4_dir, corpus, tmp_path):
+    """scripts/w4a4_sensitivity.py --clip-search: one pass of coordinate descent over the kinds, each
+    row measured with exactly its clip ratios, the best carried forward; a rerun measures nothing."""
+    from gq_quantize.data import eval_windows
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.evaluate import perplexity
+    from gq_serve.util import import_file
+    from transformers import AutoTokenizer
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    mod = import_file("w4a4_sensitivity", scripts / "w4a4_sensitivity.py")
+    out = tmp_path / "clips.json"
+    argv = [str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "2", "--clip-search", "kind",
+            "--clip-grid", "0.5", "1.0", "--out", str(out)]
+    assert mod.main(argv) == 0
+    rows = json.loads(out.read_text())
+    start = rows[0]["checkpoint_act_clip"]
+    tried = [c for c in (0.5, 1.0) if c != start]
+    assert len(rows) == 1 + 4 * len(tried) and all(r["kind"] == "clips" for r in rows)
+    # each kind's trials start from the best clips found before it
+    best, clips = rows[0]["ppl"], rows[0]["clips"]
+    for i, kind in enumerate(("gate_up", "down", "qkv", "o")):
+        for r in rows[1 + i * len(tried): 1 + (i + 1) * len(tried)]:
+            assert {k: v for k, v in r["clips"].items() if k != kind} == {k: v for k, v in clips.items() if k != kind}
+            if r["ppl"] < best:
+                best, clips = r["ppl"], r["clips"]
+    # a row's perplexity is the model's with those clip ratios, set independently here
+    model = load_quantized_model(w4a4_dir).eval()
+    row = rows[-1]
+    for name, m in mod.activation_linears(model).items():
+        kind = next(k for k in row["clips"] if name.endswith(mod.KINDS[k]))
+        m.params = m.params.model_copy(update={"act_clip": row["clips"][kind]})
+        m.reset_cache()
+    w = eval_windows(AutoTokenizer.from_pretrained(w4a4_dir), str(corpus), 16, 32)
+    assert perplexity(model, w, progress=False)["ppl"] == pytest.approx(row["ppl"], rel=1e-6)
+    before = out.read_text()
+    assert mod.main(argv) == 0 and out.read_text() == before
+    render = import_file("render_results", scripts / "render_results.py")
+    assert f"{best:.2f}, against {rows[0]['ppl']:.2f}" in render.w4a4_sensitivity_table(rows)
+    with pytest.raises(SystemExit):
+        mod.main(argv[:-2] + ["--clip-grid", "1.5", "--out", str(out)])
+
+
+def test_clip_search_per_linear_picks_the_least_output_error(w4a4_dir, corpus, tmp_path):
+    """--clip-search linear: every activation linear gets the grid ratio with the least output error on
+    the calibration windows, checked here for one linear from its own captured inputs."""
+    from gq_quantize.data import eval_windows
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.util import import_file
+    from transformers import AutoTokenizer
+
+    mod = import_file("w4a4_sensitivity", Path(__file__).resolve().parent.parent / "scripts" / "w4a4_sensitivity.py")
+    out = tmp_path / "clips.json"
+    assert mod.main([str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "2", "--clip-search", "linear",
+                     "--clip-grid", "0.3", "1.0", "--clip-data", str(corpus), "--clip-windows", "3",
+                     "--out", str(out)]) == 0
+    rows = {r["kind"]: r for r in json.loads(out.read_text())}
+    chosen = rows["clips_linear"]["clips"]
+    model = load_quantized_model(w4a4_dir).eval()
+    linears = mod.activation_linears(model)
+    assert set(chosen) == set(linears) and set(chosen.values()) <= {0.3, 1.0}
+    name = "model.layers.0.mlp.down_proj"
+    m, seen = linears[name], []
+    h = m.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+    with torch.inference_mode():
+        for w in eval_windows(AutoTokenizer.from_pretrained(w4a4_dir), str(corpus), 16, 48):
+            model(input_ids=w[None], use_cache=False)
+    h.remove()
+    x, p0 = torch.cat(seen), m.params
+    with torch.inference_mode():
+        m.params = p0.model_copy(update={"act_bits": 16})
+        m.reset_cache()
+        want = m(x)
+        errs = {}
+        for c in (0.3, 1.0):
+            m.params = p0.model_copy(update={"act_clip": c})
+            m.reset_cache()
+            errs[c] = (m(x).double() - want.double()).pow(2).sum().item()
+    assert errs[0.3] != errs[1.0] and chosen[name] == min(errs, key=errs.get)
+    assert rows["clips_linear"]["ppl"] != rows["clips"]["ppl"] or len(set(chosen.values())) == 1
+    render = import_file("render_results", Path(__file__).resolve().parent.parent / "scripts" / "render_results.py")
+    table = render.w4a4_sensitivity_table(json.loads(out.read_text()))
+    assert (f"(`--clip-search linear`), {rows['clips']['eval_data']}, last 2 x 16 tokens: "
+            f"{rows['clips_linear']['ppl']:.2f}, against {rows['clips']['ppl']:.2f}") in table
+    assert "coordinate descent" not in table  # no kind search was run
+
+
 def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):
     from gq_quantize import pipeline
     from gq_quantize.config import CalibrationConfig, QuantizeConfig
