@@ -201,7 +201,7 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",
                 "w4a4-quarot-seq", "w4a4-quarot-centred", "w4a4-quarot-clip", "w4a4-quarot-clip0.8",
-                "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g32-clip0.9"]
+                "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-g32-clip1.0"]
     if any(r["variant"] in ablation[1:4] for r in rows):
         blocks["w4a4_ablation"] = variants_table(rows, SMOL, ablation, [4], TEXTS, ["last32x512", "last16x512"])
     if any(r["variant"].startswith("w4a4") and r["eval_data"] == "sotu:val" for r in rows):

@@ -415,7 +415,7 @@ def test_clip_search_per_linear_picks_the_least_output_error(w4a4_dir, corpus, t
     assert rows["clips_linear"]["ppl"] != rows["clips"]["ppl"] or len(set(chosen.values())) == 1
     render = import_file("render_results", Path(__file__).resolve().parent.parent / "scripts" / "render_results.py")
     table = render.w4a4_sensitivity_table(json.loads(out.read_text()))
-    assert (f"(`--clip-search linear`), {rows['clips']['eval_data']}, last 2 x 16 tokens: "
+    assert (f"(`--clip-search linear`), `{w4a4_dir.name}` on {rows['clips']['eval_data']}, last 2 x 16 tokens: "
             f"{rows['clips_linear']['ppl']:.2f}, against {rows['clips']['ppl']:.2f}") in table
     assert "coordinate descent" not in table  # no kind search was run
 
