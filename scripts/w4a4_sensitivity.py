@@ -60,10 +60,11 @@ def raise_activations(linears: dict, original: dict, bits: int, kind: str | None
 
 
 def set_clips(linears: dict, original: dict, clips: dict[str, float]) -> None:
-    """Give every linear of kind k (a key of ``clips``) the activation clip ratio ``clips[k]``."""
+    """Give every linear the activation clip ratio ``clips[name]``, or ``clips[kind]`` when ``clips`` is keyed by
+    kind (q/k/v, o, gate_up, down)."""
     for name, m in linears.items():
-        kind = next(k for k in clips if name.endswith(KINDS[k]))
-        m.params = original[name].model_copy(update={"act_clip": clips[kind]})
+        key = name if name in clips else next(k for k in clips if name.endswith(KINDS[k]))
+        m.params = original[name].model_copy(update={"act_clip": clips[key]})
         m.reset_cache()
 
 
@@ -178,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clip_search == "linear":
         calib = eval_windows(tokenizer, args.clip_data, args.ctx, args.clip_windows * args.ctx, cache_root())
         chosen = output_error_clips(model, linears, original, calib, sorted(args.clip_grid))
-        for name, m in linears.items():
-            m.params = original[name].model_copy(update={"act_clip": chosen[name]})
-            m.reset_cache()
+        set_clips(linears, original, chosen)
         got = measure({**base, "kind": "clips_linear", "layer": None, "act_bits": bits, "clips": chosen,
                        "clip_data": args.clip_data, "clip_windows": int(calib.shape[0]),
                        "clip_grid": sorted(args.clip_grid)})
