@@ -239,6 +239,10 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     if qconfig.finetune.steps and streamed:
         raise QuantizeError("--finetune-steps trains the whole quantized model against the unquantized one in "
                             "memory; it cannot run with --streamed (drop one of them)")
+    after = qconfig.options.after_quantize()
+    if after is not None and streamed:
+        raise QuantizeError(f"{qconfig.method}'s pass over the whole quantized model (e.g. --per-linear-act-clip) "
+                            "runs it in memory; it cannot run with --streamed (drop one of them)")
     validate_model_dir(model_dir)
     timings: dict[str, float] = {}
 
@@ -264,7 +268,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
     t0 = time.perf_counter()
     cache, windows_hash = None, "none"  # RTN reads no calibration data
     needs = qconfig.needs()
-    if needs or qconfig.finetune.steps:
+    if needs or qconfig.finetune.steps or after is not None:
         windows = calibration_windows(tokenizer, calib.data, calib.n_samples, calib.seq_len, calib.seed,
                                       cache_root)
         windows_hash = data_hash(windows)
@@ -337,6 +341,10 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         except ValueError as e:
             raise QuantizeError(str(e)) from None
         timings["finetune_s"] = time.perf_counter() - t0
+    if after is not None:
+        t0 = time.perf_counter()
+        results = after(model, results, windows.to(device), progress)
+        timings["after_quantize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     del model

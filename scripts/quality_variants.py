@@ -120,6 +120,15 @@ VARIANTS: dict[str, dict] = {
     # those rotations (trained per token) with activations in groups of 32 (the best QuaRot-style setting)
     "w4a4-spinquant-gq-b8-g32": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
                                      act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0)),
+    # each linear's activation clip ratio chosen by its output error (gq quantize --per-linear-act-clip)
+    "w4a4-quarot-clip0.8-lin": _w4a4("hadamard", act_clip=0.8, kv_clip=0.95, per_linear_act_clip=True),
+    "w4a4-quarot-g32-clip1.0-lin": _w4a4("hadamard", act_group=32, act_clip=1.0, kv_clip=0.95,
+                                         per_linear_act_clip=True),
+    # rotations learned (batch 8) under groups of 32 unclipped, then served so, without and with per-linear ratios
+    "w4a4-spinquant-gq-b8-g32-clip1.0": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
+                                             groups=1, act_group=32, act_clip=1.0),
+    "w4a4-spinquant-gq-b8-g32-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
+                                         groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=True),
 }
 
 

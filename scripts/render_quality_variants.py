@@ -69,6 +69,14 @@ LABELS = {
                                     f"(`--act-group {g}`), clip {c} / 0.95" for g in (32, 64) for c in (1.0, 0.9, 0.8)},
     "w4a4-spinquant-gq-g64": "W4A4KV4 SpinQuant + GuidedQuant g=1, activations in groups of 64 (`--act-group 64 "
                              "--act-clip 1.0`)",
+    "w4a4-quarot-clip0.8-lin": "W4A4KV4 random Hadamard R1/R2, GPTQ, clip per linear by output error "
+                               "(`--per-linear-act-clip`, from 0.8) / 0.95",
+    "w4a4-quarot-g32-clip1.0-lin": "W4A4KV4 random Hadamard R1/R2, GPTQ, groups of 32, clip per linear by output "
+                                   "error (`--per-linear-act-clip`, from 1.0) / 0.95",
+    "w4a4-spinquant-gq-b8-g32-clip1.0": "W4A4KV4 SpinQuant + GuidedQuant g=1, rotations learned at batch 8 under "
+                                        "groups of 32 unclipped, served so (`--act-group 32 --act-clip 1.0`)",
+    "w4a4-spinquant-gq-b8-g32-lin": "W4A4KV4 SpinQuant + GuidedQuant g=1, the same rotations, groups of 32, clip "
+                                    "per linear (`--per-linear-act-clip`)",
 }
 
 
@@ -196,19 +204,21 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
     }
     w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq",
             "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8", "w4a4-quarot-clip0.8", "w4a4-spinquant-gq-clip",
-            "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32"]
+            "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32",
+            "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-gq-b8-g32-lin"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",
                 "w4a4-quarot-seq", "w4a4-quarot-centred", "w4a4-quarot-clip", "w4a4-quarot-clip0.8",
-                "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-g32-clip1.0"]
+                "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-g32-clip1.0",
+                "w4a4-quarot-clip0.8-lin", "w4a4-quarot-g32-clip1.0-lin"]
     if any(r["variant"] in ablation[1:4] for r in rows):
         blocks["w4a4_ablation"] = variants_table(rows, SMOL, ablation, [4], TEXTS, ["last32x512", "last16x512"])
     if any(r["variant"].startswith("w4a4") and r["eval_data"] == "sotu:val" for r in rows):
         sweep = ["w4a4-quarot", "w4a4-quarot-clip0.95", "w4a4-quarot-clip", "w4a4-quarot-clip0.85",
                  "w4a4-quarot-clip0.8", "w4a4-quarot-clip0.75", "w4a4-quarot-clip0.7", "w4a4-quarot-clip-kv0.9",
                  "w4a4-quarot-centred", "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g64-clip0.9",
-                 "w4a4-quarot-g64-clip0.8", "w4a4-quarot-g32-clip0.9"]
+                 "w4a4-quarot-g64-clip0.8", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-clip0.8-lin"]
         blocks["w4a4_val"] = variants_table(rows, SMOL, ["fp16"] + sweep, [4],
                                             ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     if any(r["calib"] == MIXED for r in rows):

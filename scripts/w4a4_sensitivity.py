@@ -46,6 +46,12 @@ def activation_linears(model) -> dict[str, torch.nn.Module]:
             if isinstance(m, GQLinear) and getattr(m.params, "act_bits", 16) < 16}
 
 
+def with_clip(params, **update):
+    """``params`` with ``update`` applied; a ratio set here replaces a checkpoint's per-linear ones
+    (the kernels then read ``act_clip`` from the parameters, not from the linear's tensor)."""
+    return params.model_copy(update={**update, "per_linear_act_clip": False})
+
+
 def raise_activations(linears: dict, original: dict, bits: int, kind: str | None, layer: int | None) -> int:
     """Set act_bits ``bits`` (clip 1.0) on the linears of ``kind`` (in decoder ``layer`` only, when given),
     the checkpoint's own parameters on the others; returns how many were raised."""
@@ -53,7 +59,7 @@ def raise_activations(linears: dict, original: dict, bits: int, kind: str | None
     raised = 0
     for name, m in linears.items():
         hit = name.endswith(suffixes) and (layer is None or f".layers.{layer}." in f".{name}")
-        m.params = original[name].model_copy(update={"act_bits": bits, "act_clip": 1.0}) if hit else original[name]
+        m.params = with_clip(original[name], act_bits=bits, act_clip=1.0) if hit else original[name]
         m.reset_cache()  # the kernel was prepared for the old parameters
         raised += hit
     return raised
@@ -64,7 +70,7 @@ def set_clips(linears: dict, original: dict, clips: dict[str, float]) -> None:
     kind (q/k/v, o, gate_up, down)."""
     for name, m in linears.items():
         key = name if name in clips else next(k for k in clips if name.endswith(KINDS[k]))
-        m.params = original[name].model_copy(update={"act_clip": clips[key]})
+        m.params = with_clip(original[name], act_clip=clips[key])
         m.reset_cache()
 
 
@@ -85,7 +91,7 @@ def output_error_clips(model, linears: dict, original: dict, windows: torch.Tens
             m.reset_cache()
             want = m(x).double()
             for i, c in enumerate(grid):
-                m.params = original[name].model_copy(update={"act_clip": c})
+                m.params = with_clip(original[name], act_clip=c)
                 m.reset_cache()
                 errors[name][i] += (m(x).double() - want).pow(2).sum()
         finally:

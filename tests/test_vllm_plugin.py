@@ -19,6 +19,7 @@ vLLM spawns worker processes that re-import ``__main__``, so that code sits unde
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -774,9 +775,12 @@ def build_w4a4_checkpoint(root: Path, kv_bits: int = 16) -> Path:
     # Unclipped ranges, as in tests/test_w4a4.py's fixture: the engines' float arithmetic differs
     # in its last bits, and the greedy tokens agree only while no activation code sits within that
     # of a rounding boundary; with this seed and these ranges none does (with 0.8 / 0.95 one does).
-    clip = dict(act_clip=1.0, kv_clip=1.0)
+    # Each linear carries its own ratio (1.0); the checkpoint-wide 0.5 must then go unused, which
+    # the greedy tokens below check for every engine.
+    clip = dict(act_clip=0.5, kv_clip=1.0, per_linear_act_clip=True)
     method = SpinQuantConfig(bits=4, kv_bits=kv_bits, rtn=True, **clip)
-    results = {n: quantize_w4a4(m.weight.detach().float(), None, method.for_layer(n, cfg))
+    results = {n: dataclasses.replace(quantize_w4a4(m.weight.detach().float(), None, method.for_layer(n, cfg)),
+                                      linear_act_clip=1.0)
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     qc = QuantizeConfig(method="spinquant", bits=4, kv_bits=kv_bits, rtn=True, **clip)
     return export_checkpoint(src, results, qc, root / f"w4a4-kv{kv_bits}")
@@ -799,12 +803,13 @@ def w4a4_greedy(ckpt: Path, prompt_ids: list[int], n: int = N_TOKENS) -> list[in
     cfg_dict = json.loads((ckpt / "config.json").read_text())
     cfg_dict.pop("quantization_config")
     model = LlamaForCausalLM(LlamaConfig.from_dict(cfg_dict)).float().eval()
-    dense = {n: t.float() for n, t in raw.items() if not n.endswith((".qweight", ".scale", ".layout"))}
+    parts = tuple(fmt.tensors(qc.params, 1, 2))
+    dense = {n: t.float() for n, t in raw.items() if not n.endswith(tuple("." + p for p in parts))}
     missing, unexpected = model.load_state_dict(dense, strict=False)
     assert not unexpected, unexpected
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in raw:
-            t = {s: raw[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
+            t = {s: raw[f"{name}.{s}"] for s in parts}
             mod.forward = (lambda t, i: lambda x: fmt.matmul(x, t, qc.params, i))(t, mod.in_features)
     return greedy_tokens(model, prompt_ids, n)
 
@@ -885,6 +890,10 @@ def test_w4a4_server_tp2_three_engines_chat_and_stream(w4a4_server):
     # The layouts that decide the tensor-parallel paths above.
     assert raw["model.layers.0.mlp.down_proj.layout"].tolist() == [1, 0]
     assert raw["model.layers.0.self_attn.o_proj.layout"].tolist() == [0, HIDDEN // HEADS]
+    # Per-linear clip ratios (1.0) in place of the checkpoint's 0.5: every engine must read them.
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["per_linear_act_clip"] and qc["act_clip"] == 0.5
+    assert {float(t) for n, t in raw.items() if n.endswith(".act_clip")} == {1.0}
     client = OpenAI(base_url=w4a4_server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     r = client.completions.create(model=str(ckpt), prompt=PROMPT_IDS, max_tokens=N_TOKENS, temperature=0.0,
                                   logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})

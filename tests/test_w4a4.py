@@ -112,6 +112,43 @@ def test_bad_tensors_are_refused_by_name():
         FMT.params(bits=4, act_bits=5)
 
 
+@pytest.mark.parametrize("in_f,out_f,had,group", [(96, 40, 0, 0), (64, 24, 1, 0), (64, 24, 0, 32)])
+def test_a_linears_own_clip_ratio_is_what_serves_it(in_f, out_f, had, group):
+    """per_linear_act_clip: the linear's ``act_clip`` tensor, not the checkpoint's ratio, clips its
+    activations in the reference, the integer kernel, unpack/pack and a column slice."""
+    g = torch.Generator().manual_seed(in_f + out_f + group)
+    params = FMT.params(bits=4, act_bits=4, act_clip=1.0, per_linear_act_clip=True)
+    t = FMT.example_tensors(params, out_f, in_f, g)
+    assert t["act_clip"].tolist() == [1.0]
+    t["layout"] = torch.tensor([had, group], dtype=torch.int32)
+    t["act_clip"] = torch.tensor([0.6])
+    FMT.check_tensors(t, params, out_f, in_f)
+    x, bias = torch.randn(7, in_f, generator=g) * 2, torch.randn(out_f, generator=g)
+    codes = ref.unpack_int4(t["qweight"], in_f)
+    want = ref.matmul(x, codes, t["scale"], 4, group, bool(had), 0.6, bias)
+    assert not torch.allclose(want, ref.matmul(x, codes, t["scale"], 4, group, bool(had), 1.0, bias))
+    torch.testing.assert_close(FMT.matmul(x, t, params, in_f, bias), want)
+    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32)
+    got = kernel.apply(kernel.prepare(t), x, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    result = FMT.unpack(t, params, in_f)
+    assert result.own_act_clip() == pytest.approx(0.6) and result.params() == params
+    assert all(torch.equal(a, t[k]) for k, a in FMT.pack(result).items())
+    if group:
+        half = FMT.slice_columns(t, params, in_f, 0, in_f // 2)
+        assert half["act_clip"].tolist() == t["act_clip"].tolist()
+        FMT.check_tensors(half, params, out_f, in_f // 2)
+    del t["act_clip"]
+    with pytest.raises(ValueError, match="missing tensor 'x.act_clip'"):
+        FMT.check_tensors(t, params, out_f, in_f, prefix="x.")
+    for bad in (0.0, 1.5, float("nan")):
+        t["act_clip"] = torch.tensor([bad])
+        with pytest.raises(ValueError, match="act_clip is"):
+            FMT.check_tensors(t, params, out_f, in_f)
+    # A checkpoint-wide ratio has no such tensor.
+    assert "act_clip" not in FMT.tensors(FMT.params(bits=4), out_f, in_f)
+
+
 def test_slice_columns_only_where_a_column_range_is_a_w4a4_linear():
     """Tensor-parallel hooks (the vLLM plugin): per-head activation groups split at group boundaries,
     and the ranks' partial outputs sum to the whole layer's; an input Hadamard, per-token ranges or a
@@ -418,6 +455,107 @@ def test_clip_search_per_linear_picks_the_least_output_error(w4a4_dir, corpus, t
     assert (f"(`--clip-search linear`), `{w4a4_dir.name}` on {rows['clips']['eval_data']}, last 2 x 16 tokens: "
             f"{rows['clips_linear']['ppl']:.2f}, against {rows['clips']['ppl']:.2f}") in table
     assert "coordinate descent" not in table  # no kind search was run
+
+
+def test_per_linear_act_clip_is_chosen_by_output_error_and_served(w4a4_dir, tiny_lm_dir, corpus, tmp_path):
+    """gq quantize --per-linear-act-clip: the codes of the run without it; every linear a ratio of the
+    grid, one ratio per input (q/k/v, gate/up share); that ratio has the least summed output error
+    against float activations on the inputs the served checkpoint gives those linears on the first
+    calibration windows (recomputed here through the served kernel); the loaded kernels clip with it."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_quantize.data import calibration_windows
+    from gq_quantize.methods.spinquant import ACT_CLIP_GRID
+    from gq_serve.checkpoint import load_quantized_model
+    from gq_serve.quant_linear import GQLinear
+
+    calib = CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ)
+    cfg = QuantizeConfig(method="spinquant", bits=4, guided=True, groups=1, act_clip=1.0, kv_clip=1.0,
+                         per_linear_act_clip=True, act_clip_windows=2, calibration=calib)
+    out, cache = tmp_path / "ckpt", tmp_path / "cache"
+    pipeline.quantize_model(tiny_lm_dir, cfg, out, cache, progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["per_linear_act_clip"] is True and qc["act_clip"] == 1.0
+
+    def tensors(d):
+        t = {}
+        for f in Path(d).glob("*.safetensors"):
+            t.update(load_file(str(f)))
+        return t
+
+    new, old = tensors(out), tensors(w4a4_dir)
+    assert set(new) - set(old) == {k.replace(".qweight", ".act_clip") for k in new if k.endswith(".qweight")}
+    assert all(torch.equal(new[k], old[k]) for k in old)  # the weights are those of the run without it
+    # stored as float32: the grid value to float32 precision
+    clips = {k.removesuffix(".act_clip"): min(ACT_CLIP_GRID, key=lambda c: abs(c - float(v)))
+             for k, v in new.items() if k.endswith(".act_clip")}
+    assert all(abs(clips[k.removesuffix(".act_clip")] - float(v)) < 1e-7 for k, v in new.items()
+               if k.endswith(".act_clip"))
+    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    layers = {k.split(".self_attn.")[0].split(".mlp.")[0] for k in clips}
+    for layer in layers:
+        for members in groups:
+            assert len({clips[f"{layer}.{m}"] for m in members}) == 1, (layer, members)
+
+    # The errors recomputed for two groups of layer 0 from the served checkpoint at ratio 1.0.
+    model = load_quantized_model(w4a4_dir).eval()
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, GQLinear)}
+    check = [[f"model.layers.0.{m}" for m in members] for members in (groups[0], groups[1])]
+    seen = {n: [] for g in check for n in g}
+    hooks = [lin[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in seen]
+    windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_lm_dir), str(corpus), N, SEQ, calib.seed, cache)
+    with torch.inference_mode():
+        for w in windows[:2]:
+            model(input_ids=w[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    with torch.inference_mode():
+        for members in check:
+            errs = dict.fromkeys(ACT_CLIP_GRID, 0.0)
+            for n in members:
+                m, p0, x = lin[n], lin[n].params, torch.cat(seen[n])
+                m.params = p0.model_copy(update={"act_bits": 16})
+                m.reset_cache()
+                want = m(x).double()
+                for c in ACT_CLIP_GRID:
+                    m.params = p0.model_copy(update={"act_clip": c})
+                    m.reset_cache()
+                    errs[c] += (m(x).double() - want).pow(2).sum().item()
+            assert clips[members[0]] == min(errs, key=errs.get), (members, errs)
+
+    served = load_quantized_model(out)
+    for n, m in served.named_modules():
+        if isinstance(m, GQLinear):
+            assert m.select_kernel("cpu", torch.float32).act_clip == pytest.approx(clips[n])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([[5, 6, 7]])).logits, served(torch.tensor([[5, 6, 7]])).logits)
+
+
+def test_per_linear_act_clip_without_gptq_and_not_streamed(tiny_lm_dir, corpus, tmp_path):
+    """--rtn needs no Hessians, but the clip search still reads calibration windows; --streamed never
+    holds the model the search runs, so it is refused before anything is written."""
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+
+    cfg = QuantizeConfig(method="spinquant", bits=4, rtn=True, per_linear_act_clip=True,
+                         calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
+    with pytest.raises(pipeline.QuantizeError, match="--per-linear-act-clip.*--streamed"):
+        pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "s", tmp_path / "cache", streamed=True, progress=False)
+    assert not list(tmp_path.iterdir())
+    summary = pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "ckpt", tmp_path / "cache", progress=False)
+    assert summary["timings_s"]["after_quantize_s"] >= 0
+    layers = json.loads((tmp_path / "ckpt" / "gq_manifest.json").read_text())["layers"]
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {n: pytest.approx(float(stored[f"{n}.act_clip"])) for n in layers} == \
+        {n: s["act_clip"] for n, s in layers.items()}
 
 
 def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):

@@ -122,13 +122,17 @@ def test_the_accumulator_is_exact_against_integer_arithmetic():
 
 
 # ---------------------------------------------------------------------------------- kernel class
-def test_kernel_class_serves_layers_through_the_custom_op():
-    """prepare keeps the packed qweight (no int8 copy); apply (custom op, input Hadamard, bias)
-    matches the format's reference. Instantiated directly: on the CPU can_implement says CUDA."""
-    params = FMT.params(bits=4)
+@pytest.mark.parametrize("own_clip", [None, 0.7])
+def test_kernel_class_serves_layers_through_the_custom_op(own_clip):
+    """prepare keeps the packed qweight (no int8 copy); apply (custom op, input Hadamard, bias, the
+    linear's own clip ratio when it has one) matches the format's reference. Instantiated directly:
+    on the CPU can_implement says CUDA."""
+    params = FMT.params(bits=4, per_linear_act_clip=own_clip is not None)
     for (k, n, had, group) in ((64, 40, 1, 0), (128, 16, 0, 32)):
         t = FMT.example_tensors(params, n, k, torch.Generator().manual_seed(k))
         t["layout"] = torch.tensor([had, group], dtype=torch.int32)
+        if own_clip is not None:
+            t["act_clip"] = torch.tensor([own_clip])
         kern = W4A4TritonKernel(LinearSpec(params, n, k), torch.device(DEVICE), torch.float16)
         rt = kern.prepare({name: v.to(DEVICE) for name, v in t.items()})
         assert rt["qweight"].dtype == torch.uint8 and rt["qweight"].shape == (n, k // 2)
@@ -141,9 +145,10 @@ def test_kernel_class_serves_layers_through_the_custom_op():
 
 
 def test_groups_the_gemm_cannot_step_through_fall_back_to_the_int_path():
-    params = FMT.params(bits=4)
+    params = FMT.params(bits=4, per_linear_act_clip=True)
     t = FMT.example_tensors(params, 16, 48, torch.Generator().manual_seed(0))
     t["layout"] = torch.tensor([0, 16], dtype=torch.int32)
+    t["act_clip"] = torch.tensor([0.7])
     kern = W4A4TritonKernel(LinearSpec(params, 16, 48), torch.device(DEVICE), torch.float32)
     rt = kern.prepare({name: v.to(DEVICE) for name, v in t.items()})
     assert "codes" in rt

@@ -9,9 +9,14 @@ Per quantized linear [out, in]:
   group (o_proj: head_dim, one group per attention head)). It describes this linear alone, so a
   loader needs no module names.
 
-Checkpoint-wide parameters: ``bits``, ``act_bits`` / ``act_clip`` (activations) and ``kv_bits`` /
-``kv_clip`` (the KV cache, :mod:`.kvcache`). The rotations R1 / R2 are folded into the dense weights
-and the embeddings of the checkpoint, and RMSNorm gains are 1; :mod:`.reference` is the specification.
+- ``act_clip`` float32 [1], only when ``per_linear_act_clip``: this linear's activation clip ratio
+  (``gq quantize --per-linear-act-clip`` chooses it). Linears fed the same input (q/k/v, gate/up)
+  carry the same ratio, so one quantization of that input serves them all (vLLM fuses them).
+
+Checkpoint-wide parameters: ``bits``, ``act_bits`` / ``act_clip`` (activations; ``act_clip`` is every
+linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` / ``kv_clip`` (the KV cache,
+:mod:`.kvcache`). The rotations R1 / R2 are folded into the dense weights and the embeddings of the
+checkpoint, and RMSNorm gains are 1; :mod:`.reference` is the specification.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class W4A4Params(FormatParams):
     act_clip: float = Field(1.0, gt=0, le=1)
     kv_bits: int = 4
     kv_clip: float = Field(1.0, gt=0, le=1)
+    per_linear_act_clip: bool = False
 
     @field_validator("act_bits")
     @classmethod
@@ -65,12 +71,18 @@ class W4A4Quant(QuantResult):
     act_clip: float = 1.0
     kv_bits: int = 4
     kv_clip: float = 1.0
+    per_linear_act_clip: bool = False
+    linear_act_clip: float | None = None  # this linear's ratio (per_linear_act_clip; None: act_clip)
 
     format: ClassVar[str] = NAME
 
     def params(self) -> W4A4Params:
         return W4A4Params(bits=self.bits, act_bits=self.act_bits, act_clip=self.act_clip,
-                          kv_bits=self.kv_bits, kv_clip=self.kv_clip)
+                          kv_bits=self.kv_bits, kv_clip=self.kv_clip, per_linear_act_clip=self.per_linear_act_clip)
+
+    def own_act_clip(self) -> float:
+        """The activation clip ratio this linear is served with."""
+        return self.linear_act_clip if self.per_linear_act_clip and self.linear_act_clip is not None else self.act_clip
 
     def dequantize(self) -> torch.Tensor:
         return effective_weight(self.codes, self.scale, self.input_hadamard)
@@ -103,6 +115,11 @@ def read_layout(layout: torch.Tensor) -> tuple[bool, int]:
     return bool(vals[0]), vals[1]
 
 
+def read_act_clip(tensors: dict[str, torch.Tensor], params: W4A4Params) -> float:
+    """The activation clip ratio of one linear: its ``act_clip`` tensor, or the checkpoint's."""
+    return float(tensors["act_clip"].reshape(-1)[0]) if params.per_linear_act_clip else params.act_clip
+
+
 class W4A4Format(Format):
     name = NAME
     Params = W4A4Params
@@ -113,21 +130,29 @@ class W4A4Format(Format):
     columns_split_by_spec = False
 
     def tensors(self, params: W4A4Params, out_features: int, in_features: int) -> dict[str, TensorSpec]:
-        return {
+        specs = {
             "qweight": TensorSpec((out_features, (in_features + 1) // 2), torch.uint8, out_dim=0, in_dim=1, in_unit=2),
             "scale": TensorSpec((out_features,), torch.float16, out_dim=0),
             "layout": TensorSpec((2,), torch.int32, out_dim=None),
         }
+        if params.per_linear_act_clip:
+            specs["act_clip"] = TensorSpec((1,), torch.float32, out_dim=None)
+        return specs
 
     def pack(self, result: W4A4Quant) -> dict[str, torch.Tensor]:
-        return {"qweight": ref.pack_int4(result.codes.cpu()), "scale": result.scale.cpu().contiguous(),
-                "layout": torch.tensor([int(result.input_hadamard), result.act_group_size], dtype=torch.int32)}
+        out = {"qweight": ref.pack_int4(result.codes.cpu()), "scale": result.scale.cpu().contiguous(),
+               "layout": torch.tensor([int(result.input_hadamard), result.act_group_size], dtype=torch.int32)}
+        if result.per_linear_act_clip:
+            out["act_clip"] = torch.tensor([result.own_act_clip()], dtype=torch.float32)
+        return out
 
     def unpack(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> W4A4Quant:
         had, group = read_layout(tensors["layout"])
         return W4A4Quant(ref.unpack_int4(tensors["qweight"], in_features), tensors["scale"], params.bits,
                          input_hadamard=had, act_group_size=group, act_bits=params.act_bits,
-                         act_clip=params.act_clip, kv_bits=params.kv_bits, kv_clip=params.kv_clip)
+                         act_clip=params.act_clip, kv_bits=params.kv_bits, kv_clip=params.kv_clip,
+                         per_linear_act_clip=params.per_linear_act_clip,
+                         linear_act_clip=read_act_clip(tensors, params) if params.per_linear_act_clip else None)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> torch.Tensor:
         had, _ = read_layout(tensors["layout"])
@@ -136,7 +161,7 @@ class W4A4Format(Format):
     def matmul(self, x, tensors, params: W4A4Params, in_features, bias=None):
         had, group = read_layout(tensors["layout"])
         return ref.matmul(x, ref.unpack_int4(tensors["qweight"], in_features), tensors["scale"], params.act_bits,
-                          group, had, params.act_clip, bias)
+                          group, had, read_act_clip(tensors, params), bias)
 
     def check_tensors(self, tensors, params, out_features, in_features, prefix=""):
         super().check_tensors(tensors, params, out_features, in_features, prefix)
@@ -147,6 +172,11 @@ class W4A4Format(Format):
         if had and not has_hadamard(in_features):
             raise ValueError(f"{self.name}: {prefix}layout asks for an input Hadamard of size {in_features}, "
                              "which has no Hadamard construction")
+        if params.per_linear_act_clip:
+            clip = float(tensors["act_clip"][0])
+            if not 0 < clip <= 1:
+                raise ValueError(f"{self.name}: {prefix}act_clip is {clip}; a clip ratio lies in (0, 1] "
+                                 "(re-export the checkpoint)")
 
     def check_shape(self, params, out_features, in_features):
         pass
@@ -164,7 +194,10 @@ class W4A4Format(Format):
         layout = tensors["layout"].clone()
         if group and (start % group or length % group):
             layout[1] = 0  # activations in floating point (act_bits 16): the groups do not matter
-        return {"qweight": ref.pack_int4(codes), "scale": tensors["scale"].clone(), "layout": layout}
+        out = {"qweight": ref.pack_int4(codes), "scale": tensors["scale"].clone(), "layout": layout}
+        if params.per_linear_act_clip:
+            out["act_clip"] = tensors["act_clip"].clone()
+        return out
 
     def kv_cache_bits(self, params: W4A4Params) -> int | None:
         return params.kv_bits if params.kv_bits < 16 else None
@@ -175,8 +208,11 @@ class W4A4Format(Format):
         codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=generator, dtype=torch.int8, device=dev)
         scale = (torch.rand(out_features, generator=generator, device=dev) * 0.004 + 0.002).half()
         had, group = layer_layout(name, model_config) if model_config is not None else (False, 0)
-        return {"qweight": ref.pack_int4(codes), "scale": scale,
-                "layout": torch.tensor([int(had), group], dtype=torch.int32, device=dev)}
+        out = {"qweight": ref.pack_int4(codes), "scale": scale,
+               "layout": torch.tensor([int(had), group], dtype=torch.int32, device=dev)}
+        if params.per_linear_act_clip:
+            out["act_clip"] = torch.tensor([params.act_clip], dtype=torch.float32, device=dev)
+        return out
 
     def kv_cache(self, params: W4A4Params, model_config, store: bool = True):
         """A transformers cache holding ``kv_bits``-bit keys and values (None at 16 bits)."""

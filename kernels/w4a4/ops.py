@@ -25,7 +25,7 @@ import torch
 
 from gq_kernels.kernel import LinearKernel, TritonKernel, kernels_serve, rows_2d, triton_available
 from gq_kernels.w4a4 import reference as ref
-from gq_kernels.w4a4.format import NAME, read_layout
+from gq_kernels.w4a4.format import NAME, read_act_clip, read_layout
 
 _EXACT_FP32_K = (1 << 24) // 120
 
@@ -94,6 +94,7 @@ class W4A4IntKernel(LinearKernel):
     def prepare(self, tensors):
         layer = self.layer
         had, group = read_layout(tensors["layout"])
+        self.act_clip = read_act_clip(tensors, layer.params)
         codes = ref.unpack_int4(tensors["qweight"].to(self.device), layer.in_features)
         return {"codes": group_codes(codes, group), "scale": tensors["scale"].float().to(self.device),
                 "row_sums": group_row_sums(codes, group), "layout": torch.tensor([int(had), group])}
@@ -102,7 +103,7 @@ class W4A4IntKernel(LinearKernel):
         p = self.layer.params
         had, group = bool(tensors["layout"][0]), int(tensors["layout"][1])
         y = quantized_matmul(x, tensors["codes"], tensors["scale"], tensors["row_sums"], p.act_bits, group, had,
-                             p.act_clip)
+                             self.act_clip)
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype)
@@ -177,6 +178,7 @@ class W4A4TritonKernel(TritonKernel):
             self._fallback = W4A4IntKernel(layer, self.device, self.dtype)
             return self._fallback.prepare(tensors)
         self._fallback = None
+        self.act_clip = read_act_clip(tensors, layer.params)
         qweight = tensors["qweight"].to(self.device).contiguous()
         # Row sums per group, from a transient unpacked copy (freed on return).
         return {"qweight": qweight, "scale": tensors["scale"].float().to(self.device),
@@ -189,4 +191,4 @@ class W4A4TritonKernel(TritonKernel):
         p = self.layer.params
         had, group = bool(tensors["layout"][0]), int(tensors["layout"][1])
         return torch.ops.gq.w4a4_matmul(x, tensors["qweight"], tensors["scale"], tensors["row_sums"], p.act_bits,
-                                        group, had, float(p.act_clip), bias)
+                                        group, had, self.act_clip, bias)

@@ -68,6 +68,13 @@ class MethodConfig(BaseModel):
         the format rotates online)."""
         return self
 
+    def after_quantize(self):
+        """A pass over the whole model once every linear is quantized (and any fine-tune is done), or
+        None (the default). The pass is ``fn(model, results, windows, progress) -> results``: model the
+        unquantized HF model (left as it was), results name -> QuantResult, windows int64 [N, T] of
+        calibration text; it returns results for the same names (e.g. with scalars it chose)."""
+        return None
+
     @classmethod
     def guidable(cls) -> bool:
         """Whether GuidedQuant applies: the method minimises a Hessian-weighted objective."""

@@ -16,10 +16,15 @@ multiplied by an orthogonal matrix (v by the block-diagonal R2, o and down by R1
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
 from typing import ClassVar
 
 import torch
 from pydantic import Field, PrivateAttr
+from torch import nn
+from tqdm import tqdm
 
 from gq_kernels.hadamard import hadamard_transform, has_hadamard, rotate_hessian
 from gq_kernels.w4a4 import reference as ref
@@ -31,6 +36,8 @@ from gq_quantize.methods.registry import register_method
 
 CLIP_STEPS = 80          # p = 1.00, 0.99, ..., 0.21
 CLIP_NORM = 2.4
+# Activation clip ratios --per-linear-act-clip chooses from (plus --act-clip itself).
+ACT_CLIP_GRID = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 def clipped_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Tensor:
@@ -103,6 +110,12 @@ class SpinQuantConfig(MethodConfig):
     gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
     gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
     rtn: bool = Field(False, description="SpinQuant: round to nearest instead of GPTQ (needs no calibration)")
+    per_linear_act_clip: bool = Field(False, description="SpinQuant: once the weights are quantized, give each "
+                                                         "linear the activation clip ratio (0.6 ... 1.0) whose "
+                                                         "output comes closest to float activations on "
+                                                         "calibration windows; linears fed one input share one")
+    act_clip_windows: int = Field(2, ge=1, description="SpinQuant: calibration windows --per-linear-act-clip "
+                                                        "measures on")
 
     _input_hadamard: bool = PrivateAttr(False)
     _act_group_size: int = PrivateAttr(0)
@@ -115,6 +128,9 @@ class SpinQuantConfig(MethodConfig):
         c._input_hadamard, group = layer_layout(name, model_config)
         c._act_group_size = self.act_group if self.act_group and (not group or self.act_group < group) else group
         return c
+
+    def after_quantize(self):
+        return functools.partial(choose_act_clips, cfg=self) if self.per_linear_act_clip else None
 
 
 def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig) -> W4A4Quant:
@@ -139,7 +155,7 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
         codes, stats["damp"] = gptq_fixed_scale(w, H, scale, cfg.bits, cfg.gptq_damp, cfg.gptq_block)
     result = W4A4Quant(codes=codes, scale=scale, bits=cfg.bits, input_hadamard=had,
                        act_group_size=cfg._act_group_size, act_bits=cfg.act_bits, act_clip=cfg.act_clip,
-                       kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip)
+                       kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip, per_linear_act_clip=cfg.per_linear_act_clip)
     if H is not None:
         stats["objective"] = quadratic_objective(w, ref.dequantize_weight(codes, scale), H)
     result.stats.update(stats)
@@ -149,3 +165,83 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
 @register_method(SpinQuantConfig)
 def quantize_spinquant(w: torch.Tensor, hessian: torch.Tensor | None, fisher, cfg: SpinQuantConfig) -> W4A4Quant:
     return quantize_w4a4(w, hessian, cfg)
+
+
+# ------------------------------------------------------------------ per-linear activation clip ratios
+class _ClipProbe(nn.Module):
+    """Stands in for one linear during :func:`choose_act_clips`: computes the w4a4 specification
+    (:func:`gq_kernels.w4a4.reference.matmul`) with the result's starting ratio, and adds to
+    ``errors`` [len(grid)] float64 the squared error of the output at each ratio of ``grid``
+    against the same weights with float activations."""
+
+    def __init__(self, name: str, result: W4A4Quant, bias: torch.Tensor | None, grid: list[float],
+                 errors: torch.Tensor, calls: list | None) -> None:
+        super().__init__()
+        self.name, self.r, self.bias, self.grid, self.errors, self.calls = name, result, bias, grid, errors, calls
+
+    def _out(self, x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+        r = self.r
+        return ref.matmul(x, r.codes, r.scale, bits, r.act_group_size, r.input_hadamard, clip).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls is not None:
+            self.calls.append((self.name, x))
+        r = self.r
+        want = self._out(x, 16, 1.0)
+        for i, c in enumerate(self.grid):
+            self.errors[i] += (self._out(x, r.act_bits, c) - want).pow(2).sum().cpu()
+        return ref.matmul(x, r.codes, r.scale, r.act_bits, r.act_group_size, r.input_hadamard, r.act_clip, self.bias)
+
+
+def choose_act_clips(model: nn.Module, results: dict[str, W4A4Quant], windows: torch.Tensor,
+                     progress: bool = True, *, cfg: SpinQuantConfig) -> dict[str, W4A4Quant]:
+    """Each linear's activation clip ratio, by its own output error (``gq quantize --per-linear-act-clip``).
+
+    The model runs as its checkpoint will (w4a4 linears at ``cfg.act_clip``, the ``kv_bits`` KV
+    cache) on the first ``cfg.act_clip_windows`` of ``windows`` [N, T]; each linear sums, for every
+    ratio of :data:`ACT_CLIP_GRID` (and ``cfg.act_clip``), the squared difference between its output
+    with the activations quantized at that ratio and with them in float, on the inputs it receives.
+    Linears fed the same input (q/k/v, gate/up) sum their errors and share the best ratio: one
+    quantization of that input serves them all (vLLM fuses them into one layer). The ratio is chosen
+    on calibration text only. Returns the results with ``linear_act_clip`` set; ``model`` is restored.
+    """
+    from gq_kernels.w4a4.format import W4A4Format
+    from gq_quantize.calibration import quantizable_linears
+    from gq_quantize.calibration.hessians import group_by_input
+
+    linears = quantizable_linears(model)
+    if set(linears) != set(results):
+        raise ValueError("--per-linear-act-clip needs every quantized linear's result; missing: "
+                         f"{sorted(set(linears) ^ set(results))[:3]}")
+    grid = sorted(set(ACT_CLIP_GRID) | {float(cfg.act_clip)})
+    device = next(model.parameters()).device
+    errors = {n: torch.zeros(len(grid), dtype=torch.float64) for n in linears}
+    calls: list[tuple[str, torch.Tensor]] = []
+    parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in linears}
+    probes = {n: _ClipProbe(n, results[n].to(device), lin.bias, grid, errors[n], calls) for n, lin in linears.items()}
+    fmt, params = W4A4Format(), cfg.format_params()
+    use = windows[:cfg.act_clip_windows]
+    try:
+        for n, probe in probes.items():
+            setattr(parents[n], n.rpartition(".")[2], probe)
+        bar = tqdm(use, desc="activation clip ratios", unit="window", disable=not progress, file=sys.stderr)
+        with torch.inference_mode():
+            for i, w in enumerate(bar):
+                kv = fmt.kv_cache(params, model.config, store=False)
+                model(input_ids=w[None].to(device), use_cache=False,
+                      **({} if kv is None else {"past_key_values": kv}))
+                if i == 0:
+                    groups = group_by_input(calls)
+                    calls.clear()
+                    for probe in probes.values():
+                        probe.calls = None
+    finally:
+        for n, lin in linears.items():
+            setattr(parents[n], n.rpartition(".")[2], lin)
+    out = dict(results)
+    for group in groups:
+        best = grid[int(sum(errors[n] for n in group).argmin())]
+        for n in group:
+            out[n] = dataclasses.replace(results[n], per_linear_act_clip=True, linear_act_clip=best,
+                                         stats={**results[n].stats, "act_clip": best})
+    return out
