@@ -46,7 +46,9 @@ class TensorSpec:
     ``out_dim``: the dimension indexed by output channel (None: the tensor is shared by all rows);
     ``in_dim``: the dimension indexed by input columns in units of ``in_unit`` columns (None: not
     split by column). Loaders slice along them for fused layers and tensor parallelism; an input
-    slice is valid on ``in_unit`` boundaries.
+    slice is valid on ``in_unit`` boundaries. ``differs_by_part`` (``out_dim`` None only): linears
+    that a loader fuses into one layer (q/k/v, gate/up) may hold different values; the fused layer
+    then applies each part with its own kernel (otherwise every part must hold the same value).
     """
 
     shape: tuple[int, ...]
@@ -54,6 +56,7 @@ class TensorSpec:
     out_dim: int | None = 0
     in_dim: int | None = None
     in_unit: int = 1
+    differs_by_part: bool = False
 
 
 @dataclass

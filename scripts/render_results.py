@@ -255,7 +255,9 @@ def w4a4_sensitivity_table(rows: list[dict]) -> str:
                    for k in ("qkv", "o", "gate_up", "down")}
         spans = ", ".join(f"{names[k]} {cs[0]:g}-{cs[-1]:g} (median {cs[len(cs) // 2]:g})"
                           for k, cs in by_kind.items() if cs)
-        out += [f"Activation clip ratio per linear, the grid's least output error on {r['clip_windows']} windows "
+        shared = " summed over the linears fed one input (`--clip-share`: q/k/v one ratio, gate/up one)" \
+            if r.get("clip_share") else ""
+        out += [f"Activation clip ratio per linear, the grid's least output error{shared} on {r['clip_windows']} windows "
                 f"of {r['clip_data']} (`--clip-search linear`), `{r['checkpoint']}` on {r['eval_data']}, last "
                 f"{r['windows']} x {r['ctx']} tokens: {r['ppl']:.2f}, against {start['ppl']:.2f} with {start['checkpoint_act_clip']:g} "
                 f"everywhere; chosen: {spans} ({r['machine']}, {r['date']}: `{r['command']}`).", ""]

@@ -15,7 +15,8 @@ by coordinate descent on ``--data``'s perplexity over ``--clip-grid``, one pass 
 down, q/k/v, o (the kinds whose activations cost most first), starting from the checkpoint's ratio.
 ``--clip-search linear`` gives each linear the ratio of ``--clip-grid`` whose quantized activations
 bring its output closest (squared error) to float activations on ``--clip-windows`` windows of
-``--clip-data`` (calibration text: nothing is chosen on ``--data``), then scores that.
+``--clip-data`` (calibration text: nothing is chosen on ``--data``), then scores that; with
+``--clip-share`` the linears fed one input (q/k/v, gate/up) take the ratio of their summed error.
 Rows are written as they are measured; a rerun skips those present.
 """
 from __future__ import annotations
@@ -74,10 +75,18 @@ def set_clips(linears: dict, original: dict, clips: dict[str, float]) -> None:
         m.reset_cache()
 
 
-def output_error_clips(model, linears: dict, original: dict, windows: torch.Tensor, grid: list[float]
-                       ) -> dict[str, float]:
+def input_owner(name: str) -> str:
+    """The linears fed one input share a key: ``...self_attn.qkv``, ``...mlp.gate_up``; others their name."""
+    parent, _, leaf = name.rpartition(".")
+    kind = next((k for k in ("qkv", "gate_up") if leaf in KINDS[k]), None)
+    return f"{parent}.{kind}" if kind else name
+
+
+def output_error_clips(model, linears: dict, original: dict, windows: torch.Tensor, grid: list[float],
+                       share: bool = False) -> dict[str, float]:
     """name -> the ratio of ``grid`` minimising each linear's summed squared output error against float
-    activations, on the inputs the checkpoint as loaded feeds it for ``windows [N, T]``."""
+    activations, on the inputs the checkpoint as loaded feeds it for ``windows [N, T]``; ``share``: one
+    ratio per input (q/k/v, gate/up), minimising their summed error."""
     errors = {n: torch.zeros(len(grid), dtype=torch.float64) for n in linears}
     busy: set[str] = set()
 
@@ -107,6 +116,10 @@ def output_error_clips(model, linears: dict, original: dict, windows: torch.Tens
     finally:
         for h in handles:
             h.remove()
+    if share:
+        owners = {n: input_owner(n) for n in errors}
+        summed = {o: sum(e for n, e in errors.items() if owners[n] == o) for o in set(owners.values())}
+        return {n: grid[int(summed[owners[n]].argmin())] for n in errors}
     return {n: grid[int(e.argmin())] for n, e in errors.items()}
 
 
@@ -124,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-grid", type=float, nargs="+", default=[0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0])
     p.add_argument("--clip-data", default="sotu:train", help="--clip-search linear: calibration text")
     p.add_argument("--clip-windows", type=int, default=2, help="--clip-search linear: last N windows of --clip-data")
+    p.add_argument("--clip-share", action="store_true",
+                   help="--clip-search linear: one ratio per input (q/k/v share one, gate/up one)")
     p.add_argument("--out", default=str(ROOT / "docs/results/w4a4_sensitivity.json"))
     args = p.parse_args(argv)
     if not all(0 < c <= 1 for c in args.clip_grid):
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def key(r: dict) -> tuple:
         return (r["checkpoint"], r["eval_data"], r["windows"], r["ctx"], r["kind"], r["layer"], r["act_bits"],
-                json.dumps(r.get("clips"), sort_keys=True))
+                json.dumps(r.get("clips"), sort_keys=True), r.get("clip_share", False))
 
     def measure(row: dict) -> float:
         """The row's perplexity: measured and appended to --out, or read from it."""
@@ -184,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         best = measure({**base, "kind": "clips", "layer": None, "act_bits": bits, "clips": dict(clips)})
     if args.clip_search == "linear":
         calib = eval_windows(tokenizer, args.clip_data, args.ctx, args.clip_windows * args.ctx, cache_root())
-        chosen = output_error_clips(model, linears, original, calib, sorted(args.clip_grid))
+        chosen = output_error_clips(model, linears, original, calib, sorted(args.clip_grid), args.clip_share)
         set_clips(linears, original, chosen)
         got = measure({**base, "kind": "clips_linear", "layer": None, "act_bits": bits, "clips": chosen,
                        "clip_data": args.clip_data, "clip_windows": int(calib.shape[0]),
-                       "clip_grid": sorted(args.clip_grid)})
+                       "clip_grid": sorted(args.clip_grid), **({"clip_share": True} if args.clip_share else {})})
         print(f"per-linear clips by output error: ppl {got:.3f} (checkpoint's {best:.3f})", flush=True)
         return 0
     if args.clip_search == "kind":

@@ -842,6 +842,53 @@ def test_w4a4_fused_parts_must_share_their_layout():
 
 
 @requires_vllm
+@pytest.mark.parametrize("clips", [(1.0, 0.7, 0.85), (0.7, 0.7, 0.7)])
+def test_w4a4_fused_parts_with_their_own_clip_ratios(clips):
+    """Per-linear ``act_clip`` (``differs_by_part``): a fused q/k/v layer whose parts hold different
+    ratios runs each part with its own kernel and ratio; equal ratios keep one kernel."""
+    import gq_serve.vllm_plugin as plugin
+
+    plugin.register()
+    from gq_serve.vllm_plugin import config
+    from gq_serve.vllm_plugin.linear_method import GuidedQuantLinearMethod, _Parts
+
+    qc = config.GuidedQuantConfig.from_config({"quant_method": "guidedquant", "format": "w4a4", "bits": 4,
+                                               "format_version": 1, "act_bits": 4, "kv_bits": 16, "act_clip": 0.5,
+                                               "per_linear_act_clip": True})
+    from gq_kernels.registry import get_format
+
+    fmt, params = get_format("w4a4"), qc.params
+    sizes, k = (32, 16, 16), 64
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for n, c in zip(sizes, clips):
+        t = fmt.example_tensors(params, n, k, g)
+        t["act_clip"] = torch.tensor([c])
+        parts.append(t)
+    offsets = dict(zip("qkv", (0, sizes[0], sizes[0] + sizes[1])))
+
+    def rows_loader(param, loaded, shard_id):
+        param.data.narrow(0, offsets[shard_id], loaded.shape[0]).copy_(loaded)
+
+    method = GuidedQuantLinearMethod(qc)
+    layer = torch.nn.Module()
+    layer.prefix = "model.layers.0.self_attn.qkv_proj"
+    method.create_weights(layer, k, list(sizes), k, sum(sizes), torch.float32, weight_loader=rows_loader)
+    for shard, t in zip("qkv", parts):
+        for name, v in t.items():
+            param = getattr(layer, name)
+            param.weight_loader(param, v, shard)
+    method.process_weights_after_loading(layer)
+    assert isinstance(layer.gq_kernel, _Parts) == (len(set(clips)) > 1)
+    x = torch.randn(5, k, generator=g) * 2
+    want = torch.cat([fmt.matmul(x, t, params, k) for t in parts], dim=-1)
+    torch.testing.assert_close(method.apply(layer, x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    if len(set(clips)) > 1:  # the ratios matter here: one ratio for all parts computes something else
+        one = torch.cat([fmt.matmul(x, {**t, "act_clip": parts[0]["act_clip"]}, params, k) for t in parts], dim=-1)
+        assert not torch.allclose(one, want)
+
+
+@requires_vllm
 def test_w4a4_low_bit_kv_cache_is_a_load_warning(caplog, monkeypatch):
     import gq_serve.vllm_plugin as plugin
 

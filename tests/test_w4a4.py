@@ -457,11 +457,32 @@ def test_clip_search_per_linear_picks_the_least_output_error(w4a4_dir, corpus, t
     assert "coordinate descent" not in table  # no kind search was run
 
 
+def test_clip_search_per_linear_can_share_one_ratio_per_input(w4a4_dir, corpus, tmp_path):
+    """--clip-share: q/k/v (gate/up) of a layer take one ratio, that of their summed output error."""
+    from gq_serve.util import import_file
+
+    mod = import_file("w4a4_sensitivity", Path(__file__).resolve().parent.parent / "scripts" / "w4a4_sensitivity.py")
+    out = tmp_path / "clips.json"
+    args = [str(w4a4_dir), "--data", str(corpus), "--ctx", "16", "--windows", "2", "--clip-search", "linear",
+            "--clip-grid", "0.8", "0.9", "0.95", "1.0", "--clip-data", str(corpus), "--clip-windows", "3",
+            "--out", str(out)]
+    assert mod.main(args) == 0 and mod.main(args + ["--clip-share"]) == 0
+    rows = [r for r in json.loads(out.read_text()) if r["kind"] == "clips_linear"]
+    own, shared = (next(r for r in rows if bool(r.get("clip_share")) == s) for s in (False, True))
+    owners = {mod.input_owner(n) for n in shared["clips"]}
+    assert len(owners) == 4 * len({n.split(".self_attn.")[0].split(".mlp.")[0] for n in shared["clips"]})
+    for o in owners:
+        assert len({c for n, c in shared["clips"].items() if mod.input_owner(n) == o}) == 1, o
+    assert own["clips"] != shared["clips"]  # some q/k/v or gate/up disagree alone
+    render = import_file("render_results", Path(__file__).resolve().parent.parent / "scripts" / "render_results.py")
+    assert "(`--clip-share`: q/k/v one ratio, gate/up one)" in render.w4a4_sensitivity_table(json.loads(out.read_text()))
+
+
 def test_per_linear_act_clip_is_chosen_by_output_error_and_served(w4a4_dir, tiny_lm_dir, corpus, tmp_path):
     """gq quantize --per-linear-act-clip: the codes of the run without it; every linear a ratio of the
-    grid, one ratio per input (q/k/v, gate/up share); that ratio has the least summed output error
-    against float activations on the inputs the served checkpoint gives those linears on the first
-    calibration windows (recomputed here through the served kernel); the loaded kernels clip with it."""
+    grid with the least output error against float activations on the inputs the served checkpoint
+    (at the starting ratio) gives it on the first calibration windows (recomputed here through the
+    served kernel); the loaded kernels clip with it."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -494,18 +515,12 @@ def test_per_linear_act_clip_is_chosen_by_output_error_and_served(w4a4_dir, tiny
              for k, v in new.items() if k.endswith(".act_clip")}
     assert all(abs(clips[k.removesuffix(".act_clip")] - float(v)) < 1e-7 for k, v in new.items()
                if k.endswith(".act_clip"))
-    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
-    layers = {k.split(".self_attn.")[0].split(".mlp.")[0] for k in clips}
-    for layer in layers:
-        for members in groups:
-            assert len({clips[f"{layer}.{m}"] for m in members}) == 1, (layer, members)
+    assert len(set(clips.values())) > 1  # the test below then tells the ratios apart
 
-    # The errors recomputed for two groups of layer 0 from the served checkpoint at ratio 1.0.
+    # The errors recomputed for every linear from the served checkpoint at ratio 1.0.
     model = load_quantized_model(w4a4_dir).eval()
     lin = {n: m for n, m in model.named_modules() if isinstance(m, GQLinear)}
-    check = [[f"model.layers.0.{m}" for m in members] for members in (groups[0], groups[1])]
-    seen = {n: [] for g in check for n in g}
+    seen = {n: [] for n in lin}
     hooks = [lin[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
              for n in seen]
     windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_lm_dir), str(corpus), N, SEQ, calib.seed, cache)
@@ -515,18 +530,16 @@ def test_per_linear_act_clip_is_chosen_by_output_error_and_served(w4a4_dir, tiny
     for h in hooks:
         h.remove()
     with torch.inference_mode():
-        for members in check:
-            errs = dict.fromkeys(ACT_CLIP_GRID, 0.0)
-            for n in members:
-                m, p0, x = lin[n], lin[n].params, torch.cat(seen[n])
-                m.params = p0.model_copy(update={"act_bits": 16})
+        for n, m in lin.items():
+            p0, x, errs = m.params, torch.cat(seen[n]), {}
+            m.params = p0.model_copy(update={"act_bits": 16})
+            m.reset_cache()
+            want = m(x).double()
+            for c in ACT_CLIP_GRID:
+                m.params = p0.model_copy(update={"act_clip": c})
                 m.reset_cache()
-                want = m(x).double()
-                for c in ACT_CLIP_GRID:
-                    m.params = p0.model_copy(update={"act_clip": c})
-                    m.reset_cache()
-                    errs[c] += (m(x).double() - want).pow(2).sum().item()
-            assert clips[members[0]] == min(errs, key=errs.get), (members, errs)
+                errs[c] = (m(x).double() - want).pow(2).sum().item()
+            assert clips[n] == min(errs, key=errs.get), (n, errs)
 
     served = load_quantized_model(out)
     for n, m in served.named_modules():

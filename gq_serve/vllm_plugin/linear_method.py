@@ -29,7 +29,9 @@ weight, since ``x @ W_hat^T`` is not their function:
   * a tensor shared by all rows (``out_dim`` None, e.g. a per-linear ``layout`` record) is loaded by
     :meth:`GuidedQuantLinearMethod.shared_loader`: vLLM's fused loaders would copy it whole for each
     part and keep the last; ours requires q/k/v (gate/up) to carry equal tensors and refuses the
-    checkpoint otherwise, naming the layer and the parts;
+    checkpoint otherwise, naming the layer and the parts, except for a ``differs_by_part`` tensor
+    (W4A4's per-linear ``act_clip``): when the parts' values differ, each part keeps its rows and
+    runs its own kernel, and the layer concatenates their outputs;
   * column-parallel and fused layers split output rows as above (the input is whole on every rank,
     so per-token activation quantization sees the same values);
   * a format with ``columns_split_by_spec`` False decides a row-parallel split from its loaded
@@ -121,7 +123,8 @@ class GuidedQuantLinearMethod(LinearMethodBase):
         for name, spec in stored.items():
             attrs = dict(extra_weight_attrs)
             if spec.out_dim is None and spec.in_dim is None:
-                attrs["weight_loader"] = self.shared_loader(layer, name, spec.dtype, on_disk[name].shape)
+                attrs["weight_loader"] = self.shared_loader(layer, name, spec.dtype, on_disk[name].shape,
+                                                            spec.differs_by_part)
                 self.add_param(layer, name, torch.empty(spec.shape, dtype=spec.dtype), attrs)
                 continue
             sliced = set()
@@ -144,15 +147,18 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             "names": tuple(stored),
             "params_dtype": params_dtype,
             "n_parts": len(output_partition_sizes),
+            "part_sizes": tuple(output_partition_sizes),
         }
 
     @staticmethod
-    def shared_loader(layer, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+    def shared_loader(layer, name: str, dtype: torch.dtype, shape: tuple[int, ...], differs_by_part: bool = False):
         """Loader of a tensor shared by all rows (``out_dim`` None, e.g. a layout record).
 
         vLLM's fused loaders copy such a parameter whole for every part, so the last part would win
-        silently; here every part's tensor must equal the others' (one fused layer runs one kernel
-        configuration), else the load fails naming the layer and the parts."""
+        silently; here each part's tensor is kept (``layer.gq_shared[name][shard_id]``) and must equal
+        the others' (one fused layer runs one kernel configuration), else the load fails naming the
+        layer and the parts; a ``differs_by_part`` tensor may differ (each part then gets its own
+        kernel, :meth:`process_weights_after_loading`)."""
 
         def load(param, loaded_weight, shard_id=None):
             full = f"{layer.prefix}.{name}" if getattr(layer, "prefix", "") else name
@@ -162,7 +168,7 @@ class GuidedQuantLinearMethod(LinearMethodBase):
                 raise ValueError(f"guidedquant: {full} has shape {tuple(loaded_weight.shape)}; expected {tuple(shape)}")
             seen = layer.gq_shared.setdefault(name, {})
             for other, t in seen.items():
-                if not torch.equal(t, loaded_weight.cpu()):
+                if not differs_by_part and not torch.equal(t, loaded_weight.cpu()):
                     raise ValueError(
                         f"guidedquant: {full}: vLLM fuses the checkpoint's modules into one layer, but part "
                         f"{shard_id!r} has {name} {loaded_weight.tolist()} and part {other!r} has {t.tolist()}; "
@@ -257,15 +263,7 @@ class GuidedQuantLinearMethod(LinearMethodBase):
                 layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
             layer.gq_kernel, layer.gq_runtime = kernels[0], tuple(runtimes[0])
             return
-        names = []
-        for i, runtime in enumerate(runtimes):
-            keys = []
-            for name, t in runtime.items():
-                pname = f"gq_p{i}_{name}"
-                layer.register_parameter(pname, torch.nn.Parameter(t.contiguous(), requires_grad=False))
-                keys.append((name, pname))
-            names.append(tuple(keys))
-        layer.gq_kernel, layer.gq_runtime = _Parts(kernels), tuple(names)
+        self._install_parts(layer, kernels, runtimes)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.gq_partition.get("whole_parts"):
@@ -281,7 +279,10 @@ class GuidedQuantLinearMethod(LinearMethodBase):
             if part["n_parts"] > 1 and len(parts) != part["n_parts"]:
                 raise ValueError(f"guidedquant: {prefix}.{name}: the checkpoint gives it for fused part(s) "
                                  f"{sorted(map(str, parts))} only; every one of the {part['n_parts']} parts needs it")
+        shared = layer.gq_shared
         del layer.gq_shared
+        if self._split_parts(layer, fmt, tensors, shared, device, dtype):
+            return
         spec = LinearSpec(qc.params, part["out_pp"], part["in_pp"])
         local = tensors
         if part["loaded_whole"]:
@@ -307,6 +308,45 @@ class GuidedQuantLinearMethod(LinearMethodBase):
         for name, t in runtime.items():
             layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
         layer.gq_kernel, layer.gq_runtime = kernel, tuple(runtime)
+
+    def _split_parts(self, layer, fmt, tensors, shared, device, dtype) -> bool:
+        """A fused layer whose parts hold different ``differs_by_part`` tensors (e.g. W4A4's per-linear
+        ``act_clip``): give each part its rows, its own shared tensors and its own kernel. Returns
+        whether it did (False: one kernel serves the layer)."""
+        part, qc = layer.gq_partition, self.quant_config
+        specs = fmt.tensors(qc.params, part["out_pp"], part["in_pp"])
+        differ = [n for n, s in specs.items() if s.differs_by_part and n in shared
+                  and len({tuple(t.flatten().tolist()) for t in shared[n].values()}) > 1]
+        if part["n_parts"] < 2 or not differ:
+            return False
+        by_part = {n: {self._part_index(k): t for k, t in v.items()} for n, v in shared.items()}
+        kernels, runtimes, r0 = [], [], 0
+        for i, size in enumerate(part["part_sizes"]):
+            own = {n: by_part[n][i].to(device) if s.out_dim is None else tensors[n].narrow(s.out_dim, r0, size).contiguous()
+                   for n, s in specs.items()}
+            kernel = choose_kernel(LinearSpec(qc.params, size, part["in_pp"]), device, dtype, prefer=qc.checkpoint.kernel)
+            kernels.append(kernel)
+            runtimes.append(kernel.prepare(own))
+            r0 += size
+        for name in part["names"]:
+            delattr(layer, name)
+        self._install_parts(layer, kernels, runtimes)
+        log.info("guidedquant: %s runs its %d fused parts with their own kernels (their %s differ)",
+                 getattr(layer, "prefix", ""), len(kernels), ", ".join(differ))
+        return True
+
+    @staticmethod
+    def _install_parts(layer, kernels, runtimes) -> None:
+        """Register each part's prepared tensors (``gq_p{i}_{name}``) and serve the layer with ``_Parts``."""
+        names = []
+        for i, runtime in enumerate(runtimes):
+            keys = []
+            for name, t in runtime.items():
+                pname = f"gq_p{i}_{name}"
+                layer.register_parameter(pname, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+                keys.append((name, pname))
+            names.append(tuple(keys))
+        layer.gq_kernel, layer.gq_runtime = _Parts(kernels), tuple(names)
 
     def _keep_whole(self, layer, fmt, tensors, device, dtype) -> None:
         """A row-parallel layer no column range of which is a linear of its format (it quantizes its
@@ -338,8 +378,8 @@ class GuidedQuantLinearMethod(LinearMethodBase):
 
 
 class _Parts:
-    """The kernels of a layer's fused parts (formats whose rows are not independent): each part's
-    output, concatenated in order, plus the bias."""
+    """The kernels of a layer's fused parts (formats whose rows are not independent, or parts whose
+    ``differs_by_part`` tensors differ): each part's output, concatenated in order, plus the bias."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels

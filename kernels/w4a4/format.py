@@ -10,8 +10,8 @@ Per quantized linear [out, in]:
   loader needs no module names.
 
 - ``act_clip`` float32 [1], only when ``per_linear_act_clip``: this linear's activation clip ratio
-  (``gq quantize --per-linear-act-clip`` chooses it). Linears fed the same input (q/k/v, gate/up)
-  carry the same ratio, so one quantization of that input serves them all (vLLM fuses them).
+  (``gq quantize --per-linear-act-clip`` chooses it). Linears fed the same input (q/k/v) may hold
+  different ratios, each quantizing that input its own way (``differs_by_part``).
 
 Checkpoint-wide parameters: ``bits``, ``act_bits`` / ``act_clip`` (activations; ``act_clip`` is every
 linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` / ``kv_clip`` (the KV cache,
@@ -136,7 +136,7 @@ class W4A4Format(Format):
             "layout": TensorSpec((2,), torch.int32, out_dim=None),
         }
         if params.per_linear_act_clip:
-            specs["act_clip"] = TensorSpec((1,), torch.float32, out_dim=None)
+            specs["act_clip"] = TensorSpec((1,), torch.float32, out_dim=None, differs_by_part=True)
         return specs
 
     def pack(self, result: W4A4Quant) -> dict[str, torch.Tensor]:

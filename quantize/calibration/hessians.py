@@ -158,21 +158,6 @@ def layer_linears(layer: nn.Module, prefix: str) -> dict[str, nn.Linear]:
     return {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def group_by_input(calls: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
-    """Linear names grouped by the input they were called on, in call order: consecutive calls on
-    the very same tensor object (q/k/v, gate/up) form one group. ``calls``: (name, input) per call;
-    keep the tensors alive until this returns (a freed tensor's storage may be reused)."""
-    groups: list[list[str]] = []
-    last = None
-    for name, x in calls:
-        if x is not last:
-            groups.append([])
-            last = x
-        if name not in groups[-1]:
-            groups[-1].append(name)
-    return groups
-
-
 def linear_stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, call, device) -> list[list[str]]:
     """The layer's linears in groups that can be quantized together, in the order they run.
 
@@ -191,7 +176,14 @@ def linear_stages(layer: torch.nn.Module, prefix: str, inputs: torch.Tensor, cal
     finally:
         for h in handles:
             h.remove()
-    stages = group_by_input(order)
+    stages: list[list[str]] = []
+    last = None
+    for name, key in order:
+        if key is not last:
+            stages.append([])
+            last = key
+        if name not in stages[-1]:
+            stages[-1].append(name)
     names = [n for st in stages for n in st]
     if sorted(names) != sorted(layer_linears(layer, prefix)) or len(set(names)) != len(names):
         raise RuntimeError(f"the linears of {prefix} do not run exactly once per forward; "

@@ -113,7 +113,7 @@ class SpinQuantConfig(MethodConfig):
     per_linear_act_clip: bool = Field(False, description="SpinQuant: once the weights are quantized, give each "
                                                          "linear the activation clip ratio (0.6 ... 1.0) whose "
                                                          "output comes closest to float activations on "
-                                                         "calibration windows; linears fed one input share one")
+                                                         "calibration windows")
     act_clip_windows: int = Field(2, ge=1, description="SpinQuant: calibration windows --per-linear-act-clip "
                                                         "measures on")
 
@@ -174,23 +174,19 @@ class _ClipProbe(nn.Module):
     ``errors`` [len(grid)] float64 the squared error of the output at each ratio of ``grid``
     against the same weights with float activations."""
 
-    def __init__(self, name: str, result: W4A4Quant, bias: torch.Tensor | None, grid: list[float],
-                 errors: torch.Tensor, calls: list | None) -> None:
+    def __init__(self, result: W4A4Quant, bias: torch.Tensor | None, grid: list[float], errors: torch.Tensor) -> None:
         super().__init__()
-        self.name, self.r, self.bias, self.grid, self.errors, self.calls = name, result, bias, grid, errors, calls
+        self.r, self.bias, self.grid, self.errors = result, bias, grid, errors
 
-    def _out(self, x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+    def _out(self, x: torch.Tensor, bits: int, clip: float, bias: torch.Tensor | None = None) -> torch.Tensor:
         r = self.r
-        return ref.matmul(x, r.codes, r.scale, bits, r.act_group_size, r.input_hadamard, clip).double()
+        return ref.matmul(x, r.codes, r.scale, bits, r.act_group_size, r.input_hadamard, clip, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calls is not None:
-            self.calls.append((self.name, x))
-        r = self.r
-        want = self._out(x, 16, 1.0)
+        want = self._out(x, 16, 1.0).double()
         for i, c in enumerate(self.grid):
-            self.errors[i] += (self._out(x, r.act_bits, c) - want).pow(2).sum().cpu()
-        return ref.matmul(x, r.codes, r.scale, r.act_bits, r.act_group_size, r.input_hadamard, r.act_clip, self.bias)
+            self.errors[i] += (self._out(x, self.r.act_bits, c).double() - want).pow(2).sum().cpu()
+        return self._out(x, self.r.act_bits, self.r.act_clip, self.bias)
 
 
 def choose_act_clips(model: nn.Module, results: dict[str, W4A4Quant], windows: torch.Tensor,
@@ -200,14 +196,13 @@ def choose_act_clips(model: nn.Module, results: dict[str, W4A4Quant], windows: t
     The model runs as its checkpoint will (w4a4 linears at ``cfg.act_clip``, the ``kv_bits`` KV
     cache) on the first ``cfg.act_clip_windows`` of ``windows`` [N, T]; each linear sums, for every
     ratio of :data:`ACT_CLIP_GRID` (and ``cfg.act_clip``), the squared difference between its output
-    with the activations quantized at that ratio and with them in float, on the inputs it receives.
-    Linears fed the same input (q/k/v, gate/up) sum their errors and share the best ratio: one
-    quantization of that input serves them all (vLLM fuses them into one layer). The ratio is chosen
-    on calibration text only. Returns the results with ``linear_act_clip`` set; ``model`` is restored.
+    with its input quantized at that ratio and with its input in float, and keeps the least. Linears
+    fed one input (q/k/v) each choose their own (one shared ratio measured worse, docs/w4a4.md), so
+    a fused q/k/v may quantize its input per part. Only calibration text is read. Returns the
+    results with ``linear_act_clip`` set (and the ratio in their stats); ``model`` is left as it was.
     """
     from gq_kernels.w4a4.format import W4A4Format
     from gq_quantize.calibration import quantizable_linears
-    from gq_quantize.calibration.hessians import group_by_input
 
     linears = quantizable_linears(model)
     if set(linears) != set(results):
@@ -216,32 +211,23 @@ def choose_act_clips(model: nn.Module, results: dict[str, W4A4Quant], windows: t
     grid = sorted(set(ACT_CLIP_GRID) | {float(cfg.act_clip)})
     device = next(model.parameters()).device
     errors = {n: torch.zeros(len(grid), dtype=torch.float64) for n in linears}
-    calls: list[tuple[str, torch.Tensor]] = []
     parents = {n: model.get_submodule(n.rpartition(".")[0]) for n in linears}
-    probes = {n: _ClipProbe(n, results[n].to(device), lin.bias, grid, errors[n], calls) for n, lin in linears.items()}
+    probes = {n: _ClipProbe(results[n].to(device), lin.bias, grid, errors[n]) for n, lin in linears.items()}
     fmt, params = W4A4Format(), cfg.format_params()
-    use = windows[:cfg.act_clip_windows]
+    bar = tqdm(windows[:cfg.act_clip_windows], desc="activation clip ratios", unit="window", disable=not progress,
+               file=sys.stderr)
     try:
         for n, probe in probes.items():
             setattr(parents[n], n.rpartition(".")[2], probe)
-        bar = tqdm(use, desc="activation clip ratios", unit="window", disable=not progress, file=sys.stderr)
         with torch.inference_mode():
-            for i, w in enumerate(bar):
+            for w in bar:
                 kv = fmt.kv_cache(params, model.config, store=False)
-                model(input_ids=w[None].to(device), use_cache=False,
-                      **({} if kv is None else {"past_key_values": kv}))
-                if i == 0:
-                    groups = group_by_input(calls)
-                    calls.clear()
-                    for probe in probes.values():
-                        probe.calls = None
+                model(input_ids=w[None].to(device), use_cache=False, **({} if kv is None else {"past_key_values": kv}))
     finally:
         for n, lin in linears.items():
             setattr(parents[n], n.rpartition(".")[2], lin)
-    out = dict(results)
-    for group in groups:
-        best = grid[int(sum(errors[n] for n in group).argmin())]
-        for n in group:
-            out[n] = dataclasses.replace(results[n], per_linear_act_clip=True, linear_act_clip=best,
-                                         stats={**results[n].stats, "act_clip": best})
+    out = {}
+    for n, r in results.items():
+        best = grid[int(errors[n].argmin())]
+        out[n] = dataclasses.replace(r, per_linear_act_clip=True, linear_act_clip=best, stats={**r.stats, "act_clip": best})
     return out
