@@ -44,9 +44,10 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct"),
 QUESTION = "What is the capital of France?"
 
 def _w4a4(rotation: str, **kw) -> dict:
-    """A spinquant variant on a model rotated by ``rotation``; activation and KV ranges unclipped (the
-    published configuration) unless ``kw`` sets them."""
-    return {"method": "spinquant", "rotation": rotation, "act_clip": 1.0, "kv_clip": 1.0, **kw}
+    """A spinquant variant on a model rotated by ``rotation``; activation and KV ranges unclipped and
+    one ratio for every linear (the published configuration) unless ``kw`` sets them."""
+    return {"method": "spinquant", "rotation": rotation, "act_clip": 1.0, "kv_clip": 1.0,
+            "per_linear_act_clip": False, **kw}
 
 
 # name -> QuantizeConfig keyword arguments (bits from --bits). Per-output-channel grids/codebooks.
@@ -109,24 +110,28 @@ VARIANTS: dict[str, dict] = {
        for g in (32, 64) for c in (1.0, 0.9, 0.8)},
     # the method's defaults (clip 0.8 / 0.95) on the rotations learned unclipped (before
     # `gq rotate` trained under the served quantizers)
+    # (the "defaults" of these rows are those before --per-linear-act-clip became one: they pin it off)
     "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1,
-                                   rotation_quantizers=(1.0, 1.0, 0)),
+                                   rotation_quantizers=(1.0, 1.0, 0), per_linear_act_clip=False),
     "w4a4-spinquant-gq-g64": dict(method="spinquant", rotation="learned", guided=True, groups=1, act_group=64,
-                                  rotation_quantizers=(1.0, 1.0, 0),
-                                  act_clip=1.0),
+                                  rotation_quantizers=(1.0, 1.0, 0), act_clip=1.0, per_linear_act_clip=False),
     # the defaults with rotations learned (batch 8) under the same clipped quantizers
-    "w4a4-spinquant-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8),
-    "w4a4-spinquant-gq-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1),
+    "w4a4-spinquant-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, per_linear_act_clip=False),
+    "w4a4-spinquant-gq-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
+                                     per_linear_act_clip=False),
     # those rotations (trained per token) with activations in groups of 32 (the best QuaRot-style setting)
     "w4a4-spinquant-gq-b8-g32": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
-                                     act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0)),
+                                     act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0),
+                                     per_linear_act_clip=False),
     # each linear's activation clip ratio chosen by its output error (gq quantize --per-linear-act-clip)
     "w4a4-quarot-clip0.8-lin": _w4a4("hadamard", act_clip=0.8, kv_clip=0.95, per_linear_act_clip=True),
     "w4a4-quarot-g32-clip1.0-lin": _w4a4("hadamard", act_group=32, act_clip=1.0, kv_clip=0.95,
                                          per_linear_act_clip=True),
+    "w4a4-quarot-g32-clip1.0-lin8": _w4a4("hadamard", act_group=32, act_clip=1.0, kv_clip=0.95,
+                                          per_linear_act_clip=True, act_clip_windows=8),
     # rotations learned (batch 8) under groups of 32 unclipped, then served so, without and with per-linear ratios
     "w4a4-spinquant-gq-b8-g32-clip1.0": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
-                                             groups=1, act_group=32, act_clip=1.0),
+                                             groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=False),
     "w4a4-spinquant-gq-b8-g32-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                          groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=True),
 }

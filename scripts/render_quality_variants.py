@@ -73,6 +73,8 @@ LABELS = {
                                "(`--per-linear-act-clip`, from 0.8) / 0.95",
     "w4a4-quarot-g32-clip1.0-lin": "W4A4KV4 random Hadamard R1/R2, GPTQ, groups of 32, clip per linear by output "
                                    "error (`--per-linear-act-clip`, from 1.0) / 0.95",
+    "w4a4-quarot-g32-clip1.0-lin8": "W4A4KV4 random Hadamard R1/R2, GPTQ, groups of 32, clip per linear measured on "
+                                    "8 windows (`--per-linear-act-clip --act-clip-windows 8`)",
     "w4a4-spinquant-gq-b8-g32-clip1.0": "W4A4KV4 SpinQuant + GuidedQuant g=1, rotations learned at batch 8 under "
                                         "groups of 32 unclipped, served so (`--act-group 32 --act-clip 1.0`)",
     "w4a4-spinquant-gq-b8-g32-lin": "W4A4KV4 SpinQuant + GuidedQuant g=1, the same rotations, groups of 32, clip "

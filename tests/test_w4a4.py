@@ -293,6 +293,7 @@ def w4a4_dir(tiny_lm_dir, corpus, tmp_path_factory):
     # value within float rounding of a rounding boundary). Clipped ranges: the kernel test above and
     # test_default_clip_ratios_reach_the_loaded_model.
     cfg = QuantizeConfig(method="spinquant", bits=4, guided=True, groups=1, act_clip=1.0, kv_clip=1.0,
+                         per_linear_act_clip=False,
                          calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
     pipeline.quantize_model(tiny_lm_dir, cfg, out, tmp_path_factory.mktemp("cache"), progress=False)
     return out
@@ -578,13 +579,14 @@ def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_pat
 
     cfg = QuantizeConfig(method="spinquant", bits=4, rtn=True,
                          calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
-    assert (cfg.options.act_clip, cfg.options.kv_clip) == (0.8, 0.95)
+    assert (cfg.options.act_clip, cfg.options.kv_clip, cfg.options.per_linear_act_clip) == (0.8, 0.95, True)
     pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "ckpt", tmp_path / "cache", progress=False)
     qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert (qc["act_clip"], qc["kv_clip"]) == (0.8, 0.95)
+    assert (qc["act_clip"], qc["kv_clip"], qc["per_linear_act_clip"]) == (0.8, 0.95, True)
     model = load_quantized_model(tmp_path / "ckpt")
     lin = model.model.layers[0].mlp.down_proj
     assert (lin.params.act_clip, lin.params.kv_clip) == (0.8, 0.95)
+    assert lin.select_kernel("cpu", torch.float32).act_clip == pytest.approx(float(lin.act_clip))
     with torch.no_grad():
         cache = model(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
     assert isinstance(cache, QuantizedKVCache) and {layer.clip for layer in cache.layers} == {0.95}

@@ -109,11 +109,13 @@ class SpinQuantConfig(MethodConfig):
     w_clip: bool = Field(True, description="SpinQuant: per-row weight clipping search before GPTQ")
     gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
     gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
-    rtn: bool = Field(False, description="SpinQuant: round to nearest instead of GPTQ (needs no calibration)")
-    per_linear_act_clip: bool = Field(False, description="SpinQuant: once the weights are quantized, give each "
-                                                         "linear the activation clip ratio (0.6 ... 1.0) whose "
-                                                         "output comes closest to float activations on "
-                                                         "calibration windows")
+    rtn: bool = Field(False, description="SpinQuant: round to nearest instead of GPTQ (reads no calibration "
+                                          "data with --no-per-linear-act-clip)")
+    per_linear_act_clip: bool = Field(True, description="SpinQuant: once the weights are quantized, give each "
+                                                        "linear the activation clip ratio (0.6 ... 1.0, and "
+                                                        "--act-clip) whose output comes closest to float "
+                                                        "activations on calibration windows (off: --act-clip for "
+                                                        "every linear)")
     act_clip_windows: int = Field(2, ge=1, description="SpinQuant: calibration windows --per-linear-act-clip "
                                                         "measures on")
 
