@@ -220,7 +220,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         sweep = ["w4a4-quarot", "w4a4-quarot-clip0.95", "w4a4-quarot-clip", "w4a4-quarot-clip0.85",
                  "w4a4-quarot-clip0.8", "w4a4-quarot-clip0.75", "w4a4-quarot-clip0.7", "w4a4-quarot-clip-kv0.9",
                  "w4a4-quarot-centred", "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g64-clip0.9",
-                 "w4a4-quarot-g64-clip0.8", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-clip0.8-lin"]
+                 "w4a4-quarot-g64-clip0.8", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-g32-clip1.0",
+                 "w4a4-quarot-g32-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin8", "w4a4-quarot-clip0.8-lin"]
         blocks["w4a4_val"] = variants_table(rows, SMOL, ["fp16"] + sweep, [4],
                                             ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     if any(r["calib"] == MIXED for r in rows):
