@@ -132,6 +132,8 @@ VARIANTS: dict[str, dict] = {
     # rotations learned (batch 8) under groups of 32 unclipped, then served so, without and with per-linear ratios
     "w4a4-spinquant-gq-b8-g32-clip1.0": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                              groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=False),
+    "w4a4-spinquant-b8-g32-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, act_group=32,
+                                      act_clip=1.0, per_linear_act_clip=True),
     "w4a4-spinquant-gq-b8-g32-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                          groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=True),
 }

@@ -77,6 +77,8 @@ LABELS = {
                                     "8 windows (`--per-linear-act-clip --act-clip-windows 8`)",
     "w4a4-spinquant-gq-b8-g32-clip1.0": "W4A4KV4 SpinQuant + GuidedQuant g=1, rotations learned at batch 8 under "
                                         "groups of 32 unclipped, served so (`--act-group 32 --act-clip 1.0`)",
+    "w4a4-spinquant-b8-g32-lin": "W4A4KV4 SpinQuant (the same rotations), groups of 32, clip per linear "
+                                 "(`--per-linear-act-clip`)",
     "w4a4-spinquant-gq-b8-g32-lin": "W4A4KV4 SpinQuant + GuidedQuant g=1, the same rotations, groups of 32, clip "
                                     "per linear (`--per-linear-act-clip`)",
 }
@@ -207,7 +209,7 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
     w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq",
             "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8", "w4a4-quarot-clip0.8", "w4a4-spinquant-gq-clip",
             "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32",
-            "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-gq-b8-g32-lin"]
+            "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-b8-g32-lin", "w4a4-spinquant-gq-b8-g32-lin"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",
