@@ -241,8 +241,9 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
                             "memory; it cannot run with --streamed (drop one of them)")
     after = qconfig.options.after_quantize()
     if after is not None and streamed:
-        raise QuantizeError(f"{qconfig.method}'s pass over the whole quantized model (e.g. --per-linear-act-clip) "
-                            "runs it in memory; it cannot run with --streamed (drop one of them)")
+        raise QuantizeError(f"--method {qconfig.method} ends with a pass over the whole quantized model in memory, "
+                            f"which --streamed cannot hold: pass {type(qconfig.options).after_quantize_off} or drop "
+                            "--streamed")
     validate_model_dir(model_dir)
     timings: dict[str, float] = {}
 

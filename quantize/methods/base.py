@@ -68,6 +68,9 @@ class MethodConfig(BaseModel):
         the format rotates online)."""
         return self
 
+    # The option that turns ``after_quantize``'s pass off, for error messages.
+    after_quantize_off: ClassVar[str] = ""
+
     def after_quantize(self):
         """A pass over the whole model once every linear is quantized (and any fine-tune is done), or
         None (the default). The pass is ``fn(model, results, windows, progress) -> results``: model the

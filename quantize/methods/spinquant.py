@@ -96,6 +96,7 @@ class SpinQuantConfig(MethodConfig):
     max_groups: ClassVar[int] = 1
     max_groups_reason: ClassVar[str] = ("the rotations R1/R2 mix the output channels of v, o and down_proj, so only "
                                         "g = 1 saliency is the original model's (see gq_quantize.methods.spinquant)")
+    after_quantize_off: ClassVar[str] = "--no-per-linear-act-clip"
     bits: int = 4
     act_bits: int = Field(4, description="SpinQuant: activation bits (16: weights only)")
     act_clip: float = Field(0.8, gt=0, le=1, description="SpinQuant: activation range clip ratio (published: 1.0; "
