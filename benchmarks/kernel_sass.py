@@ -223,31 +223,33 @@ def trellis_cases(arch, shapes, ms, bits_list, dtype="fp16", code="hyb"):
 
 # ------------------------------------------------------------------------------------------ w4a4
 def w4a4_cases(arch, shapes, ms, bits_list, dtype="fp16"):
-    """The w4a4 int8 x int4 GEMM (per-token and head_dim-128 groups; the rows given plus a 2048-row
-    prefill tile) and its activation quantization kernel. ``bits_list`` is unused: weights are 4-bit
-    nibbles, activations 4-bit (8-bit only changes a constant shift)."""
+    """The w4a4 int8 x int4 GEMM (per-token and head_dim-128 activation groups, and weight groups of
+    128 columns with per-token activations; the rows given plus a 2048-row prefill tile) and its
+    activation quantization kernel. ``bits_list`` is unused: weights are 4-bit nibbles, activations
+    4-bit (8-bit only changes a constant shift)."""
     import gq_kernels.w4a4.triton_kernels as W
     for n, k in shapes:
         for m in sorted({*ms, 2048}):
-            for group in (0, 128):
-                if group and k % group:
+            for group, wgroup in ((0, 0), (128, 0), (0, 128)):
+                if k % (group or wgroup or k):
                     continue
-                cfg = W.gemm_config(m, n, k, group)
+                cfg = W.gemm_config(m, n, k, group or wgroup)
                 sig = {"a_ptr": "*i8", "w_ptr": "*u8", "sx_ptr": "*fp32", "zx_ptr": "*fp32", "rs_ptr": "*i32",
                        "sw_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "M": "i32", "N": "i32",
-                       "K": "i32", "G": "i32", "GS": "i32", "stride_am": "i32", "stride_wn": "i32",
+                       "K": "i32", "G": "i32", "GS": "i32", "GA": "i32", "PER_A": "i32", "GW": "i32",
+                       "PER_W": "i32", "stride_am": "i32", "stride_wn": "i32",
                        "stride_ym": "i32", "SHIFT": "constexpr", "MODE": "constexpr", "EVEN_K": "constexpr",
-                       "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                       "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
+                       "HAS_BIAS": "constexpr", "W_GROUPED": "constexpr", "BLOCK_M": "constexpr",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
                 consts = {key: cfg[key] for key in ("MODE", "EVEN_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-                consts.update(SHIFT=0, HAS_BIAS=False)
+                consts.update(SHIFT=0, HAS_BIAS=False, W_GROUPED=bool(wgroup))
                 aligned = ["a_ptr", "w_ptr", "sx_ptr", "zx_ptr", "rs_ptr", "sw_ptr", "bias_ptr", "y_ptr"] + [
                     a for a, v in (("N", n), ("K", k), ("stride_am", k), ("stride_wn", k // 2), ("stride_ym", n))
                     if v % 16 == 0]
                 c = compile_kernel(W._w4a4_gemm_kernel, sig, consts, aligned, arch,
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
                 # One loop iteration: a [BLOCK_N, BLOCK_K] weight tile shared by the program's warps.
-                yield dict(kernel="w4a4", n=n, k=k, m=m, bits=4, cfg=dict(cfg, group=group), compiled=c,
+                yield dict(kernel="w4a4", n=n, k=k, m=m, bits=4, cfg=dict(cfg, group=group, wgroup=wgroup), compiled=c,
                            weights_per_warp=cfg["BLOCK_N"] * cfg["BLOCK_K"] // cfg["num_warps"],
                            block_m=min(m, cfg["BLOCK_M"]))
     for block in (1024, 128):

@@ -83,8 +83,9 @@ def time_decode(model, batch: int, prompt: int, steps: int, device: torch.device
 
 def variant(label: str):
     """(params or None, dtype override or None, kernel name or None) for ``dense:DTYPE`` / ``w4a4`` /
-    ``w4a4:A`` (A = activation bits), each optionally pinned to a kernel with ``@NAME`` (e.g.
-    ``w4a4@w4a4-int`` vs ``w4a4@w4a4-triton``; without it the registry chooses)."""
+    ``w4a4:A`` (A = activation bits) / ``w4a4:A:wN`` (weight scales per N input columns), each
+    optionally pinned to a kernel with ``@NAME`` (e.g. ``w4a4@w4a4-int`` vs ``w4a4@w4a4-triton``;
+    without it the registry chooses)."""
     label, _, kernel = label.partition("@")
     if label.startswith("dense:"):
         if kernel:
@@ -92,8 +93,12 @@ def variant(label: str):
         return None, E2E.DTYPES[label[6:]], None
     from gq_kernels.registry import get_format
 
-    fmt, _, act = label.partition(":")
-    return get_format(fmt).params(bits=4, **({"act_bits": int(act)} if act else {})), None, kernel or None
+    fmt, _, rest = label.partition(":")
+    act, _, wgroup = rest.partition(":")
+    if wgroup and not wgroup.startswith("w"):
+        raise ValueError(f"{label}: the third field is wN (weight groups of N columns), not {wgroup!r}")
+    opts = {**({"act_bits": int(act)} if act else {}), **({"weight_group_size": int(wgroup[1:])} if wgroup else {})}
+    return get_format(fmt).params(bits=4, **opts), None, kernel or None
 
 
 def pin_kernel(model, kernel: str, device: torch.device, dtype: torch.dtype) -> None:

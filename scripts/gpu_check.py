@@ -17,7 +17,8 @@ Stages (docs/gpu.md says what each measures, its budget and the device-tool call
               vLLM's GPTQ 4-bit, batch 1/8/32 -> e2e rows with engine "vllm"
     qtip      benchmarks/qtip_cost.py: QTIP's Viterbi on CUDA (tiles/s) and one 4096x11008 layer -> qtip_cost_gpu.json
     w4a4      benchmarks/w4a4_speed.py: W4A4 (integer GEMMs, 4-bit KV cache) vs dense fp16 on a Llama-2-7B-shaped
-              random model, prefill of 2048 tokens and batch-32 decode -> w4a4_speed_gpu.json
+              random model, prefill of 2048 tokens and batch-32 decode (and weight groups of 128 on the
+              Triton GEMM) -> w4a4_speed_gpu.json
 
 `run` writes DIR/<stage>/result.json (stage, result, commit, device, date, wall time, summary) and
 DIR/<stage>/log.txt beside the stage's own files: at most 8 files, 2 folders down (what the device
@@ -247,11 +248,11 @@ def stage_qtip(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, 
 def stage_w4a4(out: Path, smoke: bool, env: dict, timeout: float) -> tuple[str, dict]:
     argv = [sys.executable, "benchmarks/w4a4_speed.py", "--out", str(out / "w4a4_speed.json")]
     if smoke:
-        argv += ["--device", "cpu", "--shape", "tiny-had", "--dtype", "fp32", "--variants", "dense:fp32,w4a4",
+        argv += ["--device", "cpu", "--shape", "tiny-had", "--dtype", "fp32", "--variants", "dense:fp32,w4a4,w4a4:4:w64",
                  "--prefill-tokens", "64", "--batch", "4", "--prompt-tokens", "8", "--decode-steps", "2", "--runs", "1"]
     else:
         argv += ["--device", "cuda", "--shape", "llama2-7b", "--dtype", "fp16", "--variants",
-                 "dense:fp16,dense:bf16,w4a4@w4a4-int,w4a4@w4a4-triton", "--prefill-tokens", "2048", "--batch", "32",
+                 "dense:fp16,dense:bf16,w4a4@w4a4-int,w4a4@w4a4-triton,w4a4:4:w128@w4a4-triton", "--prefill-tokens", "2048", "--batch", "32",
                  "--prompt-tokens", "128",
                  "--decode-steps", "32", "--runs", "3"]
     rc, timed_out = run_logged(argv, out / "log.txt", env, timeout)

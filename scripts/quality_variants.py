@@ -136,6 +136,24 @@ VARIANTS: dict[str, dict] = {
                                       act_clip=1.0, per_linear_act_clip=True),
     "w4a4-spinquant-gq-b8-g32-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                          groups=1, act_group=32, act_clip=1.0, per_linear_act_clip=True),
+    # activations in groups of 16 (served by w4a4-int: the Triton GEMM steps 32 columns), on the
+    # random Hadamard and on the rotations learned under groups of 32 (not retrained)
+    "w4a4-quarot-g16-clip1.0-lin": _w4a4("hadamard", act_group=16, act_clip=1.0, kv_clip=0.95,
+                                         per_linear_act_clip=True),
+    "w4a4-spinquant-b8-g16-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, act_group=16,
+                                      act_clip=1.0, per_linear_act_clip=True, rotation_quantizers=(1.0, 0.95, 32)),
+    "w4a4-spinquant-gq-b8-g16-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
+                                         groups=1, act_group=16, act_clip=1.0, per_linear_act_clip=True,
+                                         rotation_quantizers=(1.0, 0.95, 32)),
+    # weights with one scale per group of W input channels (--weight-group W) on top of those
+    **{f"w4a4-quarot-g{g}-clip1.0-lin-w{w}": _w4a4("hadamard", act_group=g, act_clip=1.0, kv_clip=0.95,
+                                                   per_linear_act_clip=True, weight_group=w)
+       for g in (16, 32) for w in (16, 32, 64)},
+    **{f"w4a4-spinquant{gq}-b8-g{g}-lin-w{w}": dict(method="spinquant", rotation="learned", rotation_batch=8,
+                                                    act_group=g, act_clip=1.0, per_linear_act_clip=True,
+                                                    weight_group=w, rotation_quantizers=(1.0, 0.95, 32),
+                                                    **(dict(guided=True, groups=1) if gq else {}))
+       for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64)},
 }
 
 

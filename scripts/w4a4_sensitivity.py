@@ -86,7 +86,10 @@ def output_error_clips(model, linears: dict, original: dict, windows: torch.Tens
                        share: bool = False) -> dict[str, float]:
     """name -> the ratio of ``grid`` minimising each linear's summed squared output error against float
     activations, on the inputs the checkpoint as loaded feeds it for ``windows [N, T]``; ``share``: one
-    ratio per input (q/k/v, gate/up), minimising their summed error."""
+    ratio per input (q/k/v, gate/up), minimising their summed error. The error is the pipeline's
+    (:func:`gq_quantize.methods.spinquant.clip_errors`), measured here through the loaded kernels."""
+    from gq_quantize.methods.spinquant import clip_errors
+
     errors = {n: torch.zeros(len(grid), dtype=torch.float64) for n in linears}
     busy: set[str] = set()
 
@@ -95,14 +98,15 @@ def output_error_clips(model, linears: dict, original: dict, windows: torch.Tens
             return
         busy.add(name)
         x = args[0].reshape(-1, args[0].shape[-1])
-        try:
-            m.params = original[name].model_copy(update={"act_bits": 16})
+
+        def out(clip):
+            m.params = (original[name].model_copy(update={"act_bits": 16}) if clip is None
+                        else with_clip(original[name], act_clip=clip))
             m.reset_cache()
-            want = m(x).double()
-            for i, c in enumerate(grid):
-                m.params = with_clip(original[name], act_clip=c)
-                m.reset_cache()
-                errors[name][i] += (m(x).double() - want).pow(2).sum()
+            return m(x)
+
+        try:
+            errors[name] += clip_errors(out, grid)
         finally:
             m.params = original[name]
             m.reset_cache()

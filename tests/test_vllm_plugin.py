@@ -842,10 +842,12 @@ def test_w4a4_fused_parts_must_share_their_layout():
 
 
 @requires_vllm
-@pytest.mark.parametrize("clips", [(1.0, 0.7, 0.85), (0.7, 0.7, 0.7)])
-def test_w4a4_fused_parts_with_their_own_clip_ratios(clips):
+@pytest.mark.parametrize("clips,wgroup", [((1.0, 0.7, 0.85), 0), ((0.7, 0.7, 0.7), 0), ((1.0, 0.7, 0.85), 16),
+                                          ((0.7, 0.7, 0.7), 32)])
+def test_w4a4_fused_parts_with_their_own_clip_ratios(clips, wgroup):
     """Per-linear ``act_clip`` (``differs_by_part``): a fused q/k/v layer whose parts hold different
-    ratios runs each part with its own kernel and ratio; equal ratios keep one kernel."""
+    ratios runs each part with its own kernel and ratio; equal ratios keep one kernel. With weight
+    groups, each part's scales [rows, groups] load into their rows of the fused scale."""
     import gq_serve.vllm_plugin as plugin
 
     plugin.register()
@@ -854,7 +856,7 @@ def test_w4a4_fused_parts_with_their_own_clip_ratios(clips):
 
     qc = config.GuidedQuantConfig.from_config({"quant_method": "guidedquant", "format": "w4a4", "bits": 4,
                                                "format_version": 1, "act_bits": 4, "kv_bits": 16, "act_clip": 0.5,
-                                               "per_linear_act_clip": True})
+                                               "per_linear_act_clip": True, "weight_group_size": wgroup})
     from gq_kernels.registry import get_format
 
     fmt, params = get_format("w4a4"), qc.params
@@ -863,6 +865,7 @@ def test_w4a4_fused_parts_with_their_own_clip_ratios(clips):
     parts = []
     for n, c in zip(sizes, clips):
         t = fmt.example_tensors(params, n, k, g)
+        assert t["scale"].shape == ((n,) if not wgroup else (n, k // wgroup))
         t["act_clip"] = torch.tensor([c])
         parts.append(t)
     offsets = dict(zip("qkv", (0, sizes[0], sizes[0] + sizes[1])))

@@ -78,6 +78,69 @@ def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, row
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+WGROUP_CASES = [  # (in, out, input Hadamard, activation group, weight group)
+    (576, 96, 0, 0, 32), (1536, 64, 1, 0, 64), (576, 64, 0, 64, 32), (576, 64, 0, 16, 32), (96, 33, 0, 32, 96),
+    (64, 24, 0, 0, 16),
+]
+
+
+@pytest.mark.parametrize("act_bits", [4, 8, 16])
+@pytest.mark.parametrize("in_f,out_f,had,group,wgroup", WGROUP_CASES)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_int_kernel_with_weight_groups_matches_the_reference(in_f, out_f, had, group, wgroup, act_bits, rows):
+    """One weight scale per row and group of columns: coarser or finer than the activation groups
+    (the GEMM sums the finer ones), per token, with an input Hadamard."""
+    g = torch.Generator().manual_seed(in_f + out_f + group + wgroup + rows)
+    params = FMT.params(bits=4, act_bits=act_bits, act_clip=0.9, weight_group_size=wgroup)
+    t = FMT.example_tensors(params, out_f, in_f, g)
+    assert t["scale"].shape == (out_f, in_f // wgroup)
+    t["layout"] = torch.tensor([had, group], dtype=torch.int32)
+    FMT.check_tensors(t, params, out_f, in_f)
+    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32)
+    runtime = kernel.prepare(t)
+    x = torch.randn(rows, in_f, generator=g)
+    want = FMT.matmul(x, t, params, in_f)
+    got = kernel.apply(runtime, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    if in_f == wgroup:
+        return
+    # the group scales are what is applied: the same codes under one scale per row give another output
+    flat = {**t, "scale": t["scale"][:, :1].reshape(-1).contiguous()}
+    other = FMT.matmul(x, flat, FMT.params(bits=4, act_bits=act_bits, act_clip=0.9), in_f)
+    assert not torch.allclose(got, other, rtol=1e-3, atol=1e-3)
+
+
+def test_gemm_groups_are_the_finer_of_activation_and_weight_groups():
+    assert ref.gemm_group_size(576, 0, 0) == 0 and ref.gemm_group_size(576, 0, 32) == 32
+    assert ref.gemm_group_size(576, 64, 32) == 32 and ref.gemm_group_size(576, 16, 32) == 16
+    assert ref.gemm_group_size(576, 576, 0) == 0
+    with pytest.raises(ValueError, match="one must divide the other"):
+        ref.gemm_group_size(576, 64, 48)
+
+
+def test_weight_groups_in_the_format_are_checked_and_sliced():
+    g = torch.Generator().manual_seed(5)
+    params = FMT.params(bits=4, weight_group_size=16)
+    assert FMT.tensors(params, 24, 64)["scale"].shape == (24, 4)
+    with pytest.raises(ValueError, match="weight groups of 16 columns do not divide the input size 40"):
+        FMT.check_tensors(FMT.example_tensors(FMT.params(bits=4), 24, 40, g), params, 24, 40)
+    t = FMT.example_tensors(params, 24, 64, g)
+    bad = {**t, "scale": t["scale"][:, 0].contiguous()}
+    with pytest.raises(ValueError, match="scale"):
+        FMT.check_tensors(bad, params, 24, 64)
+    t["layout"] = torch.tensor([0, 16], dtype=torch.int32)
+    x = torch.randn(5, 64, generator=g)
+    halves = [FMT.slice_columns(t, params, 64, s, 32) for s in (0, 32)]
+    for h in halves:
+        FMT.check_tensors(h, params, 24, 32)
+    got = sum(FMT.matmul(x[:, s:s + 32], h, params, 32) for s, h in zip((0, 32), halves))
+    torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
+    t["layout"] = torch.tensor([0, 8], dtype=torch.int32)
+    assert FMT.slice_columns(t, params, 64, 8, 32) is None               # inside a weight group
+    r = FMT.unpack(FMT.pack(FMT.unpack(t, params, 64)), params, 64)
+    assert r.weight_group_size == 16 and r.params() == params and torch.equal(r.scale, t["scale"])
+
+
 def test_the_integer_accumulator_is_exact():
     """acc - z r equals (q_x - z) @ q_w^T computed exactly (float64 of small integers)."""
     g = torch.Generator().manual_seed(1)
@@ -243,6 +306,24 @@ def test_clipping_search_never_does_worse_than_no_clipping():
     assert bool((err <= base + 1e-4).all()) and float(err.sum()) < float(base.sum())
 
 
+def test_weight_groups_lower_the_objective_and_are_refused_where_they_cannot_be():
+    w, H = _layer_problem()
+    per_row = quantize_w4a4(w, H, SpinQuantConfig(bits=4))
+    grouped = quantize_w4a4(w, H, SpinQuantConfig(bits=4, weight_group=32))
+    assert grouped.scale.shape == (w.shape[0], w.shape[1] // 32) and grouped.weight_group_size == 32
+    assert grouped.stats["objective"] < 0.9 * per_row.stats["objective"]
+    # each group's scale is the clipping search run on that group alone
+    torch.testing.assert_close(grouped.scale[:, 1], clipped_scale(w[:, 32:64], 4))
+    with pytest.raises(ValueError, match="weight groups of 40 do not divide"):
+        quantize_w4a4(w, H, SpinQuantConfig(bits=4, weight_group=40))
+    from transformers import LlamaConfig
+
+    mc = LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96)
+    with pytest.raises(ValueError, match="activation groups of 32 and weight groups of 48"):
+        quantize_w4a4(*_layer_problem(in_f=96), SpinQuantConfig(bits=4, weight_group=48, act_group=32).for_layer(
+            "model.layers.0.mlp.up_proj", mc))
+
+
 def test_down_proj_is_quantized_in_the_hadamard_basis_and_o_proj_per_head():
     from transformers import LlamaConfig
 
@@ -309,7 +390,8 @@ def _simulated(tiny_lm_dir, ckpt, ids):
     for f in Path(ckpt).glob("*.safetensors"):
         tensors.update(load_file(str(f)))
     qc = json.loads((Path(ckpt) / "config.json").read_text())["quantization_config"]
-    params = FMT.params(**{k: qc[k] for k in ("bits", "act_bits", "act_clip", "kv_bits", "kv_clip")})
+    params = FMT.params(**{k: qc[k] for k in ("bits", "act_bits", "act_clip", "kv_bits", "kv_clip",
+                                              "weight_group_size") if k in qc})
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in tensors:
             t = {s: tensors[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
@@ -570,6 +652,29 @@ def test_per_linear_act_clip_without_gptq_and_not_streamed(tiny_lm_dir, corpus, 
     stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert {n: pytest.approx(float(stored[f"{n}.act_clip"])) for n in layers} == \
         {n: s["act_clip"] for n, s in layers.items()}
+
+
+def test_weight_groups_quantize_export_load_and_serve(tiny_lm_dir, corpus, tmp_path):
+    """--weight-group 16 on the tiny model (o_proj's activation groups of head_dim 8 are finer, the
+    MLP's per-token ranges coarser): the loaded model equals the fake-quant reference of its tensors."""
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_serve.checkpoint import load_quantized_model
+
+    cfg = QuantizeConfig(method="spinquant", bits=4, weight_group=16, act_clip=1.0, kv_clip=1.0,
+                         per_linear_act_clip=False,
+                         calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
+    pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "ckpt", tmp_path / "cache", progress=False)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert qc["weight_group_size"] == 16
+    model = load_quantized_model(tmp_path / "ckpt")
+    o = model.model.layers[0].self_attn.o_proj
+    assert o.scale.shape == (o.out_features, o.in_features // 16)
+    ids = torch.randint(3, 40, (2, 10))
+    want = _simulated(tiny_lm_dir, tmp_path / "ckpt", ids)
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):

@@ -102,6 +102,29 @@ def test_gemm_matches_the_reference(m, k, n, group, dtype):
         _close(y, ref.matmul(x, codes, scale, bits, group, False, 1.0, bias), dtype)
 
 
+WGROUP_CASES = [  # (m, k, n, activation group, weight group): GEMM groups of one or several K steps
+    (5, 96, 16, 0, 32), (5, 128, 40, 32, 64), (1, 128, 40, 64, 32), (5, 192, 16, 0, 96), (33, 256, 40, 128, 64),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group,wgroup", WGROUP_CASES)
+def test_gemm_with_weight_groups_matches_the_reference(m, k, n, group, wgroup):
+    g = torch.Generator().manual_seed(m + k + n + wgroup)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    w_scale = (torch.rand(n, k // wgroup, generator=g) * 0.004 + 0.002).half()
+    gemm = ref.gemm_group_size(k, group, wgroup)
+    sums = codes.to(torch.int32).reshape(n, -1, gemm or k).sum(-1, dtype=torch.int32).contiguous()
+    x = torch.randn(m, k, generator=g).half()
+    for bits in (4, 8):
+        cx, sx, zx = quantize_act(x.to(DEVICE), bits, group)
+        y = w4a4_gemm(cx, sx, zx, ref.pack_int4(codes).to(DEVICE), w_scale.float().to(DEVICE), sums.to(DEVICE), bits,
+                      group, None, torch.float16)
+        _close(y, ref.matmul(x, codes, w_scale, bits, group, False, 1.0), torch.float16)
+    with pytest.raises(ValueError, match="row_sums"):
+        w4a4_gemm(cx, sx, zx, ref.pack_int4(codes).to(DEVICE), w_scale.float().to(DEVICE),
+                  sums[:, :1].contiguous().to(DEVICE), 8, group)
+
+
 def test_gemm_modes_cover_the_group_layouts():
     assert gemm_config(5, 16, 96, 0)["MODE"] == 0 and not gemm_config(5, 16, 96, 0)["EVEN_K"]
     assert gemm_config(5, 16, 128, 32)["MODE"] == 1 and gemm_config(5, 16, 4096, 128)["BLOCK_K"] == 128
@@ -156,6 +179,21 @@ def test_groups_the_gemm_cannot_step_through_fall_back_to_the_int_path():
     _close(kern.apply(rt, x.to(DEVICE)), FMT.matmul(x, t, params, 48), torch.float32)
 
 
+@pytest.mark.parametrize("wgroup,packed", [(32, True), (16, False)])
+def test_kernel_class_serves_weight_groups(wgroup, packed):
+    """Weight groups of 32 stay on the Triton GEMM (packed weights); of 16 the GEMM cannot step
+    through, and the w4a4-int path (int8 codes) serves them."""
+    params = FMT.params(bits=4, weight_group_size=wgroup)
+    for (k, n, had, group) in ((64, 40, 1, 0), (128, 16, 0, 64)):
+        t = FMT.example_tensors(params, n, k, torch.Generator().manual_seed(k + wgroup))
+        t["layout"] = torch.tensor([had, group], dtype=torch.int32)
+        kern = W4A4TritonKernel(LinearSpec(params, n, k), torch.device(DEVICE), torch.float16)
+        rt = kern.prepare({name: v.to(DEVICE) for name, v in t.items()})
+        assert ("qweight" in rt) == packed and ("codes" in rt) == (not packed)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(1)).half()
+        _close(kern.apply(rt, x.to(DEVICE)), FMT.matmul(x, t, params, k), torch.float16)
+
+
 def test_the_registry_prefers_triton_on_cuda_and_int_elsewhere():
     spec = LinearSpec(FMT.params(bits=4), 16, 64)
     assert choose_kernel(spec, "cpu", torch.float16).name == "w4a4-int"
@@ -169,6 +207,25 @@ def test_the_registry_prefers_triton_on_cuda_and_int_elsewhere():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2048])
+def test_gpu_triton_kernel_with_weight_groups_on_llama_shapes(rows):
+    """Compiled on CUDA: weight groups of 128 with per-token activations (11008x4096) and with
+    activation groups of 64 (4096x4096)."""
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    params = FMT.params(bits=4, weight_group_size=128)
+    for (in_f, out_f), group in (((4096, 11008), 0), ((4096, 4096), 64)):
+        t = FMT.example_tensors(params, out_f, in_f, g)
+        t["layout"] = torch.tensor([0, group], dtype=torch.int32, device="cuda")
+        kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cuda", torch.float16)
+        assert kernel.name == "w4a4-triton"
+        x = torch.randn(rows, in_f, device="cuda", generator=g).half()
+        got = kernel.apply(kernel.prepare(t), x).float()
+        want = FMT.matmul(x.float(), t, params, in_f)
+        assert float((got - want).norm() / want.norm()) < 2 * OUT_ULP[torch.float16]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 16, 2048])

@@ -3,7 +3,8 @@
 Per quantized linear [out, in]:
 
 - ``qweight`` uint8 [out, ceil(in/2)]: symmetric ``bits``-bit codes, two per byte (low nibble first);
-- ``scale`` fp16 [out]: one scale per output channel;
+- ``scale`` fp16 [out]: one scale per output channel, or fp16 [out, in / weight_group_size] with
+  ``weight_group_size`` (one per output channel and group of that many input columns);
 - ``layout`` int32 [2]: (1 when the input is rotated by the Hadamard R_in before it is quantized
   (down_proj, SpinQuant's R4), the activation group size: 0 = one group per token, else columns per
   group (o_proj: head_dim, one group per attention head)). It describes this linear alone, so a
@@ -41,6 +42,7 @@ class W4A4Params(FormatParams):
     kv_bits: int = 4
     kv_clip: float = Field(1.0, gt=0, le=1)
     per_linear_act_clip: bool = False
+    weight_group_size: int = Field(0, ge=0)  # 0: one weight scale per output channel
 
     @field_validator("act_bits")
     @classmethod
@@ -60,7 +62,7 @@ class W4A4Params(FormatParams):
 @dataclass
 class W4A4Quant(QuantResult):
     """codes int8 [out, in] (symmetric, in the input basis the layer quantizes: ``x R_in`` when
-    ``input_hadamard``); scale float16 [out]."""
+    ``input_hadamard``); scale float16 [out], or [out, in / weight_group_size] with weight groups."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -73,12 +75,14 @@ class W4A4Quant(QuantResult):
     kv_clip: float = 1.0
     per_linear_act_clip: bool = False
     linear_act_clip: float | None = None  # this linear's ratio (per_linear_act_clip; None: act_clip)
+    weight_group_size: int = 0
 
     format: ClassVar[str] = NAME
 
     def params(self) -> W4A4Params:
         return W4A4Params(bits=self.bits, act_bits=self.act_bits, act_clip=self.act_clip,
-                          kv_bits=self.kv_bits, kv_clip=self.kv_clip, per_linear_act_clip=self.per_linear_act_clip)
+                          kv_bits=self.kv_bits, kv_clip=self.kv_clip, per_linear_act_clip=self.per_linear_act_clip,
+                          weight_group_size=self.weight_group_size)
 
     def own_act_clip(self) -> float:
         """The activation clip ratio this linear is served with."""
@@ -88,7 +92,13 @@ class W4A4Quant(QuantResult):
         return effective_weight(self.codes, self.scale, self.input_hadamard)
 
     def field_specs(self, out_features: int, in_features: int) -> dict:
-        return {"codes": ((out_features, in_features), torch.int8), "scale": ((out_features,), torch.float16)}
+        return {"codes": ((out_features, in_features), torch.int8),
+                "scale": (scale_shape(out_features, in_features, self.weight_group_size), torch.float16)}
+
+
+def scale_shape(out_features: int, in_features: int, weight_group_size: int) -> tuple[int, ...]:
+    """The ``scale`` tensor's shape: [out], or [out, in / weight_group_size]."""
+    return (out_features,) if not weight_group_size else (out_features, in_features // weight_group_size)
 
 
 def effective_weight(codes: torch.Tensor, scale: torch.Tensor, input_hadamard: bool) -> torch.Tensor:
@@ -132,7 +142,9 @@ class W4A4Format(Format):
     def tensors(self, params: W4A4Params, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         specs = {
             "qweight": TensorSpec((out_features, (in_features + 1) // 2), torch.uint8, out_dim=0, in_dim=1, in_unit=2),
-            "scale": TensorSpec((out_features,), torch.float16, out_dim=0),
+            "scale": TensorSpec(scale_shape(out_features, in_features, params.weight_group_size), torch.float16,
+                                out_dim=0, **({} if not params.weight_group_size else
+                                              dict(in_dim=1, in_unit=params.weight_group_size))),
             "layout": TensorSpec((2,), torch.int32, out_dim=None),
         }
         if params.per_linear_act_clip:
@@ -152,7 +164,8 @@ class W4A4Format(Format):
                          input_hadamard=had, act_group_size=group, act_bits=params.act_bits,
                          act_clip=params.act_clip, kv_bits=params.kv_bits, kv_clip=params.kv_clip,
                          per_linear_act_clip=params.per_linear_act_clip,
-                         linear_act_clip=read_act_clip(tensors, params) if params.per_linear_act_clip else None)
+                         linear_act_clip=read_act_clip(tensors, params) if params.per_linear_act_clip else None,
+                         weight_group_size=params.weight_group_size)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> torch.Tensor:
         had, _ = read_layout(tensors["layout"])
@@ -164,6 +177,7 @@ class W4A4Format(Format):
                           group, had, read_act_clip(tensors, params), bias)
 
     def check_tensors(self, tensors, params, out_features, in_features, prefix=""):
+        self.check_shape(params, out_features, in_features)
         super().check_tensors(tensors, params, out_features, in_features, prefix)
         had, group = read_layout(tensors["layout"])
         if group < 0 or (group and in_features % group):
@@ -179,7 +193,10 @@ class W4A4Format(Format):
                                  "(re-export the checkpoint)")
 
     def check_shape(self, params, out_features, in_features):
-        pass
+        gw = params.weight_group_size
+        if gw and in_features % gw:
+            raise ValueError(f"{self.name}: weight groups of {gw} columns do not divide the input size {in_features}; "
+                             "quantize with a --weight-group that divides every linear's input size")
 
     def slice_columns(self, tensors, params: W4A4Params, in_features, start, length):
         """The linear of input columns [start, start + length): only when the layer has no input
@@ -190,11 +207,15 @@ class W4A4Format(Format):
             return None
         if params.act_bits < 16 and (group == 0 or start % group or length % group):
             return None
+        gw = params.weight_group_size
+        if gw and (start % gw or length % gw):
+            return None
         codes = ref.unpack_int4(tensors["qweight"], in_features)[:, start:start + length]
         layout = tensors["layout"].clone()
         if group and (start % group or length % group):
             layout[1] = 0  # activations in floating point (act_bits 16): the groups do not matter
-        out = {"qweight": ref.pack_int4(codes), "scale": tensors["scale"].clone(), "layout": layout}
+        scale = tensors["scale"].clone() if not gw else tensors["scale"][:, start // gw:(start + length) // gw].clone()
+        out = {"qweight": ref.pack_int4(codes), "scale": scale, "layout": layout}
         if params.per_linear_act_clip:
             out["act_clip"] = tensors["act_clip"].clone()
         return out
@@ -206,7 +227,8 @@ class W4A4Format(Format):
         lo, hi = ref.weight_range(params.bits)
         dev = generator.device
         codes = torch.randint(lo, hi + 1, (out_features, in_features), generator=generator, dtype=torch.int8, device=dev)
-        scale = (torch.rand(out_features, generator=generator, device=dev) * 0.004 + 0.002).half()
+        shape = scale_shape(out_features, in_features, params.weight_group_size)
+        scale = (torch.rand(shape, generator=generator, device=dev) * 0.004 + 0.002).half()
         had, group = layer_layout(name, model_config) if model_config is not None else (False, 0)
         out = {"qweight": ref.pack_int4(codes), "scale": scale,
                "layout": torch.tensor([int(had), group], dtype=torch.int32, device=dev)}

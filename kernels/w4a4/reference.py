@@ -2,8 +2,8 @@
 
 Everything here is plain PyTorch in float32 and is what the integer kernels must reproduce.
 
-Weights (per output channel, symmetric): codes ``q_w`` int in [-2^(b-1), 2^(b-1) - 1], one fp16
-scale per row, ``W_hat = s_w * q_w``. Activations (per token, or per group of columns, asymmetric
+Weights (symmetric): codes ``q_w`` int in [-2^(b-1), 2^(b-1) - 1], one fp16 scale per row or, with
+weight groups, per row and group of input columns, ``W_hat = s_w * q_w``. Activations (per token, or per group of columns, asymmetric
 with the range stretched to hold 0):
 
     lo = min(min x, 0) * clip,  hi = max(max x, 0) * clip,  s_x = (hi - lo) / (2^a - 1)
@@ -15,7 +15,8 @@ Both code sets are small integers, so ``x_hat @ W_hat^T`` factors exactly as
     y[t, n] = sum_g s_x[t, g] * s_w[n] * (sum_{k in g} q_x[t, k] q_w[n, k]  -  z_x[t, g] * r[n, g])
 
 with r[n, g] = sum_{k in g} q_w[n, k]: an integer GEMM (int8 x int8 -> int32) and a float epilogue
-(:mod:`.ops`). A linear may first rotate its input by the Hadamard ``R_in`` (SpinQuant's R4 before
+(:mod:`.ops`). With weight groups, s_w[n] becomes s_w[n, g] and the sum runs over the finer of the
+two groupings (:func:`gemm_group_size`: one must divide the other). A linear may first rotate its input by the Hadamard ``R_in`` (SpinQuant's R4 before
 down_proj); its weight then holds ``W R_in``, so ``(x R_in)(W R_in)^T = x W^T``.
 
 The KV cache keeps, per (token, KV head), ``K R_d`` (R_d: the head_dim Hadamard, SpinQuant's R3,
@@ -40,16 +41,38 @@ def weight_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def column_scales(scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Each weight's scale, float32 [out, in], from fp16 scales [out] (per row) or [out, G] (per row
+    and group of in / G consecutive columns)."""
+    s = scale.float()
+    if s.dim() == 1:
+        return s.unsqueeze(1).expand(-1, in_features)
+    if in_features % s.shape[1]:
+        raise ValueError(f"{s.shape[1]} weight groups do not divide {in_features} input columns")
+    return s.repeat_interleave(in_features // s.shape[1], dim=1)
+
+
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round-to-nearest codes of w [out, in] on the grid ``scale`` fp16 [out]: int8 [out, in]."""
+    """Round-to-nearest codes of w [out, in] on the grid ``scale`` fp16 [out] or [out, G]: int8 [out, in]."""
     lo, hi = weight_range(bits)
-    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
+    s = column_scales(scale.clamp_min(torch.finfo(torch.float16).tiny), w.shape[1])
     return torch.clamp(torch.round(w.float() / s), lo, hi).to(torch.int8)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W_hat float32 [out, in] from int8 codes [out, in] and fp16 scales [out]."""
-    return codes.float() * scale.float().unsqueeze(1)
+    """W_hat float32 [out, in] from int8 codes [out, in] and fp16 scales [out] or [out, G]."""
+    return codes.float() * column_scales(scale, codes.shape[1])
+
+
+def gemm_group_size(in_features: int, act_group_size: int, weight_group_size: int) -> int:
+    """The columns an integer GEMM must sum separately: the finer of the activation groups and the
+    weight groups (0 = the whole row for either; returns 0 when both are). One must divide the other."""
+    ga = act_group_size or in_features
+    gw = weight_group_size or in_features
+    if max(ga, gw) % min(ga, gw):
+        raise ValueError(f"activation groups of {ga} and weight groups of {gw} columns: one must divide the other")
+    g = min(ga, gw)
+    return 0 if g == in_features else g
 
 
 def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
@@ -130,7 +153,7 @@ def prepare_input(x: torch.Tensor, input_hadamard: bool) -> torch.Tensor:
 def matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, act_bits: int, act_group_size: int,
            input_hadamard: bool, act_clip: float = 1.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The specification of one w4a4 linear: ``fake_quant(x R_in?) @ W_hat^T`` in float32, returned
-    in x's dtype. x [..., in]; codes int8 [out, in]; scale fp16 [out]."""
+    in x's dtype. x [..., in]; codes int8 [out, in]; scale fp16 [out] or [out, G] (weight groups)."""
     xq = fake_quant_act(prepare_input(x, input_hadamard).float(), act_bits, act_group_size, act_clip)
     y = xq @ dequantize_weight(codes, scale).t()
     if bias is not None:

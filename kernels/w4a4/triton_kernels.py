@@ -5,6 +5,9 @@ The specification is :mod:`.reference`; these kernels compute its exact identity
     y[t, n] = s_w[n] * sum_g s_x[t, g] * (acc_g[t, n] - z_x[t, g] * r[n, g]),
     acc_g[t, n] = sum_{k in g} q_x[t, k] q_w[n, k],   r[n, g] = sum_{k in g} q_w[n, k]
 
+(with weight groups s_w[n, g] moves inside the sum; g then runs over the finer of the activation
+and weight groups, the "GEMM groups", and each picks its activation and weight scale)
+
 with an exact integer accumulator and an fp32 epilogue (the same arithmetic as
 :func:`gq_kernels.w4a4.ops.quantized_matmul`; against the fake-quant reference only the order of
 the float operations differs).
@@ -30,12 +33,12 @@ the float operations differs).
    can, so the software pipeliner sees one loop:
 
    - ``MODE 0`` (per-token, one group): accumulate all of K in int32, epilogue once;
-   - ``MODE 1`` (group == BLOCK_K, e.g. o_proj with head_dim 128 or 64): every K step is one
-     group: ``y += s_x * (dot - z_x r)`` in fp32 each step;
-   - ``MODE 2`` (group a multiple of BLOCK_K > BLOCK_K): an outer loop over groups and an inner
-     K loop in int32, one fp32 partial per group.
+   - ``MODE 1`` (GEMM group == BLOCK_K, e.g. o_proj with head_dim 128 or 64): every K step is
+     one group: ``y += s_x * (dot - z_x r)`` (times s_w[:, g] with weight groups) in fp32 each step;
+   - ``MODE 2`` (GEMM group a multiple of BLOCK_K > BLOCK_K): an outer loop over groups and an
+     inner K loop in int32, one fp32 partial per group.
 
-   Then ``y *= s_w``, ``+ bias``, stored in the activation dtype (bf16 by integer
+   Then ``y *= s_w`` (without weight groups), ``+ bias``, stored in the activation dtype (bf16 by integer
    round-to-nearest-even, :func:`gq_kernels.triton_common.cast_out`). K steps never cross a
    group: BLOCK_K is the largest of 128 / 64 / 32 dividing the group size (a group size that is
    not a multiple of 32 is refused). Rows past M / N are clamped for loads (no masks in the loop)
@@ -171,15 +174,31 @@ def _unpacked_tile(w_ptrs, kb0, kmask, MASKED: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _group_epilogue(acc, g, rm_c, rn_c, sx_ptr, zx_ptr, rs_ptr, sw_ptr, G, GA, PER_A, GW, PER_W,
+                    SHIFT: tl.constexpr, W_GROUPED: tl.constexpr):
+    """GEMM group g's fp32 term ``s_x (acc - z_x r)`` (times s_w[:, g's weight group] when W_GROUPED)."""
+    ga = g // PER_A
+    zx = tl.load(zx_ptr + rm_c * GA + ga) - SHIFT
+    r = tl.load(rs_ptr + rn_c * G + g).to(tl.float32)
+    part = tl.load(sx_ptr + rm_c * GA + ga)[:, None] * (acc.to(tl.float32) - zx[:, None] * r[None, :])
+    if W_GROUPED:
+        part = part * tl.load(sw_ptr + rn_c * GW + g // PER_W)[None, :]
+    return part
+
+
+@triton.jit
 def _w4a4_gemm_kernel(a_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, bias_ptr, y_ptr,
-                      M, N, K, G, GS, stride_am, stride_wn, stride_ym,
+                      M, N, K, G, GS, GA, PER_A, GW, PER_W, stride_am, stride_wn, stride_ym,
                       SHIFT: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      W_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     """y [M, N] = the w4a4 identity for int8 codes a [M, K] and packed int4 weights w [N, ceil(K/2)].
 
-    sx / zx: fp32 [M, G] activation scales / zero points (zx unshifted); rs: int32 [N, G] weight
-    row sums per group; sw: fp32 [N]; bias: [N] (any float dtype) when HAS_BIAS. MODE: see the
-    module docstring (0 per token, 1 one K step per group, 2 several K steps per group).
+    G GEMM groups of GS columns; sx / zx: fp32 [M, GA] activation scales / zero points (zx
+    unshifted), GEMM group g in activation group g // PER_A; rs: int32 [N, G] weight row sums per
+    GEMM group; sw: fp32 [N], or [N, GW] when W_GROUPED (group g // PER_W); bias: [N] (any float
+    dtype) when HAS_BIAS. MODE: see the module docstring (0 one group, 1 one K step per group,
+    2 several K steps per group).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -211,18 +230,17 @@ def _w4a4_gemm_kernel(a_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, bias_ptr, y_
                 a = tl.load(a_ptrs + k0)
             w = _unpacked_tile(w_ptrs, k0 // 2, (k0 // 2 + rkb)[None, :] < KB, MASKED, BLOCK_N, BLOCK_K)
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-        zx = tl.load(zx_ptr + rm_c * G) - SHIFT
-        r = tl.load(rs_ptr + rn_c * G).to(tl.float32)
-        y = tl.load(sx_ptr + rm_c * G)[:, None] * (acc.to(tl.float32) - zx[:, None] * r[None, :])
+        zx = tl.load(zx_ptr + rm_c) - SHIFT
+        r = tl.load(rs_ptr + rn_c).to(tl.float32)
+        y = tl.load(sx_ptr + rm_c)[:, None] * (acc.to(tl.float32) - zx[:, None] * r[None, :])
     elif MODE == 1:
         for g in range(0, G):
             k0 = g * BLOCK_K
             a = tl.load(a_ptrs + k0)
             w = _unpacked_tile(w_ptrs, k0 // 2, None, False, BLOCK_N, BLOCK_K)
             acc = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-            zx = tl.load(zx_ptr + rm_c * G + g) - SHIFT
-            r = tl.load(rs_ptr + rn_c * G + g).to(tl.float32)
-            y += tl.load(sx_ptr + rm_c * G + g)[:, None] * (acc.to(tl.float32) - zx[:, None] * r[None, :])
+            y += _group_epilogue(acc, g, rm_c, rn_c, sx_ptr, zx_ptr, rs_ptr, sw_ptr, G, GA, PER_A, GW, PER_W,
+                                 SHIFT, W_GROUPED)
     else:
         for g in range(0, G):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -231,10 +249,10 @@ def _w4a4_gemm_kernel(a_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, bias_ptr, y_
                 a = tl.load(a_ptrs + k0)
                 w = _unpacked_tile(w_ptrs, k0 // 2, None, False, BLOCK_N, BLOCK_K)
                 acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-            zx = tl.load(zx_ptr + rm_c * G + g) - SHIFT
-            r = tl.load(rs_ptr + rn_c * G + g).to(tl.float32)
-            y += tl.load(sx_ptr + rm_c * G + g)[:, None] * (acc.to(tl.float32) - zx[:, None] * r[None, :])
-    y = y * tl.load(sw_ptr + rn_c)[None, :]
+            y += _group_epilogue(acc, g, rm_c, rn_c, sx_ptr, zx_ptr, rs_ptr, sw_ptr, G, GA, PER_A, GW, PER_W,
+                                 SHIFT, W_GROUPED)
+    if not W_GROUPED:
+        y = y * tl.load(sw_ptr + rn_c)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -243,14 +261,15 @@ def _w4a4_gemm_kernel(a_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, bias_ptr, y_
 
 
 def block_k_for(k: int, group_size: int) -> int:
-    """The K step: never crossing an activation group (the largest of 128 / 64 / 32 dividing the
-    group size), or for per-token groups 128 (32 / 64 for K below that)."""
+    """The K step: never crossing a GEMM group (the largest of 128 / 64 / 32 dividing the group
+    size), or for one group per row 128 (32 / 64 for K below that)."""
     if group_size in (0, -1) or group_size == k:
         return min(128, max(32, triton.next_power_of_2(k)))
     for bk in (128, 64, 32):
         if group_size % bk == 0:
             return bk
-    raise ValueError(f"w4a4 triton: activation group size {group_size} is not a multiple of 32")
+    raise ValueError(f"w4a4 triton: GEMM group size {group_size} (activation or weight groups) is not a "
+                     "multiple of 32")
 
 
 def gemm_config(m: int, n: int, k: int, group_size: int) -> dict:
@@ -277,11 +296,12 @@ def w4a4_gemm(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qwei
     """y [M, N] in ``out_dtype`` from :func:`quantize_act`'s output and the packed weight.
 
     Args:
-        codes: int8 [M, K], rows contiguous (``q_x - shift``); scale, zero: fp32 [M, G].
-        qweight: uint8 [N, ceil(K/2)], the checkpoint's packing; w_scale: fp32 [N];
-        row_sums: int32 [N, G] (sum of the weight codes of each activation group).
-        act_bits: 4 or 8 (8: codes are shifted by 128); group_size: 0 (per token) or columns per group.
-        bias: optional [N]; out: optional [M, N] to write into (tests pass it poisoned).
+        codes: int8 [M, K], rows contiguous (``q_x - shift``); scale, zero: fp32 [M, Ga].
+        qweight: uint8 [N, ceil(K/2)], the checkpoint's packing; w_scale: fp32 [N], or [N, Gw]
+        (weight groups); row_sums: int32 [N, G], the sum of the weight codes of each GEMM group
+        (:func:`gq_kernels.w4a4.reference.gemm_group_size`: G is a multiple of Ga and of Gw).
+        act_bits: 4 or 8 (8: codes are shifted by 128); group_size: the activation groups' columns
+        (0: per token). bias: optional [N]; out: optional [M, N] to write into (tests pass it poisoned).
     """
     m, k = codes.shape
     n = qweight.shape[0]
@@ -290,11 +310,17 @@ def w4a4_gemm(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qwei
     if qweight.dtype != torch.uint8 or qweight.shape != (n, (k + 1) // 2) or qweight.stride(1) != 1:
         raise ValueError(f"w4a4_gemm: qweight must be uint8 [N, {(k + 1) // 2}] with contiguous rows, got "
                          f"{qweight.dtype} {tuple(qweight.shape)}")
-    g = 1 if group_size in (0, -1) else k // group_size
-    if g * (k if g == 1 else group_size) != k:
+    ga = 1 if group_size in (0, -1) else k // group_size
+    if ga * (k if ga == 1 else group_size) != k:
         raise ValueError(f"w4a4_gemm: activation group size {group_size} does not divide {k}")
-    for name, t, shape, dt in (("scale", scale, (m, g), torch.float32), ("zero", zero, (m, g), torch.float32),
-                               ("row_sums", row_sums, (n, g), torch.int32), ("w_scale", w_scale, (n,), torch.float32)):
+    g = row_sums.shape[1] if row_sums.dim() == 2 else 0
+    gw = w_scale.shape[1] if w_scale.dim() == 2 else 1
+    if not g or k % g or g % ga or g % gw:
+        raise ValueError(f"w4a4_gemm: row_sums [N, G] must have G dividing K = {k} and a multiple of the "
+                         f"{ga} activation and {gw} weight groups, got {tuple(row_sums.shape)}")
+    for name, t, shape, dt in (("scale", scale, (m, ga), torch.float32), ("zero", zero, (m, ga), torch.float32),
+                               ("row_sums", row_sums, (n, g), torch.int32),
+                               ("w_scale", w_scale, (n,) if w_scale.dim() == 1 else (n, gw), torch.float32)):
         if t.dtype != dt or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"w4a4_gemm: {name} must be contiguous {dt} {list(shape)}, got {t.dtype} {tuple(t.shape)}")
     if act_bits not in ACT_BITS:
@@ -308,15 +334,15 @@ def w4a4_gemm(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qwei
         raise ValueError(f"w4a4_gemm: out must be {out_dtype} [{m}, {n}] with contiguous rows")
     if m == 0 or n == 0:
         return out
-    gs = k if g == 1 else group_size
-    cfg = gemm_config(m, n, k, 0 if g == 1 else group_size)
+    gs = k // g
+    cfg = gemm_config(m, n, k, 0 if g == 1 else gs)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _w4a4_gemm_kernel[grid](codes, qweight, scale, zero, row_sums, w_scale, w_scale if bias is None else bias, out,
-                            m, n, k, g, gs, codes.stride(0), qweight.stride(0), out.stride(0),
-                            SHIFT=128 if act_bits == 8 else 0, MODE=cfg["MODE"], EVEN_K=cfg["EVEN_K"],
-                            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                            BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-                            num_stages=cfg["num_stages"])
+                            m, n, k, g, gs, ga, g // ga, gw, g // gw, codes.stride(0), qweight.stride(0),
+                            out.stride(0), SHIFT=128 if act_bits == 8 else 0, MODE=cfg["MODE"],
+                            EVEN_K=cfg["EVEN_K"], HAS_BIAS=bias is not None, W_GROUPED=w_scale.dim() == 2,
+                            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                            GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

@@ -1,5 +1,6 @@
 """SpinQuant's weight quantizer (W4A4KV4, ``w4a4`` format): GPTQ onto a symmetric per-channel
-integer grid whose scales are fixed beforehand by a clipping search.
+integer grid (or one per channel and group of ``--weight-group`` input columns) whose scales are
+fixed beforehand by a clipping search.
 
 It runs on a model whose rotations are already folded in (``gq rotate``: RMSNorm gains fused,
 R1 / R2 applied; :mod:`gq_quantize.spinquant`). Two rotations stay online and are the format's:
@@ -40,9 +41,12 @@ CLIP_NORM = 2.4
 ACT_CLIP_GRID = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
-def clipped_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Tensor:
+def clipped_scale(w: torch.Tensor, bits: int, search: bool = True, group: int = 0) -> torch.Tensor:
     """Per-row symmetric scale ``p * max|w| / (2^(b-1) - 1)``, p in {1, 0.99, ..., 0.21} chosen per
-    row to minimise sum |w - Q(w)|^2.4 (search=False: p = 1). w float32 [out, in] -> fp16 [out]."""
+    row to minimise sum |w - Q(w)|^2.4 (search=False: p = 1). w float32 [out, in] -> fp16 [out];
+    with ``group`` columns per scale, fp16 [out, in / group] (each group searched on its own)."""
+    if group:
+        return clipped_scale(w.reshape(-1, group), bits, search).reshape(w.shape[0], -1)
     hi = (1 << (bits - 1)) - 1
     amax = w.abs().amax(dim=1).clamp_min(1e-8)
     best = (amax / hi).half()
@@ -59,11 +63,12 @@ def clipped_scale(w: torch.Tensor, bits: int, search: bool = True) -> torch.Tens
 
 def gptq_fixed_scale(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, damp: float = 0.01,
                      block: int = 128) -> tuple[torch.Tensor, float]:
-    """GPTQ with a fixed per-row symmetric grid: columns rounded left to right, each one's error
-    spread over the later columns through the upper Cholesky factor of H^-1 (lazy block updates).
+    """GPTQ with a fixed symmetric grid per row (or per row and group of columns): columns rounded
+    left to right, each one's error spread over the later columns through the upper Cholesky factor
+    of H^-1 (lazy block updates).
 
     Args:
-        w: float32 [out, in]; H: float32 [in, in]; scale: fp16 [out].
+        w: float32 [out, in]; H: float32 [in, in]; scale: fp16 [out] or [out, G] (weight groups).
     Returns:
         (codes int8 [out, in], damping used).
     """
@@ -71,16 +76,16 @@ def gptq_fixed_scale(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits
     out_f, in_f = W.shape
     U, used = inverse_hessian_factor(H, damp)
     lo, hi = ref.weight_range(bits)
-    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    s = ref.column_scales(scale.clamp_min(torch.finfo(torch.float16).tiny), in_f)
     codes = torch.empty(out_f, in_f, dtype=torch.int8)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            x = W1[:, i]
-            q = torch.clamp(torch.round(x / s), lo, hi)
+            x, si = W1[:, i], s[:, i1 + i]
+            q = torch.clamp(torch.round(x / si), lo, hi)
             codes[:, i1 + i] = q.to(torch.int8)
-            err = (x - q * s) / U1[i, i]
+            err = (x - q * si) / U1[i, i]
             W1[:, i + 1:] -= err.unsqueeze(1) * U1[i, i + 1:].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -107,6 +112,9 @@ class SpinQuantConfig(MethodConfig):
     act_group: int = Field(0, ge=0, description="SpinQuant: quantize activations in groups of this many input "
                                                  "channels (0: per token, the published setting; o_proj keeps "
                                                  "one group per head unless this is smaller)")
+    weight_group: int = Field(0, ge=0, description="SpinQuant: one weight scale per output channel and group of "
+                                                    "this many input channels (0: per channel, the published "
+                                                    "setting); it must divide every linear's input size")
     w_clip: bool = Field(True, description="SpinQuant: per-row weight clipping search before GPTQ")
     gptq_damp: float = Field(0.01, ge=0.0, description="GPTQ: fraction of mean(diag H) added to the diagonal")
     gptq_block: int = Field(128, ge=1, description="GPTQ: lazy-update block width (columns)")
@@ -132,6 +140,9 @@ class SpinQuantConfig(MethodConfig):
         c._act_group_size = self.act_group if self.act_group and (not group or self.act_group < group) else group
         return c
 
+    def format_params(self, groups: int = 1):
+        return super().format_params(groups).model_copy(update={"weight_group_size": self.weight_group})
+
     def after_quantize(self):
         return functools.partial(choose_act_clips, cfg=self) if self.per_linear_act_clip else None
 
@@ -140,9 +151,13 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
     """One linear's w4a4 result. w float32 [out, in] (rotations R1/R2 folded); H float32 [in, in]
     (None or ``cfg.rtn``: round to nearest)."""
     had, group = cfg._input_hadamard, cfg._act_group_size
+    if cfg.weight_group and w.shape[1] % cfg.weight_group:
+        raise ValueError(f"weight groups of {cfg.weight_group} do not divide this linear's {w.shape[1]} input channels; "
+                         "pass a --weight-group that divides every linear's input size (64 for 576 and 1536)")
     if group and w.shape[1] % group:
         raise ValueError(f"activation groups of {group} do not divide this linear's {w.shape[1]} input channels; "
                          "pass an --act-group that divides every linear's input size (64 for 576 and 1536)")
+    ref.gemm_group_size(w.shape[1], group, cfg.weight_group)   # refuses groupings that do not nest
     if had:
         if not has_hadamard(w.shape[1]):
             raise ValueError(f"down_proj input size {w.shape[1]} has no Hadamard construction (R4); "
@@ -150,7 +165,7 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
         w = hadamard_transform(w.float())                       # W R4
         if H is not None:
             H = rotate_hessian(H.float())                           # R4^T H R4
-    scale = clipped_scale(w.float(), cfg.bits, cfg.w_clip)
+    scale = clipped_scale(w.float(), cfg.bits, cfg.w_clip, cfg.weight_group)
     stats = {}
     if H is None or cfg.rtn:
         codes = ref.quantize_weight(w, scale, cfg.bits)
@@ -158,7 +173,8 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
         codes, stats["damp"] = gptq_fixed_scale(w, H, scale, cfg.bits, cfg.gptq_damp, cfg.gptq_block)
     result = W4A4Quant(codes=codes, scale=scale, bits=cfg.bits, input_hadamard=had,
                        act_group_size=cfg._act_group_size, act_bits=cfg.act_bits, act_clip=cfg.act_clip,
-                       kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip, per_linear_act_clip=cfg.per_linear_act_clip)
+                       kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip, per_linear_act_clip=cfg.per_linear_act_clip,
+                       weight_group_size=cfg.weight_group)
     if H is not None:
         stats["objective"] = quadratic_objective(w, ref.dequantize_weight(codes, scale), H)
     result.stats.update(stats)
@@ -186,10 +202,26 @@ class _ClipProbe(nn.Module):
         return ref.matmul(x, r.codes, r.scale, bits, r.act_group_size, r.input_hadamard, clip, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        want = self._out(x, 16, 1.0).double()
-        for i, c in enumerate(self.grid):
-            self.errors[i] += (self._out(x, self.r.act_bits, c).double() - want).pow(2).sum().cpu()
-        return self._out(x, self.r.act_bits, self.r.act_clip, self.bias)
+        outs = {}
+
+        def out(clip: float | None) -> torch.Tensor:
+            y = self._out(x, 16, 1.0) if clip is None else self._out(x, self.r.act_bits, clip)
+            outs[clip] = y
+            return y
+
+        self.errors += clip_errors(out, self.grid)
+        # Without a bias the output at the starting ratio is one the grid already computed.
+        start = outs.get(self.r.act_clip)
+        return start if self.bias is None and start is not None else \
+            self._out(x, self.r.act_bits, self.r.act_clip, self.bias)
+
+
+def clip_errors(out, grid: list[float]) -> torch.Tensor:
+    """float64 [len(grid)]: ``||out(c) - out(None)||^2`` for each activation clip ratio c of ``grid``,
+    where ``out(c)`` is a linear's output with its input quantized at ratio c and ``out(None)`` the
+    output with its input in float."""
+    want = out(None).double()
+    return torch.stack([(out(c).double() - want).pow(2).sum() for c in grid]).cpu()
 
 
 def choose_act_clips(model: nn.Module, results: dict[str, W4A4Quant], windows: torch.Tensor,
