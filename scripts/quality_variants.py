@@ -145,15 +145,18 @@ VARIANTS: dict[str, dict] = {
     "w4a4-spinquant-gq-b8-g16-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                          groups=1, act_group=16, act_clip=1.0, per_linear_act_clip=True,
                                          rotation_quantizers=(1.0, 0.95, 32)),
-    # weights with one scale per group of W input channels (--weight-group W) on top of those
-    **{f"w4a4-quarot-g{g}-clip1.0-lin-w{w}": _w4a4("hadamard", act_group=g, act_clip=1.0, kv_clip=0.95,
-                                                   per_linear_act_clip=True, weight_group=w)
-       for g in (16, 32) for w in (16, 32, 64)},
-    **{f"w4a4-spinquant{gq}-b8-g{g}-lin-w{w}": dict(method="spinquant", rotation="learned", rotation_batch=8,
-                                                    act_group=g, act_clip=1.0, per_linear_act_clip=True,
-                                                    weight_group=w, rotation_quantizers=(1.0, 0.95, 32),
-                                                    **(dict(guided=True, groups=1) if gq else {}))
-       for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64)},
+    # weights with one scale per group of W input channels (--weight-group W) on top of those, and
+    # the KV cache in groups of 32 of a head's 64 channels (--kv-group 32)
+    **{f"w4a4-quarot-g{g}-clip1.0-lin-w{w}{kv}": _w4a4("hadamard", act_group=g, act_clip=1.0, kv_clip=0.95,
+                                                       per_linear_act_clip=True, weight_group=w,
+                                                       kv_group=32 if kv else 0)
+       for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
+    **{f"w4a4-spinquant{gq}-b8-g{g}-lin-w{w}{kv}": dict(method="spinquant", rotation="learned", rotation_batch=8,
+                                                        act_group=g, act_clip=1.0, per_linear_act_clip=True,
+                                                        weight_group=w, kv_group=32 if kv else 0,
+                                                        rotation_quantizers=(1.0, 0.95, 32),
+                                                        **(dict(guided=True, groups=1) if gq else {}))
+       for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
 }
 
 

@@ -249,12 +249,13 @@ def _tiny_model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_kv_cache_incremental_equals_one_pass_and_is_small():
+@pytest.mark.parametrize("group", [0, 8])
+def test_kv_cache_incremental_equals_one_pass_and_is_small(group):
     m = _tiny_model()
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
-        whole = m(ids, past_key_values=QuantizedKVCache(2, 4, store=False)).logits
-        cache = QuantizedKVCache(2, 4)
+        whole = m(ids, past_key_values=QuantizedKVCache(2, 4, store=False, group_size=group)).logits
+        cache = QuantizedKVCache(2, 4, group_size=group)
         parts = [m(ids[:, :8], past_key_values=cache).logits]
         for i in range(8, 12):
             parts.append(m(ids[:, i:i + 1], past_key_values=cache).logits)
@@ -265,8 +266,26 @@ def test_kv_cache_incremental_equals_one_pass_and_is_small():
     assert (whole - fp).abs().max() > 1e-4  # the cache really quantizes
     assert cache.get_seq_length() == 12
     fp16_bytes = sum(layer.keys.numel() + layer.values.numel() for layer in dense.layers) * 2
-    d = 16  # per (token, head): d/2 bytes of codes, an fp32 scale, a uint8 zero
-    assert cache.nbytes() == fp16_bytes // (2 * d) * (d // 2 + 5)
+    d = 16  # per (token, head): d/2 bytes of codes, an fp32 scale and a uint8 zero per group
+    assert cache.nbytes() == fp16_bytes // (2 * d) * (d // 2 + 5 * (d // (group or d)))
+    if group:  # the groups are what the cache applies: one range per head gives other logits
+        with torch.no_grad():
+            per_head = m(ids, past_key_values=QuantizedKVCache(2, 4, store=False)).logits
+        assert (per_head - whole).abs().max() > 1e-4 and (whole - fp).abs().max() < (per_head - fp).abs().max()
+
+
+def test_kv_groups_reach_the_cache_and_must_divide_head_dim():
+    from transformers import LlamaConfig
+
+    mc = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)   # head_dim 16
+    cache = FMT.kv_cache(FMT.params(bits=4, kv_group_size=8), mc)
+    assert {layer.group_size for layer in cache.layers} == {8}
+    with pytest.raises(ValueError, match="KV groups of 12 channels do not divide head_dim 16"):
+        FMT.kv_cache(FMT.params(bits=4, kv_group_size=12), mc)
+    k = torch.randn(1, 2, 5, 16)
+    kq, vq = ref.fake_quant_kv(k, k, 4, group_size=8)
+    per_group = ref.fake_quant_act(k, 4, 8)
+    torch.testing.assert_close(vq, per_group)
 
 
 def test_kv_fake_quant_is_exact_for_values_on_the_grid():
@@ -397,7 +416,8 @@ def _simulated(tiny_lm_dir, ckpt, ids):
             t = {s: tensors[f"{name}.{s}"] for s in ("qweight", "scale", "layout")}
             mod.forward = (lambda t, i: lambda x: FMT.matmul(x, t, params, i))(t, mod.in_features)
     with torch.no_grad():
-        cache = QuantizedKVCache(model.config.num_hidden_layers, qc["kv_bits"], qc["kv_clip"], store=False)
+        cache = QuantizedKVCache(model.config.num_hidden_layers, qc["kv_bits"], qc["kv_clip"], store=False,
+                                 group_size=qc.get("kv_group_size", 0))
         return model(ids, past_key_values=cache).logits
 
 
@@ -661,12 +681,12 @@ def test_weight_groups_quantize_export_load_and_serve(tiny_lm_dir, corpus, tmp_p
     from gq_quantize.config import CalibrationConfig, QuantizeConfig
     from gq_serve.checkpoint import load_quantized_model
 
-    cfg = QuantizeConfig(method="spinquant", bits=4, weight_group=16, act_clip=1.0, kv_clip=1.0,
+    cfg = QuantizeConfig(method="spinquant", bits=4, weight_group=16, kv_group=4, act_clip=1.0, kv_clip=1.0,
                          per_linear_act_clip=False,
                          calibration=CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ))
     pipeline.quantize_model(tiny_lm_dir, cfg, tmp_path / "ckpt", tmp_path / "cache", progress=False)
     qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert qc["weight_group_size"] == 16
+    assert qc["weight_group_size"] == 16 and qc["kv_group_size"] == 4
     model = load_quantized_model(tmp_path / "ckpt")
     o = model.model.layers[0].self_attn.o_proj
     assert o.scale.shape == (o.out_features, o.in_features // 16)
@@ -675,6 +695,9 @@ def test_weight_groups_quantize_export_load_and_serve(tiny_lm_dir, corpus, tmp_p
     with torch.no_grad():
         got = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        cache = model(ids[:, :3], use_cache=True).past_key_values
+    assert isinstance(cache, QuantizedKVCache) and {layer.group_size for layer in cache.layers} == {4}
 
 
 def test_default_clip_ratios_reach_the_loaded_model(tiny_lm_dir, corpus, tmp_path):

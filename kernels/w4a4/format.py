@@ -14,9 +14,9 @@ Per quantized linear [out, in]:
   (``gq quantize --per-linear-act-clip`` chooses it). Linears fed the same input (q/k/v) may hold
   different ratios, each quantizing that input its own way (``differs_by_part``).
 
-Checkpoint-wide parameters: ``bits``, ``act_bits`` / ``act_clip`` (activations; ``act_clip`` is every
-linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` / ``kv_clip`` (the KV cache,
-:mod:`.kvcache`). The rotations R1 / R2 are folded into the dense weights and the embeddings of the
+Checkpoint-wide parameters: ``bits``, ``weight_group_size``, ``act_bits`` / ``act_clip``
+(activations; ``act_clip`` is every linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` /
+``kv_clip`` / ``kv_group_size`` (the KV cache, :mod:`.kvcache`: 0 = one range per token and head). The rotations R1 / R2 are folded into the dense weights and the embeddings of the
 checkpoint, and RMSNorm gains are 1; :mod:`.reference` is the specification.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ class W4A4Params(FormatParams):
     kv_clip: float = Field(1.0, gt=0, le=1)
     per_linear_act_clip: bool = False
     weight_group_size: int = Field(0, ge=0)  # 0: one weight scale per output channel
+    kv_group_size: int = Field(0, ge=0)      # 0: one KV range per (token, head)
 
     @field_validator("act_bits")
     @classmethod
@@ -76,13 +77,14 @@ class W4A4Quant(QuantResult):
     per_linear_act_clip: bool = False
     linear_act_clip: float | None = None  # this linear's ratio (per_linear_act_clip; None: act_clip)
     weight_group_size: int = 0
+    kv_group_size: int = 0
 
     format: ClassVar[str] = NAME
 
     def params(self) -> W4A4Params:
         return W4A4Params(bits=self.bits, act_bits=self.act_bits, act_clip=self.act_clip,
                           kv_bits=self.kv_bits, kv_clip=self.kv_clip, per_linear_act_clip=self.per_linear_act_clip,
-                          weight_group_size=self.weight_group_size)
+                          weight_group_size=self.weight_group_size, kv_group_size=self.kv_group_size)
 
     def own_act_clip(self) -> float:
         """The activation clip ratio this linear is served with."""
@@ -165,7 +167,7 @@ class W4A4Format(Format):
                          act_clip=params.act_clip, kv_bits=params.kv_bits, kv_clip=params.kv_clip,
                          per_linear_act_clip=params.per_linear_act_clip,
                          linear_act_clip=read_act_clip(tensors, params) if params.per_linear_act_clip else None,
-                         weight_group_size=params.weight_group_size)
+                         weight_group_size=params.weight_group_size, kv_group_size=params.kv_group_size)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], params: W4A4Params, in_features: int) -> torch.Tensor:
         had, _ = read_layout(tensors["layout"])
@@ -246,4 +248,8 @@ class W4A4Format(Format):
         if not has_hadamard(head_dim):
             raise ValueError(f"{self.name}: the {params.kv_bits}-bit KV cache rotates keys by a Hadamard of head_dim "
                              f"{head_dim}, which has no construction; export with kv_bits 16")
-        return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store)
+        if params.kv_group_size and head_dim % params.kv_group_size:
+            raise ValueError(f"{self.name}: KV groups of {params.kv_group_size} channels do not divide head_dim "
+                             f"{head_dim}; quantize with a --kv-group that divides it")
+        return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store,
+                                group_size=params.kv_group_size)

@@ -19,7 +19,7 @@ with r[n, g] = sum_{k in g} q_w[n, k]: an integer GEMM (int8 x int8 -> int32) an
 two groupings (:func:`gemm_group_size`: one must divide the other). A linear may first rotate its input by the Hadamard ``R_in`` (SpinQuant's R4 before
 down_proj); its weight then holds ``W R_in``, so ``(x R_in)(W R_in)^T = x W^T``.
 
-The KV cache keeps, per (token, KV head), ``K R_d`` (R_d: the head_dim Hadamard, SpinQuant's R3,
+The KV cache keeps, per (token, KV head) (or per group of a head's channels), ``K R_d`` (R_d: the head_dim Hadamard, SpinQuant's R3,
 applied after RoPE) and V quantized asymmetrically like activations; attention reads
 ``K_hat = deq(K R_d) R_d^T`` and ``V_hat = deq(V)``. Since R_d is orthogonal,
 ``Q K_hat^T = (Q R_d) deq(K R_d)^T``: the same scores as rotating Q and K, without touching Q.
@@ -167,12 +167,13 @@ def kv_rotate_keys(k: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     return hadamard_transform(k.float(), transpose=transpose)
 
 
-def fake_quant_kv(k: torch.Tensor, v: torch.Tensor, bits: int, clip: float = 1.0, ste: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_quant_kv(k: torch.Tensor, v: torch.Tensor, bits: int, clip: float = 1.0, ste: bool = False,
+                  group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """What attention reads from a ``bits``-bit cache for k, v [B, H_kv, T, head_dim]: K_hat, V_hat
-    in the inputs' dtypes (per (token, head) asymmetric groups; K through R_d and back)."""
+    in the inputs' dtypes (asymmetric groups per (token, head), or per ``group_size`` of a head's
+    channels; K through R_d and back)."""
     if bits >= 16:
         return k, v
     kr = kv_rotate_keys(k)
-    kq = kv_rotate_keys(fake_quant_act(kr, bits, 0, clip, ste), transpose=True).to(k.dtype)
-    return kq, fake_quant_act(v, bits, 0, clip, ste)
+    kq = kv_rotate_keys(fake_quant_act(kr, bits, group_size, clip, ste), transpose=True).to(k.dtype)
+    return kq, fake_quant_act(v, bits, group_size, clip, ste)

@@ -112,6 +112,8 @@ class SpinQuantConfig(MethodConfig):
     act_group: int = Field(0, ge=0, description="SpinQuant: quantize activations in groups of this many input "
                                                  "channels (0: per token, the published setting; o_proj keeps "
                                                  "one group per head unless this is smaller)")
+    kv_group: int = Field(0, ge=0, description="SpinQuant: quantize the KV cache in groups of this many of a head's "
+                                                "channels (0: one range per token and head, the published setting)")
     weight_group: int = Field(0, ge=0, description="SpinQuant: one weight scale per output channel and group of "
                                                     "this many input channels (0: per channel, the published "
                                                     "setting); it must divide every linear's input size")
@@ -141,7 +143,8 @@ class SpinQuantConfig(MethodConfig):
         return c
 
     def format_params(self, groups: int = 1):
-        return super().format_params(groups).model_copy(update={"weight_group_size": self.weight_group})
+        return super().format_params(groups).model_copy(update={"weight_group_size": self.weight_group,
+                                                                "kv_group_size": self.kv_group})
 
     def after_quantize(self):
         return functools.partial(choose_act_clips, cfg=self) if self.per_linear_act_clip else None
@@ -174,7 +177,7 @@ def quantize_w4a4(w: torch.Tensor, H: torch.Tensor | None, cfg: SpinQuantConfig)
     result = W4A4Quant(codes=codes, scale=scale, bits=cfg.bits, input_hadamard=had,
                        act_group_size=cfg._act_group_size, act_bits=cfg.act_bits, act_clip=cfg.act_clip,
                        kv_bits=cfg.kv_bits, kv_clip=cfg.kv_clip, per_linear_act_clip=cfg.per_linear_act_clip,
-                       weight_group_size=cfg.weight_group)
+                       weight_group_size=cfg.weight_group, kv_group_size=cfg.kv_group)
     if H is not None:
         stats["objective"] = quadratic_objective(w, ref.dequantize_weight(codes, scale), H)
     result.stats.update(stats)
