@@ -137,6 +137,10 @@ def test_weight_groups_in_the_format_are_checked_and_sliced():
     torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
     t["layout"] = torch.tensor([0, 8], dtype=torch.int32)
     assert FMT.slice_columns(t, params, 64, 8, 32) is None               # inside a weight group
+    p48 = FMT.params(bits=4, weight_group_size=48)
+    t96 = {**FMT.example_tensors(p48, 24, 96, g), "layout": torch.tensor([0, 32], dtype=torch.int32)}
+    with pytest.raises(ValueError, match="x.layout: activation groups of 32 and weight groups of 48"):
+        FMT.check_tensors(t96, p48, 24, 96, prefix="x.")
     r = FMT.unpack(FMT.pack(FMT.unpack(t, params, 64)), params, 64)
     assert r.weight_group_size == 16 and r.params() == params and torch.equal(r.scale, t["scale"])
 

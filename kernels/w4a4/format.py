@@ -16,8 +16,9 @@ Per quantized linear [out, in]:
 
 Checkpoint-wide parameters: ``bits``, ``weight_group_size``, ``act_bits`` / ``act_clip``
 (activations; ``act_clip`` is every linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` /
-``kv_clip`` / ``kv_group_size`` (the KV cache, :mod:`.kvcache`: 0 = one range per token and head). The rotations R1 / R2 are folded into the dense weights and the embeddings of the
-checkpoint, and RMSNorm gains are 1; :mod:`.reference` is the specification.
+``kv_clip`` / ``kv_group_size`` (the KV cache, :mod:`.kvcache`: 0 = one range per token and head).
+The rotations R1 / R2 are folded into the dense weights and the embeddings of the checkpoint, and
+RMSNorm gains are 1; :mod:`.reference` is the specification.
 """
 from __future__ import annotations
 
@@ -185,6 +186,10 @@ class W4A4Format(Format):
         if group < 0 or (group and in_features % group):
             raise ValueError(f"{self.name}: {prefix}layout: activation group size {group} does not divide "
                              f"the input size {in_features}")
+        try:
+            ref.gemm_group_size(in_features, group, params.weight_group_size)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {prefix}layout: {e}") from None
         if had and not has_hadamard(in_features):
             raise ValueError(f"{self.name}: {prefix}layout asks for an input Hadamard of size {in_features}, "
                              "which has no Hadamard construction")
