@@ -81,6 +81,17 @@ LABELS = {
                                  "(`--per-linear-act-clip`)",
     "w4a4-spinquant-gq-b8-g32-lin": "W4A4KV4 SpinQuant + GuidedQuant g=1, the same rotations, groups of 32, clip "
                                     "per linear (`--per-linear-act-clip`)",
+    "w4a4-quarot-g16-clip1.0-lin": "W4A4KV4 random Hadamard R1/R2, GPTQ, activations in groups of 16, clip per "
+                                   "linear (`--act-group 16 --per-linear-act-clip`)",
+    **{f"w4a4-quarot-g{g}-clip1.0-lin-w{w}{kv}": f"W4A4KV4 random Hadamard R1/R2, GPTQ, activations in groups of {g}, "
+                                               f"clip per linear, weight scales per {w} columns (`--weight-group {w}`)"
+                                               + (", KV ranges per 32 channels (`--kv-group 32`)" if kv else "")
+       for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
+    **{f"w4a4-spinquant{gq}-b8-g{g}-lin-w{w}{kv}": f"W4A4KV4 SpinQuant{' + GuidedQuant g=1' if gq else ''} (rotations "
+                                                  f"learned under groups of 32), activations in groups of {g}, clip per "
+                                                  f"linear, weight scales per {w} columns (`--weight-group {w}`)"
+                                                  + (", KV ranges per 32 channels (`--kv-group 32`)" if kv else "")
+       for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
 }
 
 
@@ -209,7 +220,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
     w4a4 = ["fp16", "w4a4-rtn", "w4a4-gptq", "w4a4-quarot", "w4a4-spinquant", "w4a4-spinquant-gq",
             "w4a4-spinquant-b8", "w4a4-spinquant-gq-b8", "w4a4-quarot-clip0.8", "w4a4-spinquant-gq-clip",
             "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32",
-            "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-b8-g32-lin", "w4a4-spinquant-gq-b8-g32-lin"]
+            "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-b8-g32-lin", "w4a4-spinquant-gq-b8-g32-lin",
+            "w4a4-spinquant-b8-g32-lin-w32", "w4a4-spinquant-gq-b8-g32-lin-w32", "w4a4-spinquant-b8-g32-lin-w16-kv32",
+            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",
@@ -223,7 +236,10 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
                  "w4a4-quarot-clip0.8", "w4a4-quarot-clip0.75", "w4a4-quarot-clip0.7", "w4a4-quarot-clip-kv0.9",
                  "w4a4-quarot-centred", "w4a4-quarot-g64-clip1.0", "w4a4-quarot-g64-clip0.9",
                  "w4a4-quarot-g64-clip0.8", "w4a4-quarot-g32-clip0.9", "w4a4-quarot-g32-clip1.0",
-                 "w4a4-quarot-g32-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin8", "w4a4-quarot-clip0.8-lin"]
+                 "w4a4-quarot-g32-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin8", "w4a4-quarot-clip0.8-lin",
+                 "w4a4-quarot-g16-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin-w64", "w4a4-quarot-g32-clip1.0-lin-w32",
+                 "w4a4-quarot-g32-clip1.0-lin-w16", "w4a4-quarot-g32-clip1.0-lin-w32-kv32",
+                 "w4a4-quarot-g32-clip1.0-lin-w16-kv32"]
         blocks["w4a4_val"] = variants_table(rows, SMOL, ["fp16"] + sweep, [4],
                                             ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     if any(r["calib"] == MIXED for r in rows):
