@@ -118,6 +118,18 @@ def test_gemm_groups_are_the_finer_of_activation_and_weight_groups():
         ref.gemm_group_size(576, 64, 48)
 
 
+def _halves_add_up_to_the_layer(t, params, g):
+    """Tensors t of a [24, 64] linear cut into two column halves (tensor parallel): each half is a
+    valid linear, and their outputs add up to the whole layer's (for input x [5, 64], returned)."""
+    x = torch.randn(5, 64, generator=g)
+    halves = [FMT.slice_columns(t, params, 64, s, 32) for s in (0, 32)]
+    for h in halves:
+        FMT.check_tensors(h, params, 24, 32)
+    got = sum(FMT.matmul(x[:, s:s + 32], h, params, 32) for s, h in zip((0, 32), halves))
+    torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
+    return x
+
+
 def test_weight_groups_in_the_format_are_checked_and_sliced():
     g = torch.Generator().manual_seed(5)
     params = FMT.params(bits=4, weight_group_size=16)
@@ -129,12 +141,7 @@ def test_weight_groups_in_the_format_are_checked_and_sliced():
     with pytest.raises(ValueError, match="scale"):
         FMT.check_tensors(bad, params, 24, 64)
     t["layout"] = torch.tensor([0, 16], dtype=torch.int32)
-    x = torch.randn(5, 64, generator=g)
-    halves = [FMT.slice_columns(t, params, 64, s, 32) for s in (0, 32)]
-    for h in halves:
-        FMT.check_tensors(h, params, 24, 32)
-    got = sum(FMT.matmul(x[:, s:s + 32], h, params, 32) for s, h in zip((0, 32), halves))
-    torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
+    _halves_add_up_to_the_layer(t, params, g)
     t["layout"] = torch.tensor([0, 8], dtype=torch.int32)
     assert FMT.slice_columns(t, params, 64, 8, 32) is None               # inside a weight group
     p48 = FMT.params(bits=4, weight_group_size=48)
@@ -224,12 +231,7 @@ def test_slice_columns_only_where_a_column_range_is_a_w4a4_linear():
     params = FMT.params(bits=4)
     t = FMT.example_tensors(params, 24, 64, g)
     t["layout"] = torch.tensor([0, 16], dtype=torch.int32)
-    x = torch.randn(5, 64, generator=g)
-    halves = [FMT.slice_columns(t, params, 64, s, 32) for s in (0, 32)]
-    for h in halves:
-        FMT.check_tensors(h, params, 24, 32)
-    got = sum(FMT.matmul(x[:, s:s + 32], h, params, 32) for s, h in zip((0, 32), halves))
-    torch.testing.assert_close(got, FMT.matmul(x, t, params, 64), rtol=1e-5, atol=1e-5)
+    x = _halves_add_up_to_the_layer(t, params, g)
     assert not FMT.columns_split_by_spec
     assert FMT.slice_columns(t, params, 64, 8, 32) is None          # crosses a group
     for layout in ([0, 0], [1, 0], [1, 16]):                          # per-token range / input Hadamard
