@@ -3,8 +3,9 @@
 ``QuantizedKVCache`` is a transformers ``Cache`` whose layers store, per (token, KV head), the
 codes of ``K R_d`` and of ``V`` (:func:`gq_kernels.w4a4.reference.fake_quant_kv` is the spec: at 4
 bits two codes per byte plus an fp32 scale and a uint8 zero per head, or per ``group_size`` of its
-channels: 37 bytes per head of 64 values against 128 in fp16, 42 in groups of 32) and hand attention the dequantized ``K_hat``, ``V_hat`` of every cached token. Each step
-dequantizes the whole cache (O(tokens x head_dim)), which is what keeps only codes resident.
+channels: 37 bytes per head of 64 values against 128 in fp16, 42 in groups of 32) and hand
+attention the dequantized ``K_hat``, ``V_hat`` of every cached token. Each step dequantizes the
+whole cache (O(tokens x head_dim)), which is what keeps only codes resident.
 
 ``store=False`` keeps nothing: every ``update`` returns the fake-quantized K, V of the current
 forward (a full-sequence forward without generation: perplexity, calibration, learning rotations,
