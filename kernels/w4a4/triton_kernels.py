@@ -313,6 +313,8 @@ def w4a4_gemm(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qwei
     ga = 1 if group_size in (0, -1) else k // group_size
     if ga * (k if ga == 1 else group_size) != k:
         raise ValueError(f"w4a4_gemm: activation group size {group_size} does not divide {k}")
+    if w_scale.dim() == 2 and w_scale.shape[1] == 1:
+        w_scale = w_scale.reshape(-1)  # one weight group spanning the row: the per-channel epilogue
     g = row_sums.shape[1] if row_sums.dim() == 2 else 0
     gw = w_scale.shape[1] if w_scale.dim() == 2 else 1
     if not g or k % g or g % ga or g % gw:
