@@ -288,6 +288,9 @@ def test_kv_groups_reach_the_cache_and_must_divide_head_dim():
     assert {layer.group_size for layer in cache.layers} == {8}
     with pytest.raises(ValueError, match="KV groups of 12 channels do not divide head_dim 16"):
         FMT.kv_cache(FMT.params(bits=4, kv_group_size=12), mc)
+    with pytest.raises(ValueError, match="KV groups of 12 channels do not divide head_dim 16; pass a --kv-group"):
+        SpinQuantConfig(kv_group=12).for_layer("model.layers.0.self_attn.q_proj", mc)
+    SpinQuantConfig(kv_group=12, kv_bits=16).for_layer("model.layers.0.self_attn.q_proj", mc)  # no KV cache
     k = torch.randn(1, 2, 5, 16)
     kq, vq = ref.fake_quant_kv(k, k, 4, group_size=8)
     per_group = ref.fake_quant_act(k, 4, 8)

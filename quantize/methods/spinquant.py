@@ -137,6 +137,11 @@ class SpinQuantConfig(MethodConfig):
         return frozenset() if self.rtn else type(self).needs
 
     def for_layer(self, name: str, model_config) -> "SpinQuantConfig":
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        if self.kv_bits < 16 and self.kv_group and head_dim % self.kv_group:
+            # Checked here, at the first layer: the cache is built only once every weight is quantized.
+            raise ValueError(f"KV groups of {self.kv_group} channels do not divide head_dim {head_dim}; pass a "
+                             "--kv-group that divides it (or 0: one range per head)")
         c = self.model_copy()
         c._input_hadamard, group = layer_layout(name, model_config)
         c._act_group_size = self.act_group if self.act_group and (not group or self.act_group < group) else group
