@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from gq_kernels.format import head_dim
 from gq_serve.util import import_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,7 @@ def step_bytes(model, kv_positions: int, dtype: torch.dtype) -> int:
             total += sum(t.numel() * t.element_size() for t in [*m.parameters(recurse=False),
                                                                  *m.buffers(recurse=False)])
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * torch.finfo(dtype).bits // 8
     return total + kv * kv_positions
 
 

@@ -374,7 +374,7 @@ def cmd_rotate(args) -> int:
                                  rotation_file=args.rotation_file, cache=cache, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=not args.quiet,
                                  center=args.center_embeddings, act_clip=args.act_clip, kv_clip=args.kv_clip,
-                                 act_group=args.act_group)
+                                 act_group=args.act_group, kv_group=args.kv_group)
     _print_json(record)
     return 0
 
@@ -605,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--act-group", type=int, default=None,
                     help="learned: activation groups the rotations train under (default 0: per token); "
                          "pass the --act-group you will quantize with")
+    sr.add_argument("--kv-group", type=int, default=None,
+                    help="learned: KV groups (channels of a head) the rotations train under (default 0: one "
+                         "range per head); pass the --kv-group you will quantize with")
     sr.add_argument("--overwrite", action="store_true", help="replace OUT and discard a saved training state")
     sr.add_argument("--quiet", action="store_true")
     sr.set_defaults(func=cmd_rotate)

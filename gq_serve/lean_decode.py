@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gq_kernels.cpu import build
+from gq_kernels.format import head_dim
 from gq_serve.decode import DynamicDecoder
 
 MODEL_TYPES = ("llama", "mistral")
@@ -148,7 +149,7 @@ class LeanLlama:
         self.model, self.inner = model, inner
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.head_dim = head_dim(cfg)
         self.layers = [(layer, Projections([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                         Projections([layer.self_attn.o_proj]), Projections([layer.mlp.gate_proj, layer.mlp.up_proj]),
                         Projections([layer.mlp.down_proj])) for layer in inner.layers]

@@ -131,6 +131,12 @@ class QuantResult(ABC):
                                  f"got {_dtype_name(t.dtype)} {list(t.shape)}")
 
 
+def head_dim(model_config) -> int:
+    """Channels per attention head of a Hugging Face config: its ``head_dim`` where it sets one (Gemma,
+    Qwen3 decouple it from the width), else ``hidden_size // num_attention_heads``."""
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -27,7 +27,11 @@ _BUILTIN_KERNELS = (
     "gq_kernels.bcq.ops:BcqTritonKernel",
     "gq_kernels.trellis.ops:TrellisTritonKernel",
     "gq_kernels.w4a4.ops:W4A4TritonKernel",  # CUDA; elsewhere (and at 16-bit activations) w4a4-int
+    "gq_kernels.w4a4.cpu:W4A4CpuAvx512VnniKernel",
+    "gq_kernels.w4a4.cpu:W4A4CpuAvx512Kernel",
+    "gq_kernels.w4a4.cpu:W4A4CpuAvx2Kernel",
     "gq_kernels.w4a4.ops:W4A4IntKernel",
+    "gq_kernels.w4a4.cpu:W4A4CpuPortableKernel",  # behind w4a4-int (torch._int_mm): by name only
     # CPU: each format's variants, best first; a variant the CPU cannot run says which flags it lacks.
     "gq_kernels.lut.cpu:LutCpuAvx512Kernel",
     "gq_kernels.lut.cpu:LutCpuAvx2Kernel",

@@ -112,16 +112,16 @@ VARIANTS: dict[str, dict] = {
     # `gq rotate` trained under the served quantizers)
     # (the "defaults" of these rows are those before --per-linear-act-clip became one: they pin it off)
     "w4a4-spinquant-gq-clip": dict(method="spinquant", rotation="learned", guided=True, groups=1,
-                                   rotation_quantizers=(1.0, 1.0, 0), per_linear_act_clip=False),
+                                   rotation_quantizers=(1.0, 1.0, 0, 0), per_linear_act_clip=False),
     "w4a4-spinquant-gq-g64": dict(method="spinquant", rotation="learned", guided=True, groups=1, act_group=64,
-                                  rotation_quantizers=(1.0, 1.0, 0), act_clip=1.0, per_linear_act_clip=False),
+                                  rotation_quantizers=(1.0, 1.0, 0, 0), act_clip=1.0, per_linear_act_clip=False),
     # the defaults with rotations learned (batch 8) under the same clipped quantizers
     "w4a4-spinquant-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, per_linear_act_clip=False),
     "w4a4-spinquant-gq-b8-def": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
                                      per_linear_act_clip=False),
     # those rotations (trained per token) with activations in groups of 32 (the best QuaRot-style setting)
     "w4a4-spinquant-gq-b8-g32": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True, groups=1,
-                                     act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0),
+                                     act_group=32, act_clip=0.9, rotation_quantizers=(0.8, 0.95, 0, 0),
                                      per_linear_act_clip=False),
     # each linear's activation clip ratio chosen by its output error (gq quantize --per-linear-act-clip)
     "w4a4-quarot-clip0.8-lin": _w4a4("hadamard", act_clip=0.8, kv_clip=0.95, per_linear_act_clip=True),
@@ -141,10 +141,10 @@ VARIANTS: dict[str, dict] = {
     "w4a4-quarot-g16-clip1.0-lin": _w4a4("hadamard", act_group=16, act_clip=1.0, kv_clip=0.95,
                                          per_linear_act_clip=True),
     "w4a4-spinquant-b8-g16-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, act_group=16,
-                                      act_clip=1.0, per_linear_act_clip=True, rotation_quantizers=(1.0, 0.95, 32)),
+                                      act_clip=1.0, per_linear_act_clip=True, rotation_quantizers=(1.0, 0.95, 32, 0)),
     "w4a4-spinquant-gq-b8-g16-lin": dict(method="spinquant", rotation="learned", rotation_batch=8, guided=True,
                                          groups=1, act_group=16, act_clip=1.0, per_linear_act_clip=True,
-                                         rotation_quantizers=(1.0, 0.95, 32)),
+                                         rotation_quantizers=(1.0, 0.95, 32, 0)),
     # weights with one scale per group of W input channels (--weight-group W) on top of those, and
     # the KV cache in groups of 32 of a head's 64 channels (--kv-group 32)
     **{f"w4a4-quarot-g{g}-clip1.0-lin-w{w}{kv}": _w4a4("hadamard", act_group=g, act_clip=1.0, kv_clip=0.95,
@@ -154,9 +154,16 @@ VARIANTS: dict[str, dict] = {
     **{f"w4a4-spinquant{gq}-b8-g{g}-lin-w{w}{kv}": dict(method="spinquant", rotation="learned", rotation_batch=8,
                                                         act_group=g, act_clip=1.0, per_linear_act_clip=True,
                                                         weight_group=w, kv_group=32 if kv else 0,
-                                                        rotation_quantizers=(1.0, 0.95, 32),
+                                                        rotation_quantizers=(1.0, 0.95, 32, 0),
                                                         **(dict(guided=True, groups=1) if gq else {}))
        for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
+    # the same with rotations learned under the KV groups they are served with (gq rotate --kv-group 32)
+    **{f"w4a4-spinquant{gq}-b8-g32-lin-w{w}-kv32-rkv": dict(method="spinquant", rotation="learned", rotation_batch=8,
+                                                           act_group=32, act_clip=1.0, per_linear_act_clip=True,
+                                                           weight_group=w, kv_group=32,
+                                                           rotation_quantizers=(1.0, 0.95, 32, 32),
+                                                           **(dict(guided=True, groups=1) if gq else {}))
+       for gq in ("", "-gq") for w in (16, 32)},
 }
 
 
@@ -192,22 +199,27 @@ def dir_bytes(d: Path) -> int:
 
 
 def rotated_model(model_dir: Path, args, mode: str, cache: Path, batch: int = 1, center: bool = False,
-                  quantizers: tuple[float, float, int] = (1.0, 1.0, 0)) -> Path:
+                  quantizers: tuple[float, float, int, int] = (1.0, 1.0, 0, 0)) -> Path:
     """The model with SpinQuant's rotations fused (`gq rotate`), made once and kept under the
     cache; learned rotations train on the calibration text (never the evaluation text), ``batch``
-    windows per step, under ``quantizers`` (act_clip, kv_clip, act_group: the variant's own)."""
+    windows per step, under ``quantizers`` (act_clip, kv_clip, act_group, kv_group: the variant's own)."""
     from gq_quantize.spinquant.train import write_rotated_model
 
-    act_clip, kv_clip, act_group = quantizers
-    trained = mode == "learned" and quantizers != (1.0, 1.0, 0)
+    act_clip, kv_clip, act_group, kv_group = quantizers
+    learned = mode == "learned"
+    trained = learned and quantizers != (1.0, 1.0, 0, 0)
+    # rotations learned on other text than sotu:calib carry its name (sotu:calib holds sotu:val, so
+    # validation runs must never reuse them)
+    data = "" if not learned or args.calib == "sotu:calib" else "-" + args.calib.replace(":", "_").replace("/", "_")
     name = (f"{args.model}-{mode}-s0-{args.rotation_steps}x{args.seq_len}" + (f"-b{batch}" if batch > 1 else "")
             + ("-centred" if center else "")
-            + (f"-a{act_clip:g}-kv{kv_clip:g}" + (f"-g{act_group}" if act_group else "") if trained else ""))
+            + (f"-a{act_clip:g}-kv{kv_clip:g}" + (f"-g{act_group}" if act_group else "")
+               + (f"-kvg{kv_group}" if kv_group else "") if trained else "") + data)
     out = cache / "results" / "rotated" / name
     if not (out / "rotation.json").exists():
         write_rotated_model(model_dir, out, mode, seed=0, steps=args.rotation_steps, seq_len=args.seq_len,
                             batch=batch, data=args.calib, cache=cache, overwrite=out.exists(), center=center,
-                            act_clip=act_clip, kv_clip=kv_clip, act_group=act_group)
+                            act_clip=act_clip, kv_clip=kv_clip, act_group=act_group, kv_group=kv_group)
     return out
 
 
@@ -282,7 +294,7 @@ def main() -> int:
             center = kw.pop("center_embeddings", False)
             # learned rotations train under the variant's own quantizers unless it pins others
             trained = kw.pop("rotation_quantizers", None) or training_quantizers(
-                kw.get("act_clip"), kw.get("kv_clip"), kw.get("act_group"))
+                kw.get("act_clip"), kw.get("kv_clip"), kw.get("act_group"), kw.get("kv_group"))
             source = (model_dir if rotation is None
                       else rotated_model(model_dir, args, rotation, cache, batch, center, trained))
             qconfig = QuantizeConfig(bits=bits, calibration=CalibrationConfig(data=args.calib, n_samples=args.n_samples,

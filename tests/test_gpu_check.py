@@ -61,7 +61,8 @@ def test_stage_smoke_passes_and_its_files_come_back(stage, tmp_path):
         assert [(r["variant"], r["case"]) for r in rows] == [("dense:fp32", "prefill"), ("dense:fp32", "decode"),
                                                             ("w4a4", "prefill"), ("w4a4", "decode"),
                                                             ("w4a4:4:w64", "prefill"), ("w4a4:4:w64", "decode")]
-        assert rows[2]["kernels"] == {"w4a4-int": 14} and rows[3]["kv_bits"] == 4 and rows[4]["tok_s"] > 0
+        assert sum(rows[2]["kernels"].values()) == 14 and set(rows[2]["kernels"]) <= {"w4a4-int", "w4a4-cpu-avx512vnni", "w4a4-cpu-avx512", "w4a4-cpu-avx2"}
+        assert rows[3]["kv_bits"] == 4 and rows[4]["tok_s"] > 0
     if stage == "vllm":
         rows = json.loads((out / "vllm" / "vllm.json").read_text())["rows"]
         assert [(r["variant"], r["batch"]) for r in rows] == [("fp16", 1), ("fp16", 2), ("lut:3", 1), ("lut:3", 2)]

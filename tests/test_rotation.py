@@ -233,12 +233,27 @@ def test_train_under_clipped_quantizers_is_its_own_run(tmp_path):
               act_clip=0.9, kv_clip=0.95)
 
 
+def test_train_under_kv_groups_is_its_own_run(tmp_path):
+    """--kv-group reaches the training cache (a different loss from one range per head) and joins the
+    resume fingerprint only when set, so runs saved before KV groups existed still resume."""
+    windows = ids(2, 16, seed=4)
+    per_head = train(fuse_norms(tiny_model(True)), windows, steps=2, state_dir=tmp_path / "a", progress=False,
+                     stop_after=1)
+    assert "kv_group" not in torch.load(tmp_path / "a" / STATE_FILE, weights_only=True)["fingerprint"]
+    grouped = train(fuse_norms(tiny_model(True)), windows, steps=2, state_dir=tmp_path / "b", progress=False,
+                    kv_group=8, stop_after=1)   # head_dim 16: two ranges per head
+    assert grouped.losses[0] != per_head.losses[0]
+    assert torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)["fingerprint"]["kv_group"] == 8
+    with pytest.raises(RotationError, match=r"kv_group: 8 -> None"):
+        train(fuse_norms(tiny_model(True)), windows, steps=2, state_dir=tmp_path / "b", progress=False)
+
+
 def test_training_quantizers_default_to_the_spinquant_method():
     from gq_quantize.methods.spinquant import SpinQuantConfig
 
     d = SpinQuantConfig()
-    assert training_quantizers(None, None, None) == (d.act_clip, d.kv_clip, d.act_group)
-    assert training_quantizers(1.0, None, 32) == (1.0, d.kv_clip, 32)
+    assert training_quantizers(None, None, None) == (d.act_clip, d.kv_clip, d.act_group, d.kv_group)
+    assert training_quantizers(1.0, None, 32, 8) == (1.0, d.kv_clip, 32, 8)
     with pytest.raises(RotationError, match="act_clip"):
         training_quantizers(1.5, None, None)
 
@@ -276,8 +291,8 @@ def test_write_rotated_model_keeps_logits(tied_model_dir, tmp_path, mode):
     if mode == "learned":
         assert (out / LOSS_PNG).is_file() and rec["final_loss"] is not None
         # trained under the quantizers gq quantize --method spinquant serves by default
-        assert (rec["train_act_clip"], rec["train_kv_clip"], rec["train_act_group"]) == training_quantizers(
-            None, None, None)
+        assert (rec["train_act_clip"], rec["train_kv_clip"], rec["train_act_group"],
+                rec["train_kv_group"]) == training_quantizers(None, None, None)
     torch.testing.assert_close(_logits(out, x), _logits(tied_model_dir, x), atol=1e-4, rtol=0)
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_rotated_model(tied_model_dir, out, mode, progress=False)
@@ -344,6 +359,10 @@ def test_cli_rotate(tied_model_dir, tmp_path, capsys):
     assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "learned", "--overwrite", "--quiet",
                  "--act-clip", "0"]) == 2
     assert "act_clip" in capsys.readouterr().err and out.is_dir()  # refused before the old output was touched
+    assert main(["rotate", str(tied_model_dir), str(out), "--rotation", "learned", "--overwrite", "--quiet",
+                 "--kv-group", "12"]) == 2
+    assert "KV groups of 12 channels do not divide head_dim 16" in capsys.readouterr().err
+    assert json.loads((out / ROTATION_JSON).read_text())["mode"] == "none"  # the old output is whole
 
 
 # ----------------------------------------------------------------------------------- real model

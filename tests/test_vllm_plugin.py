@@ -949,7 +949,7 @@ def test_w4a4_server_tp2_three_engines_chat_and_stream(w4a4_server):
                                   logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
     vllm_tokens = [int(t.split(":", 1)[1]) for t in r.choices[0].logprobs.tokens]
     model = load_model(str(ckpt), "cpu", torch.float32)
-    assert set(model.gq_kernels) == {"w4a4-int"}
+    assert len(model.gq_kernels) == 1 and set(model.gq_kernels) <= {"w4a4-int", "w4a4-cpu-avx512vnni", "w4a4-cpu-avx512", "w4a4-cpu-avx2"}
     engine = Engine(model, load_tokenizer(str(ckpt)), "cpu")
     try:
         hf_tokens = [tok for tok, _, _ in engine.generate(PROMPT_IDS, max_tokens=N_TOKENS, ignore_eos=True)]

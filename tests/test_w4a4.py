@@ -61,14 +61,14 @@ CASES = [(576, 1536, 0, 0), (1536, 576, 1, 0), (1536, 576, 1, 64), (576, 576, 0,
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
 @pytest.mark.parametrize("in_f,out_f,had,group", CASES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 33])
-def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, rows, act_clip):
+@pytest.mark.parametrize("prefer", ["w4a4-int", "auto"])   # auto: w4a4-cpu-* where the CPU runs one
+def test_int_kernel_matches_the_reference(in_f, out_f, had, group, act_bits, rows, act_clip, prefer):
     g = torch.Generator().manual_seed(in_f * 7 + out_f + rows)
     params = FMT.params(bits=4, act_bits=act_bits, act_clip=act_clip)
     t = FMT.example_tensors(params, out_f, in_f, g)
     t["layout"] = torch.tensor([had, group], dtype=torch.int32)
     FMT.check_tensors(t, params, out_f, in_f)
-    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32)
-    assert kernel.name == "w4a4-int"
+    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32, prefer=prefer)
     runtime = kernel.prepare(t)
     x = torch.randn(rows, in_f, generator=g)
     bias = torch.randn(out_f, generator=g)
@@ -87,7 +87,8 @@ WGROUP_CASES = [  # (in, out, input Hadamard, activation group, weight group)
 @pytest.mark.parametrize("act_bits", [4, 8, 16])
 @pytest.mark.parametrize("in_f,out_f,had,group,wgroup", WGROUP_CASES)
 @pytest.mark.parametrize("rows", [1, 8])
-def test_int_kernel_with_weight_groups_matches_the_reference(in_f, out_f, had, group, wgroup, act_bits, rows):
+@pytest.mark.parametrize("prefer", ["w4a4-int", "auto"])
+def test_int_kernel_with_weight_groups_matches_the_reference(in_f, out_f, had, group, wgroup, act_bits, rows, prefer):
     """One weight scale per row and group of columns: coarser or finer than the activation groups
     (the GEMM sums the finer ones), per token, with an input Hadamard."""
     g = torch.Generator().manual_seed(in_f + out_f + group + wgroup + rows)
@@ -96,7 +97,7 @@ def test_int_kernel_with_weight_groups_matches_the_reference(in_f, out_f, had, g
     assert t["scale"].shape == (out_f, in_f // wgroup)
     t["layout"] = torch.tensor([had, group], dtype=torch.int32)
     FMT.check_tensors(t, params, out_f, in_f)
-    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32)
+    kernel = choose_kernel(LinearSpec(params, out_f, in_f), "cpu", torch.float32, prefer=prefer)
     runtime = kernel.prepare(t)
     x = torch.randn(rows, in_f, generator=g)
     want = FMT.matmul(x, t, params, in_f)
@@ -438,7 +439,8 @@ def test_w4a4_checkpoint_loads_and_matches_the_fake_quant_model(w4a4_dir, tiny_l
     ids = torch.randint(3, 40, (2, 10))
     want = _simulated(tiny_lm_dir, w4a4_dir, ids)
     model = load_quantized_model(w4a4_dir)
-    assert set(model.gq_kernels) == {"w4a4-int"} and model.gq_kv_bits == 4
+    assert len(model.gq_kernels) == 1 and set(model.gq_kernels) <= {"w4a4-int", "w4a4-cpu-avx512vnni", "w4a4-cpu-avx512", "w4a4-cpu-avx2"}  # this CPU's integer kernel
+    assert model.gq_kv_bits == 4
     with torch.no_grad():
         got = model(ids, use_cache=False).logits
         hf = AutoModelForCausalLM.from_pretrained(w4a4_dir, dtype=torch.float32).eval()(ids).logits

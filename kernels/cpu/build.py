@@ -1,9 +1,9 @@
 """The CPU kernels' C++ extension: compiled on first use, cached, loaded once per process.
 
-One shared library holds every variant: ``csrc/bitplane_isa.cpp``, ``csrc/rowint8_isa.cpp`` and
-``csrc/trellis_isa.cpp`` compiled once per instruction set (``portable``; on x86-64 also ``avx2`` and
-``avx512``, each with
-its own ``-m`` flags), on x86-64 the int8-activation kernel ``csrc/bitplane_q8_isa.cpp`` (AVX-512
+One shared library holds every variant: ``csrc/bitplane_isa.cpp``, ``csrc/rowint8_isa.cpp``,
+``csrc/trellis_isa.cpp`` and ``csrc/groupint8_isa.cpp`` compiled once per instruction set
+(``portable``; on x86-64 also ``avx2`` and ``avx512``, each with its own ``-m`` flags), on x86-64
+the int8-activation kernel ``csrc/bitplane_q8_isa.cpp`` and the grouped int8 GEMM again (AVX-512
 VBMI + VNNI), and the torch operators ``csrc/ops.cpp`` and ``csrc/decode_ops.cpp`` (built against
 the running torch's headers). The operators
 call a variant only when asked for it, and the kernels ask only for variants the CPU runs
@@ -41,12 +41,12 @@ from gq_kernels.cpu import features
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-ISA_SOURCES = ("bitplane_isa.cpp", "rowint8_isa.cpp", "trellis_isa.cpp")  # compiled once per variant
+ISA_SOURCES = ("bitplane_isa.cpp", "rowint8_isa.cpp", "trellis_isa.cpp", "groupint8_isa.cpp")  # once per variant
 # Units with sources of their own (not the variants' ISA_SOURCES): the int8-activation kernel needs
 # VBMI and VNNI, which the avx512 variant must not assume (AVX-512 CPUs without them exist).
-UNIT_SOURCES = {"avx512vnni": ("bitplane_q8_isa.cpp",)}
+UNIT_SOURCES = {"avx512vnni": ("bitplane_q8_isa.cpp", "groupint8_isa.cpp")}
 OPS_SOURCES = ("ops.cpp", "decode_ops.cpp")  # the torch operators, built against torch's headers
-SOURCES = ("bitplane.h", "rowint8.h", "trellis.h", *ISA_SOURCES, *(s for v in UNIT_SOURCES.values() for s in v), *OPS_SOURCES)
+SOURCES = ("bitplane.h", "groupint8.h", "rowint8.h", "trellis.h", *ISA_SOURCES, *(s for v in UNIT_SOURCES.values() for s in v), *OPS_SOURCES)
 LIBRARY = "libgq_cpu.so"
 FORMAT_VERSION = 2  # bump to force a rebuild when this file's build logic changes
 

@@ -26,6 +26,18 @@ def _(x, qweight, scale, isa):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.register_fake("gq_cpu::group_int8_matmul")
+def _(a, sx, zx, w, rs, ws, n, group, isa):
+    return sx.new_empty((a.shape[0], n))
+
+
+@torch.library.register_fake("gq_cpu::quantize_act_codes")
+def _(x, bits, group, clip, isa):
+    groups = x.shape[1] // (group if group > 0 else x.shape[1])
+    return (x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((x.shape[0], groups)),
+            x.new_empty((x.shape[0], groups)))
+
+
 @torch.library.register_fake("gq_cpu::bitplane_q8_matmul_multi")
 def _(x, qweights, tables, tscales, tmins, in_features):
     return x.new_empty((*x.shape[:-1], sum(q.shape[1] for q in qweights)))

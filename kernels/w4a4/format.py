@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from gq_kernels.format import Format, FormatParams, QuantResult, TensorSpec
+from gq_kernels.format import Format, FormatParams, QuantResult, TensorSpec, head_dim
 from gq_kernels.hadamard import hadamard_transform, has_hadamard
 from gq_kernels.w4a4 import reference as ref
 
@@ -118,7 +118,7 @@ def layer_layout(name: str, model_config) -> tuple[bool, int]:
     if name.endswith("mlp.down_proj"):
         return True, 0
     if name.endswith("self_attn.o_proj"):
-        return False, getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        return False, head_dim(model_config)
     return False, 0
 
 
@@ -249,12 +249,10 @@ class W4A4Format(Format):
             return None
         from gq_kernels.w4a4.kvcache import QuantizedKVCache
 
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        if not has_hadamard(head_dim):
+        dim = head_dim(model_config)
+        if not has_hadamard(dim):
             raise ValueError(f"{self.name}: the {params.kv_bits}-bit KV cache rotates keys by a Hadamard of head_dim "
-                             f"{head_dim}, which has no construction; export with kv_bits 16")
-        if params.kv_group_size and head_dim % params.kv_group_size:
-            raise ValueError(f"{self.name}: KV groups of {params.kv_group_size} channels do not divide head_dim "
-                             f"{head_dim}; quantize with a --kv-group that divides it")
+                             f"{dim}, which has no construction; export with kv_bits 16")
+        ref.check_kv_group(params.kv_group_size, dim)
         return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store,
                                 group_size=params.kv_group_size)

@@ -167,6 +167,13 @@ def kv_rotate_keys(k: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     return hadamard_transform(k.float(), transpose=transpose)
 
 
+def check_kv_group(group_size: int, head_dim: int) -> None:
+    """Raise ValueError unless KV groups of ``group_size`` channels (0: the whole head) tile ``head_dim``."""
+    if group_size and head_dim % group_size:
+        raise ValueError(f"KV groups of {group_size} channels do not divide head_dim {head_dim}; pass a "
+                         "--kv-group that divides it (or 0: one range per head)")
+
+
 def fake_quant_kv(k: torch.Tensor, v: torch.Tensor, bits: int, clip: float = 1.0, ste: bool = False,
                   group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """What attention reads from a ``bits``-bit cache for k, v [B, H_kv, T, head_dim]: K_hat, V_hat

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gq_kernels.hadamard import hadamard_transform, has_hadamard, rotate_hessian
+from gq_kernels.format import head_dim
 from gq_kernels.w4a4 import reference as ref
 from gq_kernels.w4a4.format import W4A4Quant, layer_layout
 from gq_quantize.methods.base import MethodConfig
@@ -137,11 +138,9 @@ class SpinQuantConfig(MethodConfig):
         return frozenset() if self.rtn else type(self).needs
 
     def for_layer(self, name: str, model_config) -> "SpinQuantConfig":
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        if self.kv_bits < 16 and self.kv_group and head_dim % self.kv_group:
+        if self.kv_bits < 16:
             # Checked here, at the first layer: the cache is built only once every weight is quantized.
-            raise ValueError(f"KV groups of {self.kv_group} channels do not divide head_dim {head_dim}; pass a "
-                             "--kv-group that divides it (or 0: one range per head)")
+            ref.check_kv_group(self.kv_group, head_dim(model_config))
         c = self.model_copy()
         c._input_hadamard, group = layer_layout(name, model_config)
         c._act_group_size = self.act_group if self.act_group and (not group or self.act_group < group) else group

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gq_kernels.format import head_dim
 from gq_kernels.hadamard import hadamard_factor, hadamard_matrix, has_hadamard
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,8 +69,7 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     cfg = model.config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return heads, kv, head_dim
+    return heads, kv, head_dim(cfg)
 
 
 # ----------------------------------------------------------------------------------- norms

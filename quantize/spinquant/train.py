@@ -28,7 +28,7 @@ from torch import nn
 
 from gq_kernels.hadamard import hadamard_transform
 from gq_kernels.w4a4.kvcache import QuantizedKVCache
-from gq_kernels.w4a4.reference import fake_quant_act, prepare_input
+from gq_kernels.w4a4.reference import check_kv_group, fake_quant_act, prepare_input
 from gq_quantize.spinquant.cayley import cayley_step, orthonormalize
 from gq_quantize.spinquant.rotate import (
     RotationError,
@@ -147,12 +147,14 @@ def rotated_parameters(model: nn.Module, r1: torch.Tensor, r2: list[torch.Tensor
 
 
 def quantized_loss(model: nn.Module, input_ids: torch.Tensor, r1: torch.Tensor, r2: list[torch.Tensor],
-                   kv_bits: int = 4, kv_clip: float = 1.0) -> torch.Tensor:
+                   kv_bits: int = 4, kv_clip: float = 1.0, kv_group: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids [B, T]`` through the rotated W16A4KV``kv_bits`` model
-    (call inside :func:`activation_quantizers`); a scalar differentiable in r1, r2."""
+    (call inside :func:`activation_quantizers`; KV ranges per ``kv_group`` channels of a head, 0: per
+    head); a scalar differentiable in r1, r2."""
     params = rotated_parameters(model, r1, r2)
     emb = model.model.embed_tokens(input_ids) @ r1
-    cache = QuantizedKVCache(len(decoder_layers(model)), bits=kv_bits, clip=kv_clip, store=False, ste=True)
+    cache = QuantizedKVCache(len(decoder_layers(model)), bits=kv_bits, clip=kv_clip, store=False, ste=True,
+                             group_size=kv_group)
     out = torch.func.functional_call(
         model.model, params, args=(),
         kwargs={"inputs_embeds": emb, "past_key_values": cache, "use_cache": True})
@@ -200,7 +202,8 @@ def write_loss_curve(out_dir: Path, losses: list[float], meta: dict | None = Non
 def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: int = 1, lr: float = 1.5,
           seed: int = 0, state_dir: str | Path | None = None, save_every: int = 10, fingerprint: dict | None = None,
           overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
-          kv_bits: int = 4, act_clip: float = 1.0, kv_clip: float = 1.0, act_group: int = 0) -> TrainResult:
+          kv_bits: int = 4, act_clip: float = 1.0, kv_clip: float = 1.0, act_group: int = 0,
+          kv_group: int = 0) -> TrainResult:
     """Learn R1 and the per-layer R2 of a norm-fused, untied Llama-like ``model`` (see :func:`fuse_norms`;
     its weights are frozen here) by Cayley SGD on windows ``[N, T]`` (LongTensor; step s uses rows
     ``s*batch .. s*batch + batch - 1``, modulo N).
@@ -211,9 +214,9 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
     resumes from it; different settings raise :class:`RotationError` unless ``overwrite``. A finished run
     returns its rotations re-orthonormalised (sign-fixed QR). The loss curve is written there at the end
     (:func:`write_loss_curve`). ``stop_after``: return after that many steps in total, as if killed (for
-    tests and time-boxed runs; the state is saved first). ``act_clip``, ``kv_clip``, ``act_group``: the
-    fake quantizers' range clip ratios and activation groups (1.0, 1.0, 0: SpinQuant's published
-    unclipped per-token objective; pass the values the model will be quantized with)."""
+    tests and time-boxed runs; the state is saved first). ``act_clip``, ``kv_clip``, ``act_group``, ``kv_group``:
+    the fake quantizers' range clip ratios and activation / KV groups (1.0, 1.0, 0, 0: SpinQuant's
+    published unclipped per-token objective; pass the values the model will be quantized with)."""
     from gq_quantize.data import data_hash
 
     decoder_layers(model)
@@ -227,6 +230,8 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
           "windows": data_hash(windows), "kv_bits": int(kv_bits),
           **({} if (act_clip, kv_clip, act_group) == (1.0, 1.0, 0)
              else {"act_clip": float(act_clip), "kv_clip": float(kv_clip), "act_group": int(act_group)}),
+          # only when set, so that runs started before KV groups existed still resume
+          **({"kv_group": int(kv_group)} if kv_group else {}),
           "model_shape": [model.config.hidden_size, len(model.model.layers), model.config.intermediate_size]}
 
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
@@ -271,7 +276,7 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
                 ids = windows[rows]
                 r1p = r1.clone().requires_grad_(True)
                 r2p = [r.clone().requires_grad_(True) for r in r2]
-                loss = quantized_loss(model, ids, r1p, r2p, kv_bits, kv_clip)
+                loss = quantized_loss(model, ids, r1p, r2p, kv_bits, kv_clip, kv_group)
                 grads = torch.autograd.grad(loss, [r1p, *r2p])
                 lr_t = cosine_lr(lr, step, steps)
                 r1 = cayley_step(r1, grads[0], lr_t, gen)
@@ -290,7 +295,8 @@ def train(model: nn.Module, windows: torch.Tensor, *, steps: int = 100, batch: i
         r2 = [orthonormalize(r.double()).to(dtype) for r in r2]
     if end == steps and state_dir is not None:
         write_loss_curve(Path(state_dir), losses, {"steps": steps, "lr": lr, "batch": batch, "seed": seed,
-                                                   "act_clip": act_clip, "kv_clip": kv_clip, "act_group": act_group})
+                                                   "act_clip": act_clip, "kv_clip": kv_clip, "act_group": act_group,
+                                                   "kv_group": kv_group})
     return TrainResult(r1, r2, losses)
 
 
@@ -341,19 +347,19 @@ def load_rotation_file(path: str | Path, model: nn.Module) -> tuple[torch.Tensor
     return tensors["R1"].double(), [tensors[f"R2.{i}"].double() for i in range(n_layers)]
 
 
-def training_quantizers(act_clip: float | None, kv_clip: float | None, act_group: int | None
-                        ) -> tuple[float, float, int]:
-    """(act_clip, kv_clip, act_group) with each None replaced by the spinquant method's default,
-    checked as the method checks them (clip ratios in (0, 1], groups >= 0)."""
+def training_quantizers(act_clip: float | None, kv_clip: float | None, act_group: int | None,
+                        kv_group: int | None = None) -> tuple[float, float, int, int]:
+    """(act_clip, kv_clip, act_group, kv_group) with each None replaced by the spinquant method's
+    default, checked as the method checks them (clip ratios in (0, 1], groups >= 0)."""
     from gq_quantize.methods.spinquant import SpinQuantConfig
 
-    given = {k: v for k, v in (("act_clip", act_clip), ("kv_clip", kv_clip), ("act_group", act_group))
-             if v is not None}
+    given = {k: v for k, v in (("act_clip", act_clip), ("kv_clip", kv_clip), ("act_group", act_group),
+                               ("kv_group", kv_group)) if v is not None}
     try:
         cfg = SpinQuantConfig(**given)
     except ValueError as e:
         raise RotationError(f"invalid quantizer settings for rotation training: {e}") from None
-    return float(cfg.act_clip), float(cfg.kv_clip), int(cfg.act_group)
+    return float(cfg.act_clip), float(cfg.kv_clip), int(cfg.act_group), int(cfg.kv_group)
 
 
 def _partial_dir(out_dir: Path) -> Path:
@@ -368,7 +374,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
                         cache: Path | None = None, dtype: str = "source", overwrite: bool = False,
                         progress: bool = True, save_every: int = 10, center: bool = False,
                         act_clip: float | None = None, kv_clip: float | None = None,
-                        act_group: int | None = None) -> dict:
+                        act_group: int | None = None, kv_group: int | None = None) -> dict:
     """Write ``model_dir`` (a Llama-like HF model) with fused norms, untied lm_head and rotations fused
     to ``out_dir``; returns the ``rotation.json`` record.
 
@@ -377,8 +383,8 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
     or on ``windows [N, T]`` when given). ``rotation_file``: reuse R1/R2 from an earlier
     ``rotations.safetensors`` instead (no training). ``dtype``: ``source`` (the model's own) or a
     torch dtype name for the saved weights. ``center``: subtract each embedding row's mean first
-    (:func:`center_embeddings`; not an identity under RMSNorm). ``act_clip``, ``kv_clip``, ``act_group``:
-    the quantizers learned rotations train under (None: ``gq quantize --method spinquant``'s defaults,
+    (:func:`center_embeddings`; not an identity under RMSNorm). ``act_clip``, ``kv_clip``, ``act_group``,
+    ``kv_group``: the quantizers learned rotations train under (None: ``gq quantize --method spinquant``'s defaults,
     so the rotations are learned for the ranges they will be served with). Everything is assembled in a folder
     next to out_dir and renamed at the end; a killed learned run resumes from its state there when
     rerun with the same arguments."""
@@ -388,7 +394,7 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
 
     if mode not in MODES:
         raise RotationError(f"unknown rotation mode {mode!r}: choose one of {', '.join(MODES)}")
-    act_clip, kv_clip, act_group = training_quantizers(act_clip, kv_clip, act_group)
+    act_clip, kv_clip, act_group, kv_group = training_quantizers(act_clip, kv_clip, act_group, kv_group)
     if rotation_file is not None and mode == "none":
         raise RotationError("--rotation-file needs --rotation hadamard or learned (mode none uses identities)")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -411,6 +417,10 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
         center_embeddings(model)
     hidden, n_layers = model.config.hidden_size, len(model.model.layers)
     _, _, head_dim = attention_shape(model)
+    try:
+        check_kv_group(kv_group, head_dim)
+    except ValueError as e:
+        raise RotationError(str(e)) from None
     weights_hash = source_weights_hash(model_dir)
 
     partial = _partial_dir(out_dir)
@@ -443,11 +453,12 @@ def write_rotated_model(model_dir: str | Path, out_dir: str | Path, mode: str, *
               **({"center_embeddings": True} if center else {})}
         result = train(model, windows, steps=steps, batch=batch, lr=lr, seed=seed, state_dir=partial,
                        save_every=save_every, fingerprint=fp, overwrite=overwrite, progress=progress,
-                       act_clip=act_clip, kv_clip=kv_clip, act_group=act_group)
+                       act_clip=act_clip, kv_clip=kv_clip, act_group=act_group, kv_group=kv_group)
         r1, r2 = result.r1.double(), [r.double() for r in result.r2]
         record.update(steps=int(steps), lr=float(lr), batch=int(batch), seq_len=int(windows.shape[1]),
                       calibration=calib, final_loss=result.losses[-1] if result.losses else None,
-                      train_act_clip=act_clip, train_kv_clip=kv_clip, train_act_group=act_group)
+                      train_act_clip=act_clip, train_kv_clip=kv_clip, train_act_group=act_group,
+                      train_kv_group=kv_group)
     apply_rotations(model, r1, r2)
 
     from safetensors.torch import save_file

@@ -18,6 +18,11 @@
 //       [N, K padded to 64] (the int8 lm_head, gq_kernels.cpu.q8)
 //   gq_cpu::quantize_q8(x) -> (xq int8 [m, blocks * 64], xscale fp32 [m, blocks], xsum fp32 [m]):
 //       the activations as that kernel reads them (tests compare them with the Python reference)
+//   gq_cpu::group_int8_matmul(a, sx, zx, w, rs, ws, n, group, isa) -> fp32 [M, N]: uint8 activation
+//       codes times packed int8 weight codes, an int32 sum per group of columns and a float epilogue
+//       (groupint8.h; the w4a4 format's integer GEMM); isa 3 is the AVX-512 VNNI unit
+//   gq_cpu::quantize_act_codes(x, bits, group, clip, isa) -> (codes uint8 [M, K], scale, zero fp32 [M, G]):
+//       asymmetric activation codes per row (group), gq_kernels.w4a4.reference.quantize_act exactly
 //   gq_cpu::int8_matmul(x, qweight, scale, isa), gq_cpu::int8_matmul_out(..., out): int8 weights
 //       [N, K] with an fp32 scale per row [N] (rowint8.h): x @ (scale * q).T, the same row split
 //
@@ -40,13 +45,18 @@
 #include <vector>
 
 #include "bitplane.h"
+#include "groupint8.h"
 #include "rowint8.h"
 #include "trellis.h"
 
 GQ_CPU_DECLARE(portable)
 GQ_CPU_DECLARE_INT8(portable)
 GQ_CPU_DECLARE_TRELLIS(portable)
+GQ_CPU_DECLARE_GROUP_INT8(portable)
 #if defined(GQ_WITH_X86)
+GQ_CPU_DECLARE_GROUP_INT8(avx2)
+GQ_CPU_DECLARE_GROUP_INT8(avx512)
+GQ_CPU_DECLARE_GROUP_INT8(avx512vnni)
 GQ_CPU_DECLARE(avx2)
 GQ_CPU_DECLARE(avx512)
 GQ_CPU_DECLARE_INT8(avx2)
@@ -541,6 +551,104 @@ void int8_matmul_out(const at::Tensor& x, const at::Tensor& qweight, const at::T
 
 }  // namespace
 
+// ------------------------------------------------------------------ grouped int8 GEMM (groupint8.h)
+using ActCodesFn = void (*)(const float*, int64_t, int64_t, int64_t, int, float, uint8_t*, float*, float*);
+struct GroupInt8Variant {
+  void (*gemm)(const gq_cpu::GroupInt8Problem*, int64_t, int64_t);
+  ActCodesFn act_codes;
+};
+
+GroupInt8Variant group_int8_variant(int64_t isa) {
+  if (isa == 0) return {gq_cpu_portable_group_int8, gq_cpu_portable_act_codes};
+#if defined(GQ_WITH_X86)
+  if (isa == 3) {
+    TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vnni"),
+                "gq_cpu: the avx512vnni variant needs AVX-512 F/BW/VNNI, which this CPU lacks");
+    return {gq_cpu_avx512vnni_group_int8, gq_cpu_avx512vnni_act_codes};
+  }
+  if (isa == 1) {
+    variant(isa);  // checks the CPU
+    return {gq_cpu_avx2_group_int8, gq_cpu_avx2_act_codes};
+  }
+  if (isa == 2) {
+    variant(isa);
+    return {gq_cpu_avx512_group_int8, gq_cpu_avx512_act_codes};
+  }
+#endif
+  TORCH_CHECK(false, "gq_cpu: variant ", isa, " of the grouped int8 GEMM is not built into this library");
+}
+
+void check_fp32_2d(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(0) == rows && (cols < 0 || t.size(1) == cols),
+              "gq_cpu: ", what, " must be a contiguous CPU fp32 [", rows, ", ", cols, "] tensor, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+// a uint8 [M, K]; sx, zx fp32 [M, Ga]; w int8 [N_pad / 16, K / 4, 64]; rs fp32 [K / group, N_pad];
+// ws fp32 [Gw, N_pad] -> y fp32 [M, n].
+at::Tensor group_int8_matmul(const at::Tensor& a, const at::Tensor& sx, const at::Tensor& zx, const at::Tensor& w,
+                             const at::Tensor& rs, const at::Tensor& ws, int64_t n, int64_t group, int64_t isa) {
+  const auto fn = group_int8_variant(isa).gemm;
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kByte && a.dim() == 2 && a.stride(1) == 1,
+              "gq_cpu: activation codes must be a CPU uint8 [M, K] tensor with unit column stride, got ",
+              a.scalar_type(), " ", a.sizes());
+  const int64_t m = a.size(0), k = a.size(1);
+  TORCH_CHECK(k > 0 && k % 4 == 0 && group > 0 && group % 4 == 0 && k % group == 0,
+              "gq_cpu: K=", k, " and GEMM groups of ", group, " columns: both must be multiples of 4 and the "
+              "groups must divide K");
+  const int64_t n_pad = (n + gq_cpu::kGroupBlockN - 1) / gq_cpu::kGroupBlockN * gq_cpu::kGroupBlockN;
+  TORCH_CHECK(n > 0 && w.device().is_cpu() && w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 3 &&
+                  w.size(0) == n_pad / gq_cpu::kGroupBlockN && w.size(1) == k / 4 && w.size(2) == 64,
+              "gq_cpu: weight codes must be contiguous int8 [", n_pad / gq_cpu::kGroupBlockN, ", ", k / 4,
+              ", 64] for ", n, " x ", k, ", got ", w.scalar_type(), " ", w.sizes());
+  check_fp32_2d(sx, m, -1, "sx");
+  const int64_t act_groups = sx.size(1);
+  check_fp32_2d(zx, m, act_groups, "zx");
+  TORCH_CHECK(act_groups > 0 && k % act_groups == 0 && (k / act_groups) % group == 0, "gq_cpu: ", act_groups,
+              " activation groups of ", k, " columns are not whole GEMM groups of ", group);
+  check_fp32_2d(rs, k / group, n_pad, "rs");
+  TORCH_CHECK(ws.dim() == 2 && ws.size(0) > 0, "gq_cpu: ws must be fp32 [Gw, N_pad]");
+  const int64_t w_groups = ws.size(0);
+  check_fp32_2d(ws, w_groups, n_pad, "ws");
+  TORCH_CHECK(k % w_groups == 0 && (k / w_groups) % group == 0, "gq_cpu: ", w_groups, " weight groups of ", k,
+              " columns are not whole GEMM groups of ", group);
+  at::Tensor out = at::empty({m, n}, sx.options());
+  if (m == 0) return out;
+  gq_cpu::GroupInt8Problem p{a.data_ptr<uint8_t>(), a.stride(0), m, k, n, n_pad, w.data_ptr<int8_t>(), group,
+                             sx.data_ptr<float>(), zx.data_ptr<float>(), act_groups, rs.data_ptr<float>(),
+                             ws.data_ptr<float>(), w_groups, out.data_ptr<float>(), n};
+  const int64_t blocks = n_pad / gq_cpu::kGroupBlockN;
+  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (gq_cpu::kGroupBlockN * k * m));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { fn(&p, b0, b1); });
+  return out;
+}
+
+// The activation codes group_int8_matmul reads (groupint8.h: act_codes), bit for bit
+// gq_kernels.w4a4.reference.quantize_act.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_codes(const at::Tensor& x, int64_t bits, int64_t group,
+                                                                   double clip, int64_t isa) {
+  const auto fn = group_int8_variant(isa).act_codes;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "gq_cpu: x must be a contiguous CPU fp32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(bits >= 1 && bits <= 8, "gq_cpu: activation codes of 1..8 bits, got ", bits);
+  const int64_t m = x.size(0), k = x.size(1), gs = group > 0 ? group : k;
+  TORCH_CHECK(k > 0 && k % gs == 0, "gq_cpu: groups of ", group, " columns do not divide K=", k);
+  const int64_t groups = k / gs;
+  at::Tensor codes = at::empty({m, k}, x.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({m, groups}, x.options());
+  at::Tensor zero = at::empty({m, groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* qp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  at::parallel_for(0, m * groups, std::max<int64_t>(1, kGrainWeights / gs), [&](int64_t i0, int64_t i1) {
+    fn(xp, gs, i0, i1, static_cast<int>(bits), static_cast<float>(clip), qp, sp, zp);
+  });
+  return {codes, scale, zero};
+}
+
 // ------------------------------------------------------------------ trellis tiles (trellis.h)
 // x (rotated, [..., K]) @ W_code.T -> fp32 [..., N]; W_code is decoded from the words, never stored.
 at::Tensor trellis_matmul(const at::Tensor& x, const at::Tensor& words, const at::Tensor& table,
@@ -626,6 +734,8 @@ TORCH_LIBRARY(gq_cpu, m) {
   m.def("dense_q8_matmul(Tensor x, Tensor weight, Tensor tscale, Tensor tmin, int in_features) -> Tensor");
   m.def("quantize_q8(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale, int isa) -> Tensor");
+  m.def("quantize_act_codes(Tensor x, int bits, int group, float clip, int isa) -> (Tensor, Tensor, Tensor)");
+  m.def("group_int8_matmul(Tensor a, Tensor sx, Tensor zx, Tensor w, Tensor rs, Tensor ws, int n, int group, int isa) -> Tensor");
   m.def("int8_matmul_out(Tensor x, Tensor qweight, Tensor scale, int isa, Tensor(a!) out) -> ()");
   m.def("trellis_matmul(Tensor x, Tensor words, Tensor table, Tensor? tlut, int kV, int code, int out_features, int isa) -> Tensor");
   m.def("built_variants() -> int[]", &built_variants);
@@ -642,5 +752,7 @@ TORCH_LIBRARY_IMPL(gq_cpu, CPU, m) {
   m.impl("dense_q8_matmul", &dense_q8_matmul);
   m.impl("quantize_q8", &quantize_q8);
   m.impl("int8_matmul", &int8_matmul);
+  m.impl("group_int8_matmul", &group_int8_matmul);
+  m.impl("quantize_act_codes", &quantize_act_codes);
   m.impl("int8_matmul_out", &int8_matmul_out);
 }
