@@ -92,6 +92,12 @@ LABELS = {
                                                   f"linear, weight scales per {w} columns (`--weight-group {w}`)"
                                                   + (", KV ranges per 32 channels (`--kv-group 32`)" if kv else "")
        for gq in ("", "-gq") for g in (16, 32) for w in (16, 32, 64) for kv in ("", "-kv32")},
+    **{f"w4a4-spinquant{gq}-b8-g32-lin-w{w}-kv32-rkv": f"W4A4KV4 SpinQuant{' + GuidedQuant g=1' if gq else ''}, rotations "
+                                                     f"learned under activation groups of 32 and KV groups of 32 (`gq "
+                                                     f"rotate --kv-group 32`) on the calibration text, activations in "
+                                                     f"groups of 32, clip per linear, weight scales per {w} columns, KV "
+                                                     f"ranges per 32 channels"
+       for gq in ("", "-gq") for w in (16, 32)},
 }
 
 
@@ -243,7 +249,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
         blocks["w4a4_val"] = variants_table(rows, SMOL, ["fp16"] + sweep, [4],
                                             ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     if any(r["calib"] == MIXED for r in rows):
-        blocks["mixed_calib"] = variants_table(rows, SMOL, ["fp16", "lnq-gq4-shrink0.5-ft200"], [3], TEXTS,
+        blocks["mixed_calib"] = variants_table(rows, SMOL, ["fp16", "lnq-gq4-shrink0.5-ft200",
+                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32",
+                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv"], [3, 4], TEXTS,
                                                ["last32x512", "last16x512"], calib=(MIXED, 32, 512))
     if any(r["eval_data"] == "sotu:val" for r in rows):
         blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)
