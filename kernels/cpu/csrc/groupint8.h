@@ -24,7 +24,8 @@ struct GroupInt8Problem {
   int64_t k;      // input columns, a multiple of 4
   int64_t n;      // output channels (the last block may be partial)
   int64_t n_pad;  // n rounded up to kGroupBlockN
-  // Weight codes in [-128, 127] (w4a4: [-8, 7]) packed for 4-byte dot products:
+  // Weight codes in [-64, 64] (w4a4: [-8, 7]; beyond, the AVX2 / AVX-512 BW variants' int16 pair sums
+  // of vpmaddubsw saturate) packed for 4-byte dot products:
   // [n_pad / 16][k / 4][16][4], element (n, c) at ((n / 16) * (k / 4) + c / 4) * 64 + (n % 16) * 4 + c % 4.
   const int8_t* w;
   int64_t group;        // columns per GEMM group (divides k and the activation / weight groups; % 4 == 0)
