@@ -6,8 +6,8 @@ same arithmetic as ``w4a4-int`` (:func:`gq_kernels.w4a4.ops.quantized_matmul`, b
 activation codes (uint8) times the weight codes (int8) summed exactly in int32 per GEMM group, then
 ``s_x * (acc - z_x * r)`` (times the group's weight scale) added over the groups. What differs is how:
 ``w4a4-int`` runs one ``torch._int_mm`` per GEMM group and the epilogue as whole-matrix torch ops,
-so a layer with 18 groups makes 18 GEMMs and ~90 passes over an [M, N] fp32 tensor; here each 4-row x
-16-channel tile keeps its int32 sums and fp32 result in registers through every group (AVX-512 VNNI:
+so a layer with 18 groups makes 18 GEMMs and ~90 passes over an [M, N] fp32 tensor; here each tile
+of 8 rows (AVX2, portable: 4) x 16 channels keeps its int32 sums and fp32 result in registers through every group (AVX-512 VNNI:
 one ``vpdpbusd`` per 4 columns x 16 channels; AVX-512 BW / AVX2: ``vpmaddubsw`` + ``vpmaddwd``).
 
 The weight codes are held one byte each in blocks of 16 output channels x 4 columns
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gq_kernels.cpu import kernel as cpu_kernel
 from gq_kernels.cpu.kernel import CpuKernel
 from gq_kernels.kernel import rows_2d
 from gq_kernels.w4a4 import reference as ref
@@ -26,7 +27,8 @@ from gq_kernels.w4a4.format import NAME, read_act_clip, read_layout
 from gq_kernels.w4a4.ops import W4A4IntKernel, group_row_sums
 
 BLOCK_N = 16  # csrc/groupint8.h kGroupBlockN
-ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3}
+# The extension's variant codes, plus the VNNI unit only the grouped GEMM has (csrc/ops.cpp).
+ISA_CODES = {**cpu_kernel.ISA_CODES, "avx512vnni": 3}
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,7 @@ class W4A4CpuKernel(CpuKernel):
 
     def prepare(self, tensors):
         layer = self.layer
-        K, N = layer.in_features, layer.out_features
+        K = layer.in_features
         had, group = read_layout(tensors["layout"])
         gemm_group = ref.gemm_group_size(K, group, layer.params.weight_group_size) or K
         if gemm_group % 4:
@@ -69,8 +71,9 @@ class W4A4CpuKernel(CpuKernel):
         self.act_clip = read_act_clip(tensors, layer.params)
         self.gemm_group = gemm_group
         codes = ref.unpack_int4(tensors["qweight"], K)
-        n_pad = -(-N // BLOCK_N) * BLOCK_N
-        return {"w": pack_codes(codes), "rs": channels_last(group_row_sums(codes, gemm_group), n_pad),
+        w = pack_codes(codes)
+        n_pad = w.shape[0] * BLOCK_N
+        return {"w": w, "rs": channels_last(group_row_sums(codes, gemm_group), n_pad),
                 "ws": channels_last(tensors["scale"], n_pad), "layout": torch.tensor([int(had), group])}
 
     def apply(self, tensors, x, bias=None):

@@ -186,11 +186,12 @@ inline void tile(const GroupInt8Problem& p, int64_t m0, int64_t b) {
     }
     const FV r = fv_load(p.rs + g * p.n_pad + col);
     const int64_t ga = g * p.group / act_cols;
+    const FV ws = p.w_groups > 1 ? fv_load(p.ws + (g * p.group / w_cols) * p.n_pad + col) : fv_zero();
     for (int j = 0; j < M; ++j) {
       const int64_t at = (m0 + j) * p.act_groups + ga;
       const FV zr = fv_mul(fv_set1(p.zx[at]), r);
       FV part = fv_mul(fv_set1(p.sx[at]), fv_sub(fv_from(acc[j]), zr));
-      if (p.w_groups > 1) part = fv_mul(part, fv_load(p.ws + (g * p.group / w_cols) * p.n_pad + col));
+      if (p.w_groups > 1) part = fv_mul(part, ws);
       y[j] = fv_add(y[j], part);
     }
   }
