@@ -541,8 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--finetune-steps", type=int, default=0,
                     help="after the layers: tune the codebooks / scales (codes fixed) for this many Adam steps so "
                          "the quantized model's next-token distributions match the unquantized model's on the "
-                         "calibration windows (lut and bcq methods; 0: off)")
-    sq.add_argument("--finetune-lr", type=float, default=3e-4, help="Adam learning rate of --finetune-steps")
+                         "calibration windows (lut, bcq and w4a4 methods: lnq, squeezellm, gptq, rtn, spinquant; 0: off)")
+    sq.add_argument("--finetune-lr", type=float, default=None,
+                    help="Adam learning rate of --finetune-steps (default: the format's, 3e-4 for lut and bcq; "
+                         "w4a4 tunes its scales as logarithms, a relative step, default 1e-3)")
     sq.add_argument("--finetune-batch", type=int, default=2, help="calibration windows per --finetune-steps step")
     sq.add_argument("--finetune-windows", type=int, default=0,
                     help="windows of --seq-len drawn from --calib for the fine-tune (0: the --n-samples windows "

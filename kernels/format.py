@@ -71,8 +71,13 @@ class QuantResult(ABC):
 
     format: ClassVar[str]
     # Float fields an end-to-end fine-tune may change with the codes fixed (quantize/finetune.py);
-    # ``dequantize`` must be differentiable in them.
+    # ``train_forward`` (by default through ``dequantize``) must be differentiable in them.
     tunable: ClassVar[tuple[str, ...]] = ()
+    # Those of them that are positive scales, tuned as their logarithm: Adam's steps are absolute, and
+    # a step that suits one row's scale would be large for a row with a smaller range.
+    tunable_log: ClassVar[tuple[str, ...]] = ()
+    # The fine-tune's default Adam learning rate for them (for tunable_log fields, a relative step).
+    finetune_lr: ClassVar[float] = 3e-4
     stats: dict = field(default_factory=dict, kw_only=True)
 
     @abstractmethod
@@ -86,6 +91,12 @@ class QuantResult(ABC):
     @abstractmethod
     def field_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Field name -> (shape, dtype) that a result for an [out, in] weight must have."""
+
+    def train_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for x [..., in] as the served checkpoint computes it, differentiable in the
+        ``tunable`` fields and in x (the end-to-end fine-tune's student). Weight-only formats:
+        ``x W_hat^T + b``; formats that also quantize their input override it."""
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
 
     # ------------------------------------------------------------------ generic row handling
     def _tensor_fields(self) -> list[str]:
@@ -199,10 +210,11 @@ class Format(ABC):
         for formats whose layers differ by role."""
         return None
 
-    def kv_cache(self, params: FormatParams, model_config, store: bool = True):
+    def kv_cache(self, params: FormatParams, model_config, store: bool = True, ste: bool = False):
         """The transformers ``Cache`` a model (HF ``model_config``) of this format must run with,
         or None (the default: any cache). ``store=False``: one that keeps nothing, for
-        full-sequence forwards. Raises ValueError when the model cannot have it."""
+        full-sequence forwards; ``ste``: its rounding passes gradients straight through (with
+        ``store=False``, for training). Raises ValueError when the model cannot have it."""
         return None
 
     def kv_cache_bits(self, params: FormatParams) -> int | None:

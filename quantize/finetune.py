@@ -2,13 +2,17 @@
 
 The layer-wise objectives (GuidedQuant's included) see one linear at a time. After every linear is
 quantized, this step keeps each layer's integer part (its codes) and trains the float tensors its
-result class lists as ``tunable`` (``lut``: the per-row codebooks) with Adam, so that the quantized
-model's next-token distributions match the unquantized model's on the calibration windows:
+result class lists as ``tunable`` (``lut``: the per-row codebooks; ``w4a4``: the weight scales) with
+Adam, so that the quantized model's next-token distributions match the unquantized model's on the
+calibration windows:
 
     loss = mean over tokens of KL(p_fp(. | prefix) || p_q(. | prefix))
 
 The calibration windows are the only data it reads; the unquantized model is the teacher. The
-tuned tensors are rounded back to their stored dtype (fp16 codebooks) at the end. It holds a second
+student computes what the checkpoint will serve: each layer's ``train_forward`` (for ``w4a4`` its
+input quantized at its own clip ratio, the rounding passing gradients straight through) and the
+format's KV cache (``Format.kv_cache``, ``ste=True``) where it has one. The tuned tensors are
+rounded back to their stored dtype (fp16 codebooks and scales) at the end. It holds a second
 copy of the model (the student) and one batch of logits of both: a whole-model, in-memory step.
 
 ``precision="auto"`` runs both forwards and the backward under bfloat16 autocast where the hardware
@@ -32,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gq_kernels.format import QuantResult
+from gq_kernels.registry import get_format
 
 
 class FinetuneConfig(BaseModel):
@@ -40,7 +45,7 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(0, ge=0)
-    lr: float = Field(3e-4, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: the format's own (QuantResult.finetune_lr)
     batch: int = Field(2, ge=1)  # calibration windows per step
     # windows drawn from the calibration corpus for the fine-tune; 0: the Hessians' n_samples windows.
     # A few dozen windows revisited for hundreds of steps fit those windows rather than the corpus.
@@ -74,23 +79,33 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 
 
 class _Tuned(nn.Module):
-    """A quantized linear whose tunable tensors are parameters: y = x W(result)^T + b, where W is the
-    result's own ``dequantize`` (differentiable in those tensors)."""
+    """A quantized linear whose tunable tensors are parameters: y = the result's ``train_forward``
+    (x W_hat^T + b for weight-only formats), differentiable in those tensors. Fields the result
+    lists in ``tunable_log`` are held as their logarithm, so a step changes them by a fraction."""
 
     def __init__(self, result: QuantResult, bias: torch.Tensor | None):
         super().__init__()
         self.result = result
-        self.tuned = nn.ParameterDict({n: nn.Parameter(getattr(result, n).float()) for n in type(result).tunable})
+        self.logs = set(type(result).tunable_log)
+        self.tuned = nn.ParameterDict({n: nn.Parameter(self._to_param(n, getattr(result, n).float()))
+                                       for n in type(result).tunable})
         self.bias = None if bias is None else bias.detach()
 
-    def weight(self) -> torch.Tensor:
-        return dataclasses.replace(self.result, **dict(self.tuned), stats={}).dequantize()
+    def _to_param(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        # 1e-30: a scale of zero (an all-zero group) stays zero once rounded back to fp16.
+        return value.clamp_min(1e-30).log() if name in self.logs else value
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return {n: p.exp() if n in self.logs else p for n, p in self.tuned.items()}
+
+    def current(self) -> QuantResult:
+        return dataclasses.replace(self.result, **self.values(), stats={})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), self.bias)
+        return self.current().train_forward(x, self.bias)
 
     def tuned_result(self) -> QuantResult:
-        values = {n: p.detach().to(getattr(self.result, n).dtype) for n, p in self.tuned.items()}
+        values = {n: v.detach().to(getattr(self.result, n).dtype) for n, v in self.values().items()}
         return dataclasses.replace(self.result, **values)
 
 
@@ -100,7 +115,7 @@ def check_tunable(results: dict[str, QuantResult]) -> None:
     if fixed:
         raise ValueError(f"--finetune-steps tunes the float tensors of each quantized layer, and the "
                          f"{', '.join(fixed)} format has none that may change; use a method that writes "
-                         f"lut (lnq, squeezellm) or bcq (gptq, rtn), or drop --finetune-steps")
+                         f"lut (lnq, squeezellm), bcq (gptq, rtn) or w4a4 (spinquant), or drop --finetune-steps")
 
 
 def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -135,7 +150,10 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
     for p in norms.values():
         p.requires_grad_(True)
     params += list(norms.values())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    first = next(iter(results.values()))
+    fmt = get_format(type(first).format)
+    lr = cfg.lr or type(first).finetune_lr
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
     dtype = resolve_precision(cfg.precision, device)
@@ -151,8 +169,9 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         batch = windows[torch.randint(0, windows.shape[0], (cfg.batch,), generator=gen)].to(device)
         with torch.no_grad(), compute():
             teacher = model(batch).logits
+        kv = fmt.kv_cache(first.params(), model.config, store=False, ste=True)
         with compute():
-            logits = student(batch).logits
+            logits = student(batch, **({} if kv is None else {"past_key_values": kv, "use_cache": True})).logits
         loss = token_kl(logits, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +180,7 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
     gains = {name: p.detach().float().cpu() for name, p in norms.items()}
-    stats = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "windows": int(windows.shape[0]),
+    stats = {"steps": cfg.steps, "lr": lr, "batch": cfg.batch, "windows": int(windows.shape[0]),
              "dtype": str(dtype).removeprefix("torch."),
              "kl_first10": sum(losses[:10]) / max(1, len(losses[:10])),
              "kl_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),

@@ -327,6 +327,12 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         results[name], objectives[name] = result, objective
     timings["quantize_s"] = time.perf_counter() - t0
 
+    # The method's own last pass (w4a4: each linear's activation clip ratio) comes before the
+    # fine-tune, so that the fine-tune trains the model as it will be served.
+    if after is not None:
+        t0 = time.perf_counter()
+        results = after(model, results, windows.to(device), progress)
+        timings["after_quantize_s"] = time.perf_counter() - t0
     finetuned, tuned_tensors = None, {}
     if qconfig.finetune.steps:
         from gq_quantize.finetune import finetune_results
@@ -342,10 +348,6 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
         except ValueError as e:
             raise QuantizeError(str(e)) from None
         timings["finetune_s"] = time.perf_counter() - t0
-    if after is not None:
-        t0 = time.perf_counter()
-        results = after(model, results, windows.to(device), progress)
-        timings["after_quantize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     del model

@@ -99,6 +99,12 @@ LABELS = {
                                                      f"ranges per 32 channels"
        for gq in ("", "-gq") for w in (16, 32)},
 }
+LABELS.update({f"{v}-ft{n}": f"{LABELS[v]}, then the weight scales fine-tuned end to end for {n} steps "
+                             f"(`--finetune-steps {n}`)"
+               for v in ("w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-spinquant-b8-g32-lin",
+                         "w4a4-spinquant-gq-b8-g32-lin", "w4a4-spinquant-b8-g32-lin-w16-kv32",
+                         "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv")
+               for n in (60, 200)})
 
 
 def _ppl(x: float | None) -> str:
@@ -228,7 +234,9 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
             "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32",
             "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-b8-g32-lin", "w4a4-spinquant-gq-b8-g32-lin",
             "w4a4-spinquant-b8-g32-lin-w32", "w4a4-spinquant-gq-b8-g32-lin-w32", "w4a4-spinquant-b8-g32-lin-w16-kv32",
-            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32"]
+            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-spinquant-b8-g32-lin-ft60", "w4a4-spinquant-gq-b8-g32-lin-ft60",
+            "w4a4-spinquant-b8-g32-lin-w16-kv32-ft60",
+            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-ft60"]
     if any(r["variant"] in w4a4[1:] for r in rows):
         blocks["w4a4"] = variants_table(rows, SMOL, w4a4, [4], TEXTS, ["last32x512", "last16x512"])
     ablation = ["fp16", "w4a4-quarot-a16kv16", "w4a4-quarot-a16", "w4a4-quarot-kv16", "w4a4-quarot",
@@ -245,13 +253,16 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
                  "w4a4-quarot-g32-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin8", "w4a4-quarot-clip0.8-lin",
                  "w4a4-quarot-g16-clip1.0-lin", "w4a4-quarot-g32-clip1.0-lin-w64", "w4a4-quarot-g32-clip1.0-lin-w32",
                  "w4a4-quarot-g32-clip1.0-lin-w16", "w4a4-quarot-g32-clip1.0-lin-w32-kv32",
-                 "w4a4-quarot-g32-clip1.0-lin-w16-kv32"]
+                 "w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-quarot-g32-clip1.0-lin-w16-kv32-ft60",
+                 "w4a4-quarot-g32-clip1.0-lin-w16-kv32-ft200"]
         blocks["w4a4_val"] = variants_table(rows, SMOL, ["fp16"] + sweep, [4],
                                             ["sotu:val"], ["last32x512", "last16x512"], calib=("sotu:train", 32, 512))
     if any(r["calib"] == MIXED for r in rows):
         blocks["mixed_calib"] = variants_table(rows, SMOL, ["fp16", "lnq-gq4-shrink0.5-ft200",
                                                             "w4a4-spinquant-gq-b8-g32-lin-w16-kv32",
-                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv"], [3, 4], TEXTS,
+                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv",
+                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv-ft60",
+                                                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv-ft200"], [3, 4], TEXTS,
                                                ["last32x512", "last16x512"], calib=(MIXED, 32, 512))
     if any(r["eval_data"] == "sotu:val" for r in rows):
         blocks["calib_budget"] = budget_table(rows, SMOL, "lnq-gq4", 3)

@@ -49,6 +49,7 @@ def test_finetune_lowers_the_kl_and_keeps_the_codes(tiny_lm):
     tuned, _, stats = finetune_results(model, results, windows, FinetuneConfig(steps=40, lr=3e-3, batch=4),
                                     progress=False)
     assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
+    assert finetune_results(model, results, windows, FinetuneConfig(steps=1), progress=False)[2]["lr"] == 3e-4
     for n, r in tuned.items():
         assert torch.equal(r.codes, results[n].codes) and r.codebook.dtype == torch.float16
         assert not torch.equal(r.codebook, before[n])
@@ -104,6 +105,7 @@ def test_finetune_in_bfloat16_lowers_the_kl_and_reports_its_dtype(tiny_lm):
                                     FinetuneConfig(steps=40, lr=3e-3, batch=4, precision="bfloat16"), progress=False)
     assert stats["dtype"] == "bfloat16" and stats["windows"] == 8
     assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
+    assert finetune_results(model, results, windows, FinetuneConfig(steps=1), progress=False)[2]["lr"] == 3e-4
     assert all(r.codebook.dtype == torch.float16 for r in tuned.values())
 
 

@@ -2,8 +2,10 @@
 reference, the quantized KV cache, the method, and a tiny model quantized, exported, loaded and served."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -683,6 +685,135 @@ def test_per_linear_act_clip_without_gptq_and_not_streamed(tiny_lm_dir, corpus, 
     stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert {n: pytest.approx(float(stored[f"{n}.act_clip"])) for n in layers} == \
         {n: s["act_clip"] for n, s in layers.items()}
+
+
+# --------------------------------------------------------------------------- end-to-end fine-tune
+def _w4a4_results(model, weight_group=0, clip=1.0):
+    """Round-to-nearest w4a4 results of every decoder linear of ``model`` (the method's layouts)."""
+    from gq_quantize.calibration import quantizable_linears
+
+    cfg = SpinQuantConfig(rtn=True, act_clip=clip, kv_clip=1.0, weight_group=weight_group, kv_group=4)
+    return {n: quantize_w4a4(lin.weight.detach().float(), None, cfg.for_layer(n, model.config))
+            for n, lin in quantizable_linears(model).items()}
+
+
+def test_w4a4_train_forward_is_the_spec_with_straight_through_gradients():
+    from gq_kernels.hadamard import hadamard_transform
+
+    g = torch.Generator().manual_seed(0)
+    cfg = SpinQuantConfig(rtn=True, act_clip=0.9, weight_group=16)
+    r = quantize_w4a4(torch.randn(12, 64, generator=g), None,
+                      cfg.for_layer("model.layers.0.mlp.down_proj", SimpleNamespace(head_dim=8)))
+    r = dataclasses.replace(r, per_linear_act_clip=True, linear_act_clip=0.7)
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    bias = torch.randn(12, generator=g)
+    scale = r.scale.float().requires_grad_(True)
+    y = dataclasses.replace(r, scale=scale).train_forward(x, bias)
+    want = ref.matmul(x.detach(), r.codes, r.scale, 4, 0, True, 0.7, bias)   # its own ratio, R4 on the input
+    torch.testing.assert_close(y, want)
+    assert not torch.equal(want, ref.matmul(x.detach(), r.codes, r.scale, 4, 0, True, 0.9, bias))
+    y.pow(2).sum().backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+    # straight through: d/dx of quantize(x R4) W^T is the float path's (dy W) R4^T
+    w = ref.dequantize_weight(r.codes, r.scale)
+    torch.testing.assert_close(x.grad, hadamard_transform(2 * y.detach() @ w, transpose=True), rtol=1e-4, atol=1e-4)
+
+
+def _served_kl(model, results, ids):
+    """KL(fp || fake-quant w4a4 model of ``results``) per token: every linear the reference matmul at
+    its own ratio, the KV cache fake-quantized (KV groups of 4, unclipped)."""
+    import copy
+
+    from gq_quantize.finetune import token_kl
+
+    sim = copy.deepcopy(model)
+    for name, r in results.items():
+        lin = sim.get_submodule(name)
+        lin.forward = (lambda r, b: lambda x: ref.matmul(x, r.codes, r.scale, r.act_bits, r.act_group_size,
+                                                         r.input_hadamard, r.own_act_clip(), b))(r, lin.bias)
+    with torch.no_grad():
+        cache = QuantizedKVCache(model.config.num_hidden_layers, 4, 1.0, store=False, group_size=4)
+        return float(token_kl(sim(ids, past_key_values=cache).logits, model(ids).logits))
+
+
+def test_finetune_trains_the_w4a4_model_as_served(tiny_lm):
+    """The fine-tune's student is the served model (inputs quantized at each linear's own ratio, the
+    4-bit KV cache): its first loss is that model's KL; the scales move, the codes stay, the KL falls."""
+    from gq_quantize.finetune import FinetuneConfig, finetune_results
+
+    model = tiny_lm[0]
+    results = _w4a4_results(model, weight_group=16)
+    results = {n: dataclasses.replace(r, per_linear_act_clip=True, linear_act_clip=0.6 + 0.1 * (i % 4))
+               for i, (n, r) in enumerate(results.items())}
+    windows = torch.randint(3, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
+    first = windows[torch.randint(0, 8, (2,), generator=torch.Generator().manual_seed(0))]   # the fine-tune's draw
+    _, _, one = finetune_results(model, results, windows, FinetuneConfig(steps=1, batch=2, precision="float32"),
+                                 progress=False)
+    assert one["kl_first10"] == pytest.approx(_served_kl(model, results, first), rel=1e-4)
+    assert one["lr"] == W4A4Quant.finetune_lr   # the format's default: a relative step
+    unclipped = {n: dataclasses.replace(r, per_linear_act_clip=False) for n, r in results.items()}
+    assert one["kl_first10"] != pytest.approx(_served_kl(model, unclipped, first), rel=1e-3)  # the ratios count
+
+    # The scales are tuned as logarithms: Adam's first step (+-lr per element) moves each by the same
+    # fraction, whatever its size, and keeps it positive.
+    stepped, _, _ = finetune_results(model, results, windows, FinetuneConfig(steps=1, lr=0.05, precision="float32"),
+                                     progress=False)
+    for n, r in stepped.items():
+        ratio = (r.scale.float() / results[n].scale.float()).flatten()
+        moved = (ratio - 1).abs() > 0.01
+        assert moved.float().mean() > 0.5, n
+        torch.testing.assert_close(ratio[moved].log().abs(), torch.full_like(ratio[moved], 0.05), atol=2e-3, rtol=0)
+
+    tuned, _, stats = finetune_results(model, results, windows, FinetuneConfig(steps=40, lr=1e-3, batch=4,
+                                                                               precision="float32"), progress=False)
+    assert stats["kl_last10"] < 0.8 * stats["kl_first10"], stats
+    for n, r in tuned.items():
+        assert torch.equal(r.codes, results[n].codes) and r.scale.dtype == torch.float16
+        assert r.scale.shape == results[n].scale.shape and not torch.equal(r.scale, results[n].scale)
+        assert r.own_act_clip() == results[n].own_act_clip()
+    assert _served_kl(model, tuned, windows) < _served_kl(model, results, windows)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gq_quantize_spinquant_finetune_serves_the_tuned_scales(w4a4_dir, tiny_lm_dir, corpus, tmp_path):
+    """--finetune-steps with --method spinquant: the codes of the run without it, other scales, the
+    manifest's fine-tune stats; the loaded checkpoint is the fake-quant model of its tensors; the
+    per-linear clip pass runs first and its ratios are the ones of the run without a fine-tune."""
+    from safetensors.torch import load_file
+
+    from gq_quantize import pipeline
+    from gq_quantize.config import CalibrationConfig, QuantizeConfig
+    from gq_quantize.finetune import FinetuneConfig
+    from gq_serve.checkpoint import load_quantized_model
+
+    calib = CalibrationConfig(data=str(corpus), n_samples=N, seq_len=SEQ)
+    common = dict(method="spinquant", bits=4, guided=True, groups=1, act_clip=1.0, kv_clip=1.0, calibration=calib)
+    out = tmp_path / "ft"
+    cfg = QuantizeConfig(**common, per_linear_act_clip=False, finetune=FinetuneConfig(steps=4, lr=1e-3))
+    summary = pipeline.quantize_model(tiny_lm_dir, cfg, out, tmp_path / "cache", progress=False)
+    assert summary["timings_s"]["finetune_s"] > 0
+    manifest = json.loads((out / "gq_manifest.json").read_text())
+    assert manifest["finetune"]["steps"] == 4
+    new, old = load_file(str(out / "model.safetensors")), load_file(str(w4a4_dir / "model.safetensors"))
+    assert set(new) == set(old)
+    q = [k for k in new if k.endswith(".qweight")]
+    assert all(torch.equal(new[k], old[k]) for k in q)
+    assert all(new[k.replace("qweight", "scale")].dtype == torch.float16 for k in q)
+    assert sum(not torch.equal(new[k.replace("qweight", "scale")], old[k.replace("qweight", "scale")]) for k in q) \
+        == len(q)
+    ids = torch.randint(3, 40, (2, 10))
+    with torch.no_grad():
+        got = load_quantized_model(out)(ids, use_cache=False).logits
+    torch.testing.assert_close(got, _simulated(tiny_lm_dir, out, ids), rtol=1e-4, atol=1e-4)
+
+    lin = tmp_path / "lin"
+    cfg = QuantizeConfig(**common, per_linear_act_clip=True, finetune=FinetuneConfig(steps=2, lr=1e-3))
+    pipeline.quantize_model(tiny_lm_dir, cfg, lin, tmp_path / "cache", progress=False)
+    plain = tmp_path / "lin-plain"
+    pipeline.quantize_model(tiny_lm_dir, cfg.model_copy(update={"finetune": FinetuneConfig()}), plain,
+                            tmp_path / "cache", progress=False)
+    a, b = load_file(str(lin / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".act_clip"))
 
 
 def test_weight_groups_quantize_export_load_and_serve(tiny_lm_dir, corpus, tmp_path):

@@ -18,7 +18,8 @@ Checkpoint-wide parameters: ``bits``, ``weight_group_size``, ``act_bits`` / ``ac
 (activations; ``act_clip`` is every linear's ratio unless ``per_linear_act_clip``) and ``kv_bits`` /
 ``kv_clip`` / ``kv_group_size`` (the KV cache, :mod:`.kvcache`: 0 = one range per token and head).
 The rotations R1 / R2 are folded into the dense weights and the embeddings of the checkpoint, and
-RMSNorm gains are 1; :mod:`.reference` is the specification.
+RMSNorm gains are 1 (unless ``--finetune-norms`` tuned them: dense tensors like any other);
+:mod:`.reference` is the specification.
 """
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ class W4A4Quant(QuantResult):
     kv_group_size: int = 0
 
     format: ClassVar[str] = NAME
+    # The per-channel (per-group) weight scales; the activation and KV ranges are computed online.
+    tunable: ClassVar[tuple[str, ...]] = ("scale",)
+    tunable_log: ClassVar[tuple[str, ...]] = ("scale",)
+    finetune_lr: ClassVar[float] = 1e-3   # docs/w4a4.md, "Fine-tuning the scales"
 
     def params(self) -> W4A4Params:
         return W4A4Params(bits=self.bits, act_bits=self.act_bits, act_clip=self.act_clip,
@@ -93,6 +98,12 @@ class W4A4Quant(QuantResult):
 
     def dequantize(self) -> torch.Tensor:
         return effective_weight(self.codes, self.scale, self.input_hadamard)
+
+    def train_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The served function, its input quantized at this linear's own ratio; the rounding passes
+        # gradients straight through to the layers before.
+        return ref.matmul(x, self.codes, self.scale, self.act_bits, self.act_group_size, self.input_hadamard,
+                          self.own_act_clip(), bias, ste=True)
 
     def field_specs(self, out_features: int, in_features: int) -> dict:
         return {"codes": ((out_features, in_features), torch.int8),
@@ -243,7 +254,7 @@ class W4A4Format(Format):
             out["act_clip"] = torch.tensor([params.act_clip], dtype=torch.float32, device=dev)
         return out
 
-    def kv_cache(self, params: W4A4Params, model_config, store: bool = True):
+    def kv_cache(self, params: W4A4Params, model_config, store: bool = True, ste: bool = False):
         """A transformers cache holding ``kv_bits``-bit keys and values (None at 16 bits)."""
         if params.kv_bits >= 16:
             return None
@@ -254,5 +265,5 @@ class W4A4Format(Format):
             raise ValueError(f"{self.name}: the {params.kv_bits}-bit KV cache rotates keys by a Hadamard of head_dim "
                              f"{dim}, which has no construction; export with kv_bits 16")
         ref.check_kv_group(params.kv_group_size, dim)
-        return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store,
+        return QuantizedKVCache(model_config.num_hidden_layers, params.kv_bits, params.kv_clip, store=store, ste=ste,
                                 group_size=params.kv_group_size)

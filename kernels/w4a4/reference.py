@@ -151,10 +151,12 @@ def prepare_input(x: torch.Tensor, input_hadamard: bool) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, act_bits: int, act_group_size: int,
-           input_hadamard: bool, act_clip: float = 1.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+           input_hadamard: bool, act_clip: float = 1.0, bias: torch.Tensor | None = None,
+           ste: bool = False) -> torch.Tensor:
     """The specification of one w4a4 linear: ``fake_quant(x R_in?) @ W_hat^T`` in float32, returned
-    in x's dtype. x [..., in]; codes int8 [out, in]; scale fp16 [out] or [out, G] (weight groups)."""
-    xq = fake_quant_act(prepare_input(x, input_hadamard).float(), act_bits, act_group_size, act_clip)
+    in x's dtype. x [..., in]; codes int8 [out, in]; scale fp16 [out] or [out, G] (weight groups).
+    ``ste``: the activation rounding passes gradients straight through (fine-tuning the scales)."""
+    xq = fake_quant_act(prepare_input(x, input_hadamard).float(), act_bits, act_group_size, act_clip, ste)
     y = xq @ dequantize_weight(codes, scale).t()
     if bias is not None:
         y = y + bias.float()
