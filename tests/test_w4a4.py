@@ -775,7 +775,8 @@ def test_finetune_trains_the_w4a4_model_as_served(tiny_lm):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_gq_quantize_spinquant_finetune_serves_the_tuned_scales(w4a4_dir, tiny_lm_dir, corpus, tmp_path):
+def test_gq_quantize_spinquant_finetune_serves_the_tuned_scales(w4a4_dir, tiny_lm_dir, corpus, tmp_path,
+                                                                 monkeypatch):
     """--finetune-steps with --method spinquant: the codes of the run without it, other scales, the
     manifest's fine-tune stats; the loaded checkpoint is the fake-quant model of its tensors; the
     per-linear clip pass runs first and its ratios are the ones of the run without a fine-tune."""
@@ -806,6 +807,18 @@ def test_gq_quantize_spinquant_finetune_serves_the_tuned_scales(w4a4_dir, tiny_l
         got = load_quantized_model(out)(ids, use_cache=False).logits
     torch.testing.assert_close(got, _simulated(tiny_lm_dir, out, ids), rtol=1e-4, atol=1e-4)
 
+    # With --per-linear-act-clip the fine-tune trains the ratios the checkpoint keeps: it receives
+    # results whose ratios are chosen, and those are the ones of the same run without a fine-tune.
+    from gq_quantize import finetune
+
+    seen = {}
+
+    def spy(model, results, *args, **kwargs):
+        seen.update({n: r.linear_act_clip for n, r in results.items()})
+        return real(model, results, *args, **kwargs)
+
+    real = finetune.finetune_results
+    monkeypatch.setattr(finetune, "finetune_results", spy)
     lin = tmp_path / "lin"
     cfg = QuantizeConfig(**common, per_linear_act_clip=True, finetune=FinetuneConfig(steps=2, lr=1e-3))
     pipeline.quantize_model(tiny_lm_dir, cfg, lin, tmp_path / "cache", progress=False)
@@ -813,6 +826,7 @@ def test_gq_quantize_spinquant_finetune_serves_the_tuned_scales(w4a4_dir, tiny_l
     pipeline.quantize_model(tiny_lm_dir, cfg.model_copy(update={"finetune": FinetuneConfig()}), plain,
                             tmp_path / "cache", progress=False)
     a, b = load_file(str(lin / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert seen and {n: pytest.approx(float(b[f"{n}.act_clip"])) for n in seen} == seen
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".act_clip"))
 
 
