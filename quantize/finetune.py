@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,6 +39,9 @@ from tqdm import tqdm
 
 from gq_kernels.format import QuantResult
 from gq_kernels.registry import get_format
+from gq_serve.util import atomic_write
+
+SAVE_EVERY = 10  # steps between saved states (a kill loses at most this many)
 
 
 class FinetuneConfig(BaseModel):
@@ -126,13 +131,18 @@ def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows: torch.Tensor, cfg: FinetuneConfig,
-                     progress: bool = True) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor], dict]:
+                     progress: bool = True, state_path: Path | None = None,
+                     ) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor], dict]:
     """Tune ``results`` (linear name -> result of ``model``'s linear of that name) against ``model``
     (the unquantized teacher, left unchanged) on ``windows`` (LongTensor [n, seq]).
 
+    ``state_path``: where the tuned tensors, Adam's state and the sampler are saved every
+    :data:`SAVE_EVERY` steps; a run that finds a state of the same settings, layers and windows
+    there continues from it, to the same result as a run never stopped.
+
     Returns the tuned results; the tuned norm gains (state-dict name -> float32 tensor; empty unless
     ``cfg.norms``); stats: steps, lr, batch, windows, the compute dtype, the KL of the first and
-    last ten steps (means), seconds."""
+    last ten steps (means), seconds (of this call; ``resumed_at``: the step it continued from)."""
     check_tunable(results)
     t0 = time.perf_counter()
     student = copy.deepcopy(model)
@@ -163,9 +173,29 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress, file=sys.stderr)
-    for _ in bar:
+    named = {f"{n}/{f}": p for n, t in tuned.items() for f, p in t.tuned.items()} | norms
+    key = json.dumps({"config": cfg.model_dump(mode="json"), "lr": lr, "dtype": str(dtype), "tensors": sorted(named),
+                      "windows": [list(windows.shape), int(windows.sum())]})
+    losses: list[float] = []
+    start = 0
+    if state_path is not None and Path(state_path).exists():
+        state = torch.load(state_path, weights_only=True)
+        if state["key"] == key:
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(state["tensors"][n])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            losses, start = state["losses"].tolist(), int(state["step"])
+
+    def save(step: int) -> None:
+        state = {"key": key, "step": step, "tensors": {n: p.detach().cpu() for n, p in named.items()},
+                 "opt": opt.state_dict(), "gen": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64)}
+        atomic_write(Path(state_path), lambda tmp: torch.save(state, tmp), fsync=False)
+
+    bar = tqdm(range(start, cfg.steps), desc="finetune", unit="step", disable=not progress, file=sys.stderr,
+               initial=start, total=cfg.steps)
+    for step in bar:
         batch = windows[torch.randint(0, windows.shape[0], (cfg.batch,), generator=gen)].to(device)
         with torch.no_grad(), compute():
             teacher = model(batch).logits
@@ -178,6 +208,8 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         opt.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        if state_path is not None and (step + 1) % SAVE_EVERY == 0 and step + 1 < cfg.steps:
+            save(step + 1)
     out = {name: t.tuned_result().to("cpu") for name, t in tuned.items()}
     gains = {name: p.detach().float().cpu() for name, p in norms.items()}
     stats = {"steps": cfg.steps, "lr": lr, "batch": cfg.batch, "windows": int(windows.shape[0]),
@@ -187,4 +219,6 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
              "seconds": round(time.perf_counter() - t0, 1)}
     if cfg.norms:
         stats["norms"] = len(gains)
+    if start:
+        stats["resumed_at"] = start
     return out, gains, stats

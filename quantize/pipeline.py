@@ -344,7 +344,7 @@ def quantize_model(model_dir: Path, qconfig: QuantizeConfig, out_dir: Path, cach
                 ft_windows = calibration_windows(tokenizer, calib.data, qconfig.finetune.windows, calib.seq_len,
                                                  calib.seed, cache_root)
             results, tuned_tensors, finetuned = finetune_results(model, results, ft_windows, qconfig.finetune,
-                                                                 progress)
+                                                                 progress, state_path=run_dir / "finetune_state.pt")
         except ValueError as e:
             raise QuantizeError(str(e)) from None
         timings["finetune_s"] = time.perf_counter() - t0

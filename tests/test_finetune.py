@@ -105,8 +105,69 @@ def test_finetune_in_bfloat16_lowers_the_kl_and_reports_its_dtype(tiny_lm):
                                     FinetuneConfig(steps=40, lr=3e-3, batch=4, precision="bfloat16"), progress=False)
     assert stats["dtype"] == "bfloat16" and stats["windows"] == 8
     assert stats["kl_last10"] < 0.7 * stats["kl_first10"], stats
-    assert finetune_results(model, results, windows, FinetuneConfig(steps=1), progress=False)[2]["lr"] == 3e-4
     assert all(r.codebook.dtype == torch.float16 for r in tuned.values())
+
+
+def test_a_killed_finetune_resumes_to_the_same_result(tiny_lm, tmp_path, monkeypatch):
+    import shutil
+
+    from gq_quantize import finetune
+
+    model = tiny_lm[0]
+    results = _lut_results(model)
+    windows = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = finetune.FinetuneConfig(steps=7, lr=3e-3, norms=True, precision="float32")
+    monkeypatch.setattr(finetune, "SAVE_EVERY", 2)
+    want, want_gains, want_stats = finetune.finetune_results(model, results, windows, cfg, progress=False)
+
+    real_kl, calls = finetune.token_kl, []
+
+    def killed_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_kl(*args)
+
+    state = tmp_path / "finetune_state.pt"
+    monkeypatch.setattr(finetune, "token_kl", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.finetune_results(model, results, windows, cfg, progress=False, state_path=state)
+    monkeypatch.setattr(finetune, "token_kl", real_kl)
+    assert torch.load(state, weights_only=True)["step"] == 4 and not list(tmp_path.glob(".*tmp*"))
+
+    other = tmp_path / "other.pt"   # a state of other settings is not used
+    shutil.copy(state, other)
+    assert "resumed_at" not in finetune.finetune_results(model, results, windows, cfg.model_copy(update={"lr": 1e-3}),
+                                                         progress=False, state_path=other)[2]
+    got, gains, stats = finetune.finetune_results(model, results, windows, cfg, progress=False, state_path=state)
+    assert stats["resumed_at"] == 4
+    assert all(torch.equal(got[n].codebook, want[n].codebook) for n in want)
+    assert gains.keys() == want_gains.keys() and all(torch.equal(gains[n], want_gains[n]) for n in gains)
+    assert (stats["kl_first10"], stats["kl_last10"]) == (want_stats["kl_first10"], want_stats["kl_last10"])
+
+
+def test_gq_quantize_killed_in_the_finetune_resumes_it(tiny_lm_dir, corpus, cache, tmp_path, monkeypatch):  # noqa: F811
+    from gq_quantize import finetune
+
+    monkeypatch.setattr(finetune, "SAVE_EVERY", 2)
+    real_kl, calls = finetune.token_kl, []
+
+    def killed_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_kl(*args)
+
+    out = tmp_path / "tuned"
+    args = quantize_args(cache, tiny_lm_dir, corpus, out, "--method", "lnq", "--bits", "2", "--finetune-steps", "5")
+    monkeypatch.setattr(finetune, "token_kl", killed_at_step_3)
+    assert main(args) == 130   # "interrupted; rerun the same command to resume"
+    assert not out.exists()
+    monkeypatch.setattr(finetune, "token_kl", real_kl)
+    assert main(args) == 0
+    manifest = json.loads((out / "gq_manifest.json").read_text())
+    assert manifest["finetune"]["resumed_at"] == 2 and manifest["finetune"]["steps"] == 5
+    assert not list(tmp_path.glob("*.partial*")) and not list(out.rglob("finetune_state.pt"))
 
 
 def test_auto_precision_is_bfloat16_only_where_it_is_fast(monkeypatch):
