@@ -168,7 +168,7 @@ VARIANTS: dict[str, dict] = {
 # then the weight scales tuned end to end against the unquantized model (gq quantize --finetune-steps N;
 # a relative step of 1e-3: of 1e-3 and 3e-3, the one whose KL fell further in 30 steps on sotu:train)
 VARIANTS.update({f"{v}-ft{n}": {**VARIANTS[v], "finetune": dict(steps=n, lr=1e-3)}
-                 for v in ("w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-spinquant-b8-g32-lin",
+                 for v in ("w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-quarot-g32-clip1.0-lin", "w4a4-spinquant-b8-g32-lin",
                            "w4a4-spinquant-gq-b8-g32-lin", "w4a4-spinquant-b8-g32-lin-w16-kv32",
                            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv")
                  for n in (60, 200)})

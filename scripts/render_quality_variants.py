@@ -101,7 +101,7 @@ LABELS = {
 }
 LABELS.update({f"{v}-ft{n}": f"{LABELS[v]}, then the weight scales fine-tuned end to end for {n} steps "
                              f"(`--finetune-steps {n}`)"
-               for v in ("w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-spinquant-b8-g32-lin",
+               for v in ("w4a4-quarot-g32-clip1.0-lin-w16-kv32", "w4a4-quarot-g32-clip1.0-lin", "w4a4-spinquant-b8-g32-lin",
                          "w4a4-spinquant-gq-b8-g32-lin", "w4a4-spinquant-b8-g32-lin-w16-kv32",
                          "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-rkv")
                for n in (60, 200)})
@@ -234,7 +234,8 @@ def render_blocks(rows: list[dict], table_rows: list[dict] = ()) -> dict[str, st
             "w4a4-spinquant-b8-def", "w4a4-spinquant-gq-b8-def", "w4a4-spinquant-gq-g64", "w4a4-spinquant-gq-b8-g32",
             "w4a4-spinquant-gq-b8-g32-clip1.0", "w4a4-spinquant-b8-g32-lin", "w4a4-spinquant-gq-b8-g32-lin",
             "w4a4-spinquant-b8-g32-lin-w32", "w4a4-spinquant-gq-b8-g32-lin-w32", "w4a4-spinquant-b8-g32-lin-w16-kv32",
-            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-spinquant-b8-g32-lin-ft60", "w4a4-spinquant-gq-b8-g32-lin-ft60",
+            "w4a4-spinquant-gq-b8-g32-lin-w16-kv32", "w4a4-quarot-g32-clip1.0-lin-ft60", "w4a4-spinquant-b8-g32-lin-ft60",
+            "w4a4-spinquant-gq-b8-g32-lin-ft60",
             "w4a4-spinquant-b8-g32-lin-w16-kv32-ft60",
             "w4a4-spinquant-gq-b8-g32-lin-w16-kv32-ft60"]
     if any(r["variant"] in w4a4[1:] for r in rows):

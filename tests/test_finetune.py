@@ -1,6 +1,7 @@
 """`gq quantize --finetune-steps`: the codes fixed, codebooks / scales tuned end to end (quantize/finetune.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -108,6 +109,26 @@ def test_finetune_in_bfloat16_lowers_the_kl_and_reports_its_dtype(tiny_lm):
     assert all(r.codebook.dtype == torch.float16 for r in tuned.values())
 
 
+@contextlib.contextmanager
+def _killed_at_step(monkeypatch, step: int):
+    """Within the block, the fine-tune's loss raises KeyboardInterrupt at step ``step`` (0-based)."""
+    from gq_quantize import finetune
+
+    real, calls = finetune.token_kl, []
+
+    def kl(*args):
+        calls.append(1)
+        if len(calls) == step + 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(finetune, "token_kl", kl)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(finetune, "token_kl", real)
+
+
 def test_a_killed_finetune_resumes_to_the_same_result(tiny_lm, tmp_path, monkeypatch):
     import shutil
 
@@ -120,19 +141,9 @@ def test_a_killed_finetune_resumes_to_the_same_result(tiny_lm, tmp_path, monkeyp
     monkeypatch.setattr(finetune, "SAVE_EVERY", 2)
     want, want_gains, want_stats = finetune.finetune_results(model, results, windows, cfg, progress=False)
 
-    real_kl, calls = finetune.token_kl, []
-
-    def killed_at_step_5(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real_kl(*args)
-
     state = tmp_path / "finetune_state.pt"
-    monkeypatch.setattr(finetune, "token_kl", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_at_step(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
         finetune.finetune_results(model, results, windows, cfg, progress=False, state_path=state)
-    monkeypatch.setattr(finetune, "token_kl", real_kl)
     assert torch.load(state, weights_only=True)["step"] == 4 and not list(tmp_path.glob(".*tmp*"))
 
     other = tmp_path / "other.pt"   # a state of other settings is not used
@@ -150,20 +161,11 @@ def test_gq_quantize_killed_in_the_finetune_resumes_it(tiny_lm_dir, corpus, cach
     from gq_quantize import finetune
 
     monkeypatch.setattr(finetune, "SAVE_EVERY", 2)
-    real_kl, calls = finetune.token_kl, []
-
-    def killed_at_step_3(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_kl(*args)
-
     out = tmp_path / "tuned"
     args = quantize_args(cache, tiny_lm_dir, corpus, out, "--method", "lnq", "--bits", "2", "--finetune-steps", "5")
-    monkeypatch.setattr(finetune, "token_kl", killed_at_step_3)
-    assert main(args) == 130   # "interrupted; rerun the same command to resume"
+    with _killed_at_step(monkeypatch, 3):
+        assert main(args) == 130   # "interrupted; rerun the same command to resume"
     assert not out.exists()
-    monkeypatch.setattr(finetune, "token_kl", real_kl)
     assert main(args) == 0
     manifest = json.loads((out / "gq_manifest.json").read_text())
     assert manifest["finetune"]["resumed_at"] == 2 and manifest["finetune"]["steps"] == 5
