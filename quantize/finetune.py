@@ -161,7 +161,7 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         p.requires_grad_(True)
     params += list(norms.values())
     first = next(iter(results.values()))
-    fmt = get_format(type(first).format)
+    fmt, fmt_params = get_format(type(first).format), first.params()
     lr = cfg.lr or type(first).finetune_lr
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -199,7 +199,7 @@ def finetune_results(model: nn.Module, results: dict[str, QuantResult], windows:
         batch = windows[torch.randint(0, windows.shape[0], (cfg.batch,), generator=gen)].to(device)
         with torch.no_grad(), compute():
             teacher = model(batch).logits
-        kv = fmt.kv_cache(first.params(), model.config, store=False, ste=True)
+        kv = fmt.kv_cache(fmt_params, model.config, store=False, ste=True)  # keeps nothing: one per forward
         with compute():
             logits = student(batch, **({} if kv is None else {"past_key_values": kv, "use_cache": True})).logits
         loss = token_kl(logits, teacher)
