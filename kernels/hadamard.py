@@ -114,7 +114,10 @@ def hadamard_k(K: int, dtype: torch.dtype = torch.float32, device: torch.device 
 
 @functools.cache
 def _hadamard_k_cached(K: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    return torch.tensor(_hadamard_k_list(K), dtype=dtype, device=device)
+    # Never an inference tensor, even when first asked for under inference_mode: a cached one would
+    # refuse to take part in autograd later (the w4a4 fine-tune after the clip pass).
+    with torch.inference_mode(False):
+        return torch.tensor(_hadamard_k_list(K), dtype=dtype, device=device)
 
 
 def _pow2(n: int) -> bool:
@@ -151,10 +154,11 @@ _SYLVESTER_BLOCK = 128  # H_p = H_a (x) H_b with a, b <= 128 for every p up to 2
 @functools.cache
 def _sylvester(p: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The unnormalised Sylvester matrix H_p (symmetric, natural order)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < p:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(dtype=dtype, device=device)
+    with torch.inference_mode(False):  # as in _hadamard_k_cached
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < p:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h.to(dtype=dtype, device=device)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

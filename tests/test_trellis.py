@@ -35,6 +35,21 @@ def test_every_small_hadamard_is_hadamard(K):
     assert set(H.unique().tolist()) <= {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("n", [64, 1536])   # Sylvester alone; K = 12 times Sylvester
+def test_hadamards_first_built_under_inference_mode_still_take_gradients(n):
+    """The cached matrices are built outside inference mode whoever asks first: the w4a4 clip pass
+    (inference_mode) runs before the fine-tune (autograd) in one process."""
+    import gq_kernels.hadamard as had
+
+    had._hadamard_k_cached.cache_clear()
+    had._sylvester.cache_clear()
+    with torch.inference_mode():
+        hadamard_transform(torch.randn(2, n))
+    x = torch.randn(2, n, requires_grad=True)
+    hadamard_transform(x).pow(2).sum().backward()   # orthogonal: the gradient of |xH|^2 is 2x
+    torch.testing.assert_close(x.grad, 2 * x.detach())
+
+
 @pytest.mark.parametrize("n,K", [(576, 36), (1536, 12), (4096, 1), (5120, 20), (11008, 172), (12288, 12),
                                  (13824, 108), (14336, 28), (22016, 172), (28672, 28), (144, 36), (48, 12)])
 def test_llama_sizes_have_a_fast_orthogonal_transform(n, K):
